@@ -1,0 +1,50 @@
+"""Module-level helpers for scripts and notebooks: restore from a run ID without a manager.
+
+These only read the run: nothing is logged, no run is created or marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from .catalog import RunCatalog, Which
+from .errors import CheckpointNotFoundError
+from .loading import load_latest_verified, load_resolved
+from .policies import check_mode
+from .state import Stateful, TrainingState
+from .store import RunStore
+
+
+def load(
+    run_id: str,
+    model: Stateful | None = None,
+    optimizer: Stateful | None = None,
+    *,
+    which: Which = "latest",
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    extra: Mapping[str, Stateful] | None = None,
+    tracking_uri: str | None = None,
+    metric: str = "reward",
+    mode: str = "max",
+    cache_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Restore checkpoint ``which`` ("latest", "best" by ``metric``/``mode``, or a step) of run ``run_id``.
+
+    Returns the checkpoint's metadata. Raises CheckpointNotFoundError when the run has no such
+    checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit.
+    """
+    catalog = RunCatalog(RunStore(MlflowClient(tracking_uri=tracking_uri), run_id))
+    state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if which == "latest":
+        got = load_latest_verified(catalog, state, lambda r: cache)
+        if got is None:
+            raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
+        return got[1]
+    r = catalog.resolve(which, metric, check_mode(mode))
+    return load_resolved(catalog, r, state, cache)

@@ -1,0 +1,222 @@
+"""The read side: resolve latest / best / at-step-N by asking the MLflow run, then fetch and verify files.
+
+Fast path: the run tags name the latest and best checkpoint folders (one ``get_run`` plus one manifest
+read, whatever the number of checkpoints). Tags are hints, never trusted: the manifest they point at must
+exist, parse, name this run and agree with the tag; otherwise we warn and scan the checkpoint folders.
+A folder without a valid manifest is an uncommitted checkpoint and is never resolved.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
+from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
+from .policies import CheckpointInfo, Mode, best_of
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+TAG_LATEST = "tracked_ckpt.latest"
+TAG_LATEST_STEP = "tracked_ckpt.latest_step"
+TAG_BEST = "tracked_ckpt.best"
+TAG_BEST_STEP = "tracked_ckpt.best_step"
+TAG_MONITOR = "tracked_ckpt.monitor"  # "<metric>:<mode>", what TAG_BEST was chosen by
+TAG_BEST_VALUE = "tracked_ckpt.best_value"
+TAG_COUNT = "tracked_ckpt.count"
+TAG_BYTES = "tracked_ckpt.bytes"
+TAG_PRUNED = "tracked_ckpt.pruned_last"
+TAG_SAVE_DIR = "tracked_ckpt.save_dir"
+
+Which = Literal["latest", "best"] | int
+
+
+def ref_for(run_id: str, path: str) -> str:
+    return f"runs:/{run_id}/{path}"
+
+
+_REF = re.compile(r"^runs:/([0-9A-Za-z_-]+)/(.+?)/?$")
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    """Split ``runs:/<run_id>/checkpoints/<name>`` into (run_id, path); validates the path."""
+    m = _REF.match(ref)
+    if not m:
+        raise ConfigError(
+            f"{ref!r} is not a checkpoint reference; pass the 'runs:/<run_id>/checkpoints/<name>' string "
+            "that save() returned, or a run ID with which='latest' | 'best' | <step>"
+        )
+    return m.group(1), check_checkpoint_path(m.group(2))
+
+
+def info_of(m: Manifest, path: str) -> CheckpointInfo:
+    return CheckpointInfo(path=path, step=m.step, seq=m.seq, created=m.created, metrics=m.metrics, size=m.size)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    path: str
+    manifest: Manifest
+
+    @property
+    def info(self) -> CheckpointInfo:
+        return info_of(self.manifest, self.path)
+
+
+class RunCatalog:
+    """Committed checkpoints of one run, resolved through MLflow."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+
+    @property
+    def run_id(self) -> str:
+        return self.store.run_id
+
+    def manifest(self, path: str) -> Manifest:
+        """The validated manifest of the checkpoint folder ``path``; CheckpointNotFoundError if uncommitted."""
+        check_checkpoint_path(path)
+        where = f"{ref_for(self.run_id, path)}/{MANIFEST_NAME}"
+        with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
+            try:
+                local = self.store.fetch(f"{path}/{MANIFEST_NAME}", Path(tmp))
+                text = local.read_bytes()
+            except (FileNotFoundError, StoreError) as e:
+                if isinstance(e, StoreError) and self.store.exists(path + "/" + MANIFEST_NAME):
+                    raise
+                raise CheckpointNotFoundError(
+                    f"{ref_for(self.run_id, path)} has no manifest: it is not a committed checkpoint"
+                ) from e
+        m = Manifest.from_json(text, where)
+        if m.run_id != self.run_id:
+            raise CheckpointCorruptError(
+                f"{where} belongs to run {m.run_id}, not {self.run_id}: it was copied or planted; not loading it"
+            )
+        return m
+
+    def scan(self) -> list[Resolved]:
+        """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
+        try:
+            entries = [e for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir]
+        except StoreError:
+            raise
+        paths = []
+        for e in entries:
+            try:
+                paths.append(check_checkpoint_path(e.path))
+            except CheckpointCorruptError as err:
+                log.warning("ignoring artifact folder %r in run %s: %s", e.path, self.run_id, err)
+
+        def read(path: str) -> Resolved | None:
+            try:
+                return Resolved(path, self.manifest(path))
+            except CheckpointNotFoundError:
+                log.debug("skipping uncommitted checkpoint folder %s", path)
+            except CheckpointCorruptError as err:
+                log.warning("skipping checkpoint %s: %s", path, err)
+            return None
+
+        if self.store.local_dir is not None:
+            found = [read(p) for p in paths]
+        else:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                found = list(pool.map(read, paths))
+        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.seq)
+
+    def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:
+        path = tags.get(key)
+        if not path:
+            return None
+        try:
+            r = Resolved(path, self.manifest(path))
+        except (CheckpointNotFoundError, CheckpointCorruptError) as e:
+            log.warning("run %s: tag %s=%r does not point at a valid checkpoint (%s); scanning", self.run_id, key, path, e)
+            return None
+        step_tag = tags.get(TAG_LATEST_STEP if key == TAG_LATEST else TAG_BEST_STEP)
+        if step_tag is not None and step_tag != str(r.manifest.step):
+            log.warning("run %s: tag %s disagrees with the manifest at %s; scanning", self.run_id, key, path)
+            return None
+        return r
+
+    def latest(self, tags: dict[str, str] | None = None) -> Resolved | None:
+        tags = self.store.tags() if tags is None else tags
+        hit = self._from_tag(tags, TAG_LATEST)
+        if hit is not None:
+            return hit
+        found = self.scan()
+        return found[-1] if found else None
+
+    def best(self, metric: str, mode: Mode, tags: dict[str, str] | None = None) -> Resolved | None:
+        tags = self.store.tags() if tags is None else tags
+        if tags.get(TAG_MONITOR) == f"{metric}:{mode}":
+            hit = self._from_tag(tags, TAG_BEST)
+            if hit is not None and metric in hit.manifest.metrics:
+                return hit
+        found = self.scan()
+        chosen = best_of([r.info for r in found], metric, mode)
+        return next((r for r in found if chosen is not None and r.path == chosen.path), None)
+
+    def at_step(self, step: int) -> Resolved | None:
+        matches = [r for r in self.scan() if r.manifest.step == step]
+        return matches[-1] if matches else None
+
+    def resolve(self, which: Which, metric: str = "reward", mode: Mode = "max") -> Resolved:
+        if which == "latest":
+            r = self.latest()
+        elif which == "best":
+            r = self.best(metric, mode)
+        elif isinstance(which, int) and not isinstance(which, bool):
+            r = self.at_step(which)
+        else:
+            raise ConfigError(f"which={which!r}: pass 'latest', 'best' or an integer step")
+        if r is None:
+            what = f"at step {which}" if isinstance(which, int) else f"({which})"
+            if which == "best":
+                what = f"with metric {metric!r} (best, {mode})"
+            raise CheckpointNotFoundError(
+                f"run {self.run_id} has no committed checkpoint {what}; "
+                f"`tracked-ckpt ls {self.run_id}` lists the ones it has"
+            )
+        return r
+
+    def candidates_latest_first(self) -> Iterator[Resolved]:
+        """Latest first, then older ones: used to fall back past a checkpoint that fails verification."""
+        first = self.latest()
+        if first is None:
+            return
+        yield first
+        for r in reversed(self.scan()):
+            if r.manifest.seq < first.manifest.seq:
+                yield r
+
+    def fetch_verified(self, r: Resolved, tmp_dir: Path, cache_dir: Path | None = None) -> Path:
+        """A local folder with every file of ``r`` checked against its manifest (size and BLAKE3)."""
+        where = f"checkpoint {ref_for(self.run_id, r.path)} (step {r.manifest.step})"
+        if cache_dir is not None and _cache_matches(cache_dir, r.manifest):
+            folder = cache_dir
+        else:
+            folder = tmp_dir
+            for f in r.manifest.files:
+                try:
+                    local = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
+                except (FileNotFoundError, StoreError) as e:
+                    raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
+                folder = local.parent
+        for f in r.manifest.files:
+            verify_file(folder / f.name, f, where)
+        return folder
+
+
+def _cache_matches(folder: Path, m: Manifest) -> bool:
+    try:
+        local = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder))
+    except (OSError, CheckpointCorruptError):
+        return False
+    return local.files == m.files and local.run_id == m.run_id and local.seq == m.seq

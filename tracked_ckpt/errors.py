@@ -1,0 +1,59 @@
+"""The exceptions tracked_ckpt raises.
+
+Each subclasses a built-in as well, so ``except FileNotFoundError`` in a user's script keeps working::
+
+    TrackedCkptError
+     ├── CheckpointNotFoundError  (FileNotFoundError)  no committed checkpoint matches the request
+     ├── RunNotFoundError         (LookupError)        the run ID is unknown or the run was deleted
+     ├── CheckpointCorruptError   (ValueError)         size, digest or manifest check failed before loading
+     │    └── UnsafeCheckpointError                    the payload asks for a global outside weights_only
+     ├── CheckpointMismatchError  (ValueError)         the checkpoint does not fit the model/optimizer
+     ├── InvalidMetadataError     (TypeError)          a metadata value cannot be recorded
+     ├── ConfigError              (ValueError)         a CheckpointManager argument is wrong
+     ├── StoreError               (OSError)            MLflow (tracking server or artifact store) failed
+     └── SaveError                (RuntimeError)       a save (often a background one) failed; names the step
+
+Messages state the value at fault, the situation, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class TrackedCkptError(Exception):
+    """Base class of every error raised by tracked_ckpt."""
+
+
+class CheckpointNotFoundError(TrackedCkptError, FileNotFoundError):
+    """No committed checkpoint matches the request."""
+
+
+class RunNotFoundError(TrackedCkptError, LookupError):
+    """The MLflow run does not exist (or was deleted)."""
+
+
+class CheckpointCorruptError(TrackedCkptError, ValueError):
+    """A checkpoint failed verification (size, digest, manifest) before anything was deserialized."""
+
+
+class UnsafeCheckpointError(CheckpointCorruptError):
+    """The payload needs a Python global that the weights_only unpickler refuses."""
+
+
+class CheckpointMismatchError(TrackedCkptError, ValueError):
+    """The checkpoint does not fit the live model/optimizer; nothing was changed."""
+
+
+class InvalidMetadataError(TrackedCkptError, TypeError):
+    """A metadata value is neither a number nor JSON-serializable."""
+
+
+class ConfigError(TrackedCkptError, ValueError):
+    """A CheckpointManager or policy argument is invalid."""
+
+
+class StoreError(TrackedCkptError, OSError):
+    """The MLflow tracking server or artifact store refused or failed a request."""
+
+
+class SaveError(TrackedCkptError, RuntimeError):
+    """A save failed; the message names the step. Checkpoints committed earlier are untouched."""

@@ -1,0 +1,84 @@
+"""Load a resolved checkpoint into live objects: verify, deserialize safely, check fit, restore.
+
+Order matters: every file is checked against the manifest before anything is unpickled; the payload is
+unpickled only with ``weights_only=True`` (passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
+cannot flip it); the live objects are touched only after the whole payload was checked to fit them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .catalog import Resolved, RunCatalog, ref_for
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
+
+log = logging.getLogger(__name__)
+
+
+def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
+        culprit = found.group(1) if found else "an unsupported object"
+        raise UnsafeCheckpointError(
+            f"{where}: file {path.name!r} asks to unpickle {culprit}, which weights_only loading refuses; "
+            "it was not written by tracked_ckpt (or was tampered with). Nothing was loaded"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CheckpointCorruptError(f"{where}: file {path.name!r} is not a readable torch file: {e}") from e
+    if not isinstance(payload, dict):
+        raise CheckpointCorruptError(f"{where}: {path.name!r} holds a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def load_resolved(
+    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None
+) -> dict[str, Any]:
+    """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
+    where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
+        folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
+        names = {f.name for f in r.manifest.files}
+        if STATE_FILE not in names:
+            raise CheckpointCorruptError(f"{where}: the manifest lists no {STATE_FILE}")
+        payload = torch_load_safe(folder / STATE_FILE, where)
+        rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names else {}
+        check_fits(payload, state, where)
+        restore(payload, rng_json, state)
+    log.info(
+        "restored step %d from %s (%.1f MB) in %.2f s",
+        r.manifest.step, ref_for(catalog.run_id, r.path), r.manifest.size / 1e6, time.perf_counter() - t0,
+    )
+    return dict(r.manifest.metadata)
+
+
+def load_latest_verified(
+    catalog: RunCatalog, state: TrainingState, cache_for: Any = None
+) -> tuple[Resolved, dict[str, Any]] | None:
+    """Load the newest checkpoint that verifies, falling back (with a warning) past corrupt ones.
+
+    Returns None only when the run has no committed checkpoint; if every one fails verification, the
+    newest one's error is raised (never a silent fresh start).
+    """
+    first_error: Exception | None = None
+    for r in catalog.candidates_latest_first():
+        try:
+            return r, load_resolved(catalog, r, state, cache_for(r) if cache_for else None)
+        except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+            first_error = first_error or e
+            log.warning("%s; falling back to the previous checkpoint", e)
+    if first_error is not None:
+        raise first_error
+    return None

@@ -1,0 +1,155 @@
+"""The local side of a save: ``save_dir`` layout, staging, durable local commit, the run pointer.
+
+::
+
+    save_dir/
+      tracked_ckpt.json            which MLflow run this directory trains (so a relaunch resumes it)
+      .staging/<random>/           a save in progress; swept when stale
+      <run_id>/<name>/             committed local copies: state.pt, rng.json, MANIFEST.json (last)
+
+A local commit is durable before anything goes to MLflow: files, then the manifest, are fsynced, then the
+staging folder is renamed into place and its parent fsynced. Nothing here decides "latest": that is
+MLflow's answer (see catalog.py); files in ``save_dir`` only serve as a verified cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .errors import SaveError
+from .manifest import MANIFEST_NAME, FileEntry, HashingWriter, Manifest, fsync_dir, write_file
+from .state import RNG_FILE, STATE_FILE
+
+POINTER_NAME = "tracked_ckpt.json"
+STAGING = ".staging"
+_STALE_STAGING_S = 3600.0
+
+
+class LocalDir:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def folder(self, run_id: str, name: str) -> Path:
+        return self.root / run_id / name
+
+    # ------------------------------------------------------------------------------------------- pointer
+
+    def read_pointer(self) -> dict[str, str] | None:
+        try:
+            data = json.loads((self.root / POINTER_NAME).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("run_id"), str) else None
+
+    def write_pointer(self, run_id: str, tracking_uri: str, experiment_id: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        data = {"run_id": run_id, "tracking_uri": tracking_uri, "experiment_id": experiment_id}
+        tmp = self.root / f".{POINTER_NAME}.{uuid.uuid4().hex[:8]}"
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, self.root / POINTER_NAME)
+
+    # ------------------------------------------------------------------------------------------- writing
+
+    def sweep_staging(self, max_age_s: float = _STALE_STAGING_S) -> None:
+        """Remove staging folders left by crashed saves (older than ``max_age_s``)."""
+        staging = self.root / STAGING
+        if not staging.is_dir():
+            return
+        now = time.time()
+        for d in staging.iterdir():
+            with contextlib.suppress(OSError):
+                if now - d.stat().st_mtime > max_age_s:
+                    shutil.rmtree(d, ignore_errors=True)
+
+    def write(
+        self,
+        run_id: str,
+        name: str,
+        payload: Mapping[str, Any],
+        rng_json: Mapping[str, Any],
+        fields: Mapping[str, Any],
+    ) -> tuple[Path, Manifest]:
+        """Serialize into staging, commit locally, return (folder, manifest). Cleans up on any failure."""
+        staging = self.root / STAGING / uuid.uuid4().hex
+        final = self.folder(run_id, name)
+        try:
+            staging.mkdir(parents=True)
+            files = [_torch_save(payload, staging / STATE_FILE)]
+            if rng_json:
+                files.append(write_file(staging / RNG_FILE, json.dumps(rng_json).encode()))
+            manifest = Manifest(
+                run_id=run_id,
+                files=tuple(files),
+                library_version=__version__,
+                torch_version=torch.__version__,
+                **fields,
+            )
+            write_file(staging / MANIFEST_NAME, manifest.to_json().encode())  # the commit marker, last
+            fsync_dir(staging)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # a leftover of a crashed save under the same name: never the committed one
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _save_error(e, fields.get("step"), self.root, payload) from e
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return final, manifest
+
+    def remove(self, run_id: str, name: str) -> None:
+        shutil.rmtree(self.folder(run_id, name), ignore_errors=True)
+
+
+def _torch_save(payload: Mapping[str, Any], path: Path) -> FileEntry:
+    # An open file object (not a path) so that ENOSPC surfaces as OSError rather than an opaque
+    # "unexpected pos" RuntimeError, and so the digest is computed while writing, not by re-reading.
+    with open(path, "wb") as f:
+        w = HashingWriter(f)
+        torch.save(dict(payload), w)  # type: ignore[arg-type]
+        f.flush()
+        os.fsync(f.fileno())
+    return FileEntry(path.name, w.size, w.hexdigest())
+
+
+def payload_bytes(payload: Mapping[str, Any]) -> int:
+    total = 0
+
+    def walk(obj: Any) -> None:
+        nonlocal total
+        if isinstance(obj, torch.Tensor):
+            total += obj.numel() * obj.element_size()
+        elif isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, list | tuple):
+            for v in obj:
+                walk(v)
+
+    walk(payload)
+    return total
+
+
+def _save_error(e: OSError, step: Any, root: Path, payload: Mapping[str, Any]) -> SaveError:
+    if e.errno == errno.ENOSPC:
+        free = shutil.disk_usage(root).free if root.exists() else 0
+        return SaveError(
+            f"disk full while saving the checkpoint of step {step} under {root}: it needs about "
+            f"{payload_bytes(payload) / 1e6:.1f} MB, {free / 1e6:.1f} MB are free. Earlier checkpoints are "
+            "untouched; free space (or lower retention's keep counts) and save again"
+        )
+    return SaveError(f"could not write the checkpoint of step {step} under {root}: {e}")

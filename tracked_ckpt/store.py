@@ -1,0 +1,176 @@
+"""The storage seam: everything tracked_ckpt asks of MLflow about one run.
+
+``RunStore`` wraps an explicit ``MlflowClient`` and the run's artifact repository (never MLflow's global
+active run or tracking URI). Paths are artifact paths relative to the run, as ``str``. Tests inject faults by
+subclassing it, so this is the only place that talks to MLflow for a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+from mlflow.tracking import MlflowClient
+
+from .errors import RunNotFoundError, StoreError
+from .manifest import check_checkpoint_path, check_relpath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    is_dir: bool
+    size: int | None
+
+
+def describe_mlflow_error(e: Exception, action: str, server: str) -> StoreError:
+    """Turn an MLflow/HTTP failure into a StoreError naming the server, the action and what to do."""
+    code = getattr(e, "error_code", "")
+    text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    if code == "PERMISSION_DENIED" or "403" in text or "Permission denied" in text:
+        hint = "the MLflow user lacks permission; ask for EDIT (MANAGE to delete) on the experiment"
+    elif code == "UNAUTHENTICATED" or "401" in text:
+        hint = "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+    else:
+        hint = "check that the tracking server is up and reachable"
+    return StoreError(f"MLflow at {server} failed to {action}: {text} ({hint})")
+
+
+def redact(uri: str) -> str:
+    """A tracking URI with any user:password@ part removed, safe for logs and errors."""
+    if "@" in uri and "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{rest.split('@', 1)[1]}"
+    return uri
+
+
+class RunStore:
+    """Artifacts, metrics and tags of one MLflow run."""
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+        self.server = redact(str(client.tracking_uri))
+        run = self._call(lambda: client.get_run(run_id), f"get run {run_id}")
+        if run.info.lifecycle_stage == "deleted":
+            raise RunNotFoundError(
+                f"run {run_id} at {self.server} is deleted; restore it in the MLflow UI or `mlflow gc` it"
+            )
+        self.experiment_id: str = run.info.experiment_id
+        self.artifact_uri: str = run.info.artifact_uri
+        self.repo = get_artifact_repository(self.artifact_uri, tracking_uri=client.tracking_uri)
+
+    def _call(self, fn: Any, action: str) -> Any:
+        try:
+            return fn()
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST" and "get run" in action:
+                raise RunNotFoundError(
+                    f"run {self.run_id!r} does not exist at tracking URI {self.server}; check the run ID "
+                    "and MLFLOW_TRACKING_URI (`tracked-ckpt runs` lists runs)"
+                ) from None
+            raise describe_mlflow_error(e, action, self.server) from e
+        except OSError as e:
+            raise describe_mlflow_error(e, action, self.server) from e
+
+    @property
+    def local_dir(self) -> Path | None:
+        """The run's artifact folder when the artifact store is a local directory, else None."""
+        if isinstance(self.repo, LocalArtifactRepository):
+            return Path(self.repo.artifact_dir)
+        return None
+
+    # ------------------------------------------------------------------------------------------ artifacts
+
+    def upload(self, local_file: Path, artifact_dir: str) -> None:
+        """Upload one file into ``artifact_dir``; all-or-nothing per file."""
+        check_relpath(artifact_dir, "artifact folder")
+        root = self.local_dir
+        if root is not None:
+            _link_or_copy(local_file, root / artifact_dir / local_file.name)
+            return
+        self._call(lambda: self.repo.log_artifact(str(local_file), artifact_dir), f"upload {local_file.name}")
+
+    def list(self, path: str) -> list[Entry]:
+        check_relpath(path, "artifact path")
+        infos = self._call(lambda: self.repo.list_artifacts(path), f"list artifacts under {path}")
+        entries = [Entry(i.path, i.is_dir, i.file_size) for i in infos]
+        for e in entries:
+            check_relpath(e.path, "artifact listing entry")
+        return entries
+
+    def exists(self, path: str) -> bool:
+        root = self.local_dir
+        if root is not None:
+            return (root / check_relpath(path)).exists()
+        parent, _, name = path.rpartition("/")
+        return any(e.path.rpartition("/")[2] == name for e in self.list(parent))
+
+    def fetch(self, path: str, tmp_dir: Path) -> Path:
+        """A local path holding artifact ``path``: in place for a local store, else downloaded into tmp_dir."""
+        check_relpath(path, "artifact path")
+        root = self.local_dir
+        if root is not None:
+            return root / path
+        local = self._call(lambda: self.repo.download_artifacts(path, str(tmp_dir)), f"download {path}")
+        result = Path(local)
+        if result.is_symlink():
+            raise StoreError(f"download of {path} produced a symlink; refusing to follow it")
+        return result
+
+    def delete(self, path: str) -> None:
+        """Delete one checkpoint folder; only ``checkpoints/<name>`` is accepted (delete_artifacts trusts paths)."""
+        check_checkpoint_path(path)
+        self._call(lambda: self.repo.delete_artifacts(path), f"delete {path}")
+
+    # ------------------------------------------------------------------------------------------ run data
+
+    def publish(self, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
+        """Metrics at ``step`` and tags in one MLflow call."""
+        now = int(time.time() * 1000)
+        batch_metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
+        batch_tags = [RunTag(k, v) for k, v in tags.items()]
+        self._call(
+            lambda: self.client.log_batch(self.run_id, metrics=batch_metrics, tags=batch_tags, synchronous=True),
+            f"log metrics and tags of step {step}",
+        )
+
+    def tags(self) -> dict[str, str]:
+        run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
+        return dict(run.data.tags)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._call(
+            lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
+            "set run tags",
+        )
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Publish ``src`` at ``dst`` atomically: a hard link when on the same filesystem, else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()

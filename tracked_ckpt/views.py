@@ -1,0 +1,174 @@
+"""pandas views of checkpoints and runs, with stable, typed columns.
+
+``list_checkpoints`` columns: run_id, path, ref, step (Int64), seq (Int64), epoch (Int64),
+created (datetime64[ns, UTC]), size_bytes (Int64), is_latest, is_best (bool), then one float64 column
+per numeric metadata key logged with the checkpoints (reward, loss, ...).
+
+``list_runs`` columns: run_id, run_name, experiment_id, status, start_time (datetime64[ns, UTC]),
+checkpoints (Int64), latest_step (Int64), best_step (Int64), monitor, best_value (float64),
+size_bytes (Int64), latest_ref, best_ref. It costs one ``search_runs`` call per experiment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from .catalog import (
+    TAG_BEST,
+    TAG_BEST_STEP,
+    TAG_BEST_VALUE,
+    TAG_BYTES,
+    TAG_COUNT,
+    TAG_LATEST,
+    TAG_LATEST_STEP,
+    TAG_MONITOR,
+    Resolved,
+    RunCatalog,
+    ref_for,
+)
+from .errors import ConfigError
+from .policies import Mode, best_of
+from .store import RunStore, describe_mlflow_error, redact
+
+CHECKPOINT_COLUMNS = [
+    "run_id", "path", "ref", "step", "seq", "epoch", "created", "size_bytes", "is_latest", "is_best",
+]
+RUN_COLUMNS = [
+    "run_id", "run_name", "experiment_id", "status", "start_time", "checkpoints", "latest_step",
+    "best_step", "monitor", "best_value", "size_bytes", "latest_ref", "best_ref",
+]
+
+
+def checkpoints_frame(run_id: str, found: Sequence[Resolved], metric: str, mode: Mode) -> pd.DataFrame:
+    """One row per committed checkpoint of one run, in commit order."""
+    return _typed_checkpoints(pd.DataFrame(_checkpoint_rows(run_id, found, metric, mode)))
+
+
+def _checkpoint_rows(run_id: str, found: Sequence[Resolved], metric: str, mode: Mode) -> list[dict[str, Any]]:
+    latest = max(found, key=lambda r: r.manifest.seq).path if found else None
+    best = best_of([r.info for r in found], metric, mode)
+    rows: list[dict[str, Any]] = []
+    for r in found:
+        m = r.manifest
+        row: dict[str, Any] = {
+            "run_id": run_id, "path": r.path, "ref": ref_for(run_id, r.path), "step": m.step, "seq": m.seq,
+            "epoch": m.epoch, "created": m.created, "size_bytes": m.size,
+            "is_latest": r.path == latest, "is_best": best is not None and r.path == best.path,
+        }
+        row.update({k: v for k, v in m.metrics.items() if k not in row})
+        rows.append(row)
+    return rows
+
+
+def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
+    for col in CHECKPOINT_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series(dtype=object)
+    metric_cols = sorted(c for c in df.columns if c not in CHECKPOINT_COLUMNS)
+    df = df[CHECKPOINT_COLUMNS + metric_cols].copy()
+    for col in ("step", "seq", "epoch", "size_bytes"):
+        df[col] = pd.array(df[col].tolist(), dtype="Int64")
+    df["created"] = pd.to_datetime(df["created"].astype("float64"), unit="s", utc=True)
+    for col in ("is_latest", "is_best"):
+        df[col] = df[col].fillna(False).astype(bool)
+    for col in ("run_id", "path", "ref"):
+        df[col] = df[col].astype("string")
+    for col in metric_cols:
+        df[col] = df[col].astype("float64")
+    return df.reset_index(drop=True)
+
+
+def _client(tracking_uri: str | None) -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
+    if experiment is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return [os.environ["MLFLOW_EXPERIMENT_ID"]]
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        raise ConfigError(
+            f"experiment {name!r} does not exist at {redact(str(client.tracking_uri))}; "
+            "`tracked-ckpt runs --experiment NAME` needs an existing name"
+        )
+    return [str(exp.experiment_id)]
+
+
+def _tracked_runs(client: MlflowClient, experiment: str | None) -> list[Any]:
+    ids = _experiment_ids(client, experiment)
+    try:
+        runs = client.search_runs(ids, max_results=5000, order_by=["attributes.start_time DESC"])
+    except Exception as e:
+        raise describe_mlflow_error(e, "search runs", redact(str(client.tracking_uri))) from e
+    return [r for r in runs if TAG_COUNT in r.data.tags or TAG_LATEST in r.data.tags]
+
+
+def list_checkpoints(
+    run_id: str | None = None,
+    *,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    mode: Mode | None = None,
+) -> pd.DataFrame:
+    """Committed checkpoints of one run, or of every tracked run in an experiment, as a DataFrame."""
+    client = _client(tracking_uri)
+    run_ids = [run_id] if run_id is not None else [r.info.run_id for r in _tracked_runs(client, experiment)]
+    rows: list[dict[str, Any]] = []
+    for rid in run_ids:
+        store = RunStore(client, rid)
+        run_metric, run_mode = _monitor(store.tags().get(TAG_MONITOR), metric, mode)
+        rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode)
+    return _typed_checkpoints(pd.DataFrame(rows))
+
+
+def _monitor(tag: str | None, metric: str | None, mode: Mode | None) -> tuple[str, Mode]:
+    tag_metric, _, tag_mode = (tag or "reward:max").rpartition(":")
+    chosen_mode = mode or (tag_mode if tag_mode in ("max", "min") else "max")
+    return metric or tag_metric or "reward", chosen_mode  # type: ignore[return-value]
+
+
+def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None) -> pd.DataFrame:
+    """One row per run with tracked_ckpt checkpoints in the experiment (from run tags: one query)."""
+    client = _client(tracking_uri)
+    rows = []
+    for run in _tracked_runs(client, experiment):
+        tags = run.data.tags
+        rows.append({
+            "run_id": run.info.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
+            "status": run.info.status, "start_time": run.info.start_time,
+            "checkpoints": _int(tags.get(TAG_COUNT)), "latest_step": _int(tags.get(TAG_LATEST_STEP)),
+            "best_step": _int(tags.get(TAG_BEST_STEP)), "monitor": tags.get(TAG_MONITOR),
+            "best_value": _float(tags.get(TAG_BEST_VALUE)), "size_bytes": _int(tags.get(TAG_BYTES)),
+            "latest_ref": ref_for(run.info.run_id, tags[TAG_LATEST]) if TAG_LATEST in tags else None,
+            "best_ref": ref_for(run.info.run_id, tags[TAG_BEST]) if TAG_BEST in tags else None,
+        })
+    df = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    for col in ("checkpoints", "latest_step", "best_step", "size_bytes"):
+        df[col] = pd.array(df[col].tolist(), dtype="Int64")
+    df["start_time"] = pd.to_datetime(df["start_time"].astype("float64"), unit="ms", utc=True)
+    df["best_value"] = df["best_value"].astype("float64")
+    for col in ("run_id", "run_name", "experiment_id", "status", "monitor", "latest_ref", "best_ref"):
+        df[col] = df[col].astype("string")
+    return df
+
+
+def _int(v: str | None) -> int | None:
+    try:
+        return int(v) if v is not None else None
+    except ValueError:
+        return None
+
+
+def _float(v: str | None) -> float:
+    try:
+        return float(v) if v is not None else math.nan
+    except ValueError:
+        return math.nan
