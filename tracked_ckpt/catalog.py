@@ -137,7 +137,9 @@ class RunCatalog:
         try:
             r = Resolved(path, self.manifest(path))
         except (CheckpointNotFoundError, CheckpointCorruptError) as e:
-            log.warning("run %s: tag %s=%r does not point at a valid checkpoint (%s); scanning", self.run_id, key, path, e)
+            log.warning(
+                "run %s: tag %s=%r does not point at a valid checkpoint (%s); scanning", self.run_id, key, path, e
+            )
             return None
         step_tag = tags.get(TAG_LATEST_STEP if key == TAG_LATEST else TAG_BEST_STEP)
         if step_tag is not None and step_tag != str(r.manifest.step):

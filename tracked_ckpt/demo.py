@@ -69,8 +69,9 @@ def rollout(policy: Policy, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tracked_ckpt.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m tracked_ckpt.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--iterations", type=int, default=40, help="iterations to train in this launch (default 40)")
     p.add_argument("--episodes", type=int, default=16, help="episodes per iteration (default 16)")
     p.add_argument("--save-every", type=int, default=5, help="save a checkpoint every N iterations (default 5)")
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     torch.manual_seed(args.seed)
@@ -91,9 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=50, gamma=0.7)
     t0 = time.perf_counter()
     with CheckpointManager(
-        args.save_dir, experiment=args.experiment, run_id=args.run_id, tracking_uri=args.tracking_uri,
-        run_name="cartpole-reinforce", save_policy=EveryNSteps(args.save_every),
-        retention=KeepLast(3) | KeepBest(1), monitor="reward", mode="max",
+        args.save_dir,
+        experiment=args.experiment,
+        run_id=args.run_id,
+        tracking_uri=args.tracking_uri,
+        run_name="cartpole-reinforce",
+        save_policy=EveryNSteps(args.save_every),
+        retention=KeepLast(3) | KeepBest(1),
+        monitor="reward",
+        mode="max",
     ) as mgr:
         meta = mgr.load(policy, optimizer, scheduler=scheduler)
         start = int(meta.get("step", 0))
@@ -102,20 +110,30 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(start + 1, start + args.iterations + 1):
             objective, lengths = rollout(policy, args.episodes)
             optimizer.zero_grad()
-            (-objective).backward()
+            (-objective).backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             scheduler.step()
             reward = float(lengths.mean())
             if mgr.should_save(step):
-                mgr.save(policy, optimizer, {"step": step, "epoch": step // 10, "reward": reward,
-                                             "loss": float(-objective.detach())}, scheduler=scheduler)
+                mgr.save(
+                    policy,
+                    optimizer,
+                    {"step": step, "epoch": step // 10, "reward": reward, "loss": float(-objective.detach())},
+                    scheduler=scheduler,
+                )
         elapsed = time.perf_counter() - t0
-        print(f"\ntrained iterations {start + 1}..{start + args.iterations} in {elapsed:.1f} s; "
-              f"mean episode length (reward) {reward:.1f} of {MAX_STEPS}")
-        print(f"run {mgr.run_id}: latest {mgr.get_latest_checkpoint()}\n                              best   {mgr.get_best_checkpoint()}")
-        print(mgr.checkpoints()[["step", "epoch", "reward", "size_bytes", "is_latest", "is_best"]].to_string(index=False))
+        print(
+            f"\ntrained iterations {start + 1}..{start + args.iterations} in {elapsed:.1f} s; "
+            f"mean episode length (reward) {reward:.1f} of {MAX_STEPS}"
+        )
+        print(f"latest checkpoint: {mgr.get_latest_checkpoint()}\nbest checkpoint:   {mgr.get_best_checkpoint()}")
+        print(
+            mgr.checkpoints()[["step", "epoch", "reward", "size_bytes", "is_latest", "is_best"]].to_string(index=False)
+        )
         print("\nRun this command again to resume the same run from its latest checkpoint.")
-        print(f"Browse it:  mlflow ui --backend-store-uri {mgr.client.tracking_uri}   (then open http://127.0.0.1:5000)")
+        print(
+            f"Browse it:  mlflow ui --backend-store-uri {mgr.client.tracking_uri}   (then open http://127.0.0.1:5000)"
+        )
         print(f"From the shell:  tracked-ckpt ls {mgr.run_id}")
     return 0
 

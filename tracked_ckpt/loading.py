@@ -59,7 +59,10 @@ def load_resolved(
         restore(payload, rng_json, state)
     log.info(
         "restored step %d from %s (%.1f MB) in %.2f s",
-        r.manifest.step, ref_for(catalog.run_id, r.path), r.manifest.size / 1e6, time.perf_counter() - t0,
+        r.manifest.step,
+        ref_for(catalog.run_id, r.path),
+        r.manifest.size / 1e6,
+        time.perf_counter() - t0,
     )
     return dict(r.manifest.metadata)
 

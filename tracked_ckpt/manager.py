@@ -183,7 +183,9 @@ class CheckpointManager:
         try:
             return bool(self.client.get_run(run_id).info.lifecycle_stage == "active")
         except MlflowException:
-            log.warning("the run %s named in %s no longer exists at %s; looking further", run_id, self.save_dir, self._server)
+            log.warning(
+                "the run %s named in %s no longer exists at %s; looking further", run_id, self.save_dir, self._server
+            )
             return False
 
     def _experiment_id(self, name: str | None) -> str:
@@ -223,7 +225,9 @@ class CheckpointManager:
         if found and tags.get(TAG_LATEST) != found[-1].path:
             log.warning(
                 "run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
-                self.run_id, tags.get(TAG_LATEST), found[-1].path,
+                self.run_id,
+                tags.get(TAG_LATEST),
+                found[-1].path,
             )
             self.store.set_tags(self._summary_tags())
 
@@ -245,7 +249,8 @@ class CheckpointManager:
             f"Checkpoints of this run are the artifact folders under `{ARTIFACT_PREFIX}/`; the tags "
             f"`{TAG_LATEST}` and `{TAG_BEST}` name the latest and the best (by `{self.monitor}`, {self.mode}).\n\n"
             f"**Resume this run** from Python:\n\n```python\nfrom tracked_ckpt import CheckpointManager\n"
-            f'mgr = CheckpointManager("{self.save_dir.name}", run_id="{r}")\nmetadata = mgr.load(model, optimizer)\n```\n\n'
+            f'mgr = CheckpointManager("{self.save_dir.name}", run_id="{r}")\n'
+            "metadata = mgr.load(model, optimizer)\n```\n\n"
             f'or load its best checkpoint: `tracked_ckpt.load("{r}", model, which="best")`.\n\n'
             f"From the shell: `tracked-ckpt ls {r}` · `tracked-ckpt pull {r} -o ./ckpt` · "
             f"`MLFLOW_RUN_ID={r} python train.py`\n"
@@ -299,8 +304,13 @@ class CheckpointManager:
         payload, rng_json = gather(state, rng=self.save_rng)
         name = self._folder_name(step, seq)
         fields = {
-            "step": step, "seq": seq, "created": time.time(), "metrics": meta.metrics,
-            "metadata": meta.values, "epoch": meta.epoch, "resumed_from": self._resumed_from,
+            "step": step,
+            "seq": seq,
+            "created": time.time(),
+            "metrics": meta.metrics,
+            "metadata": meta.values,
+            "epoch": meta.epoch,
+            "resumed_from": self._resumed_from,
         }
         folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields)
         path = f"{ARTIFACT_PREFIX}/{name}"
@@ -315,10 +325,15 @@ class CheckpointManager:
         self._last_save_time = time.time()
         log.info(
             "saved step %d to %s (%.1f MB) in %.2f s",
-            step, ref_for(self.run_id, path), manifest.size / 1e6, time.perf_counter() - t0,
+            step,
+            ref_for(self.run_id, path),
+            manifest.size / 1e6,
+            time.perf_counter() - t0,
         )
         if latest is not None and step < latest.step:
-            log.info("step %d is below the previous latest step %d: this checkpoint is now the latest", step, latest.step)
+            log.info(
+                "step %d is below the previous latest step %d: this checkpoint is now the latest", step, latest.step
+            )
         self._apply_retention()
         return ref_for(self.run_id, path)
 
@@ -366,7 +381,9 @@ class CheckpointManager:
                 if not self._warned_no_delete:
                     log.warning(
                         "retention could not delete %s from the artifact store (%s); it is deleted locally only. "
-                        "This warning is shown once per manager", c.path, e,
+                        "This warning is shown once per manager",
+                        c.path,
+                        e,
                     )
                     self._warned_no_delete = True
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
@@ -420,8 +437,11 @@ class CheckpointManager:
         elif ref.startswith(f"{ARTIFACT_PREFIX}/"):
             run_id, path = self.run_id, ref
         else:
-            local = Manifest.from_json((Path(ref) / MANIFEST_NAME).read_bytes(), str(Path(ref) / MANIFEST_NAME)) \
-                if (Path(ref) / MANIFEST_NAME).is_file() else None
+            local = (
+                Manifest.from_json((Path(ref) / MANIFEST_NAME).read_bytes(), str(Path(ref) / MANIFEST_NAME))
+                if (Path(ref) / MANIFEST_NAME).is_file()
+                else None
+            )
             if local is None:
                 raise CheckpointNotFoundError(
                     f"checkpoint_path={ref!r} is neither a 'runs:/...' reference nor a checkpoint folder with a "
@@ -494,4 +514,3 @@ def _active_fluent_run_id(tracking_uri: str) -> str | None:
     if run is None or mlflow.get_tracking_uri() != tracking_uri:
         return None
     return str(run.info.run_id)
-

@@ -187,8 +187,7 @@ def verify_file(path: Path, entry: FileEntry, where: str) -> None:
         )
     if hash_file(path)[1] != entry.blake3:
         raise CheckpointCorruptError(
-            f"{where}: file {entry.name!r} does not match its BLAKE3 digest (bit rot or tampering); "
-            "refusing to load it"
+            f"{where}: file {entry.name!r} does not match its BLAKE3 digest (bit rot or tampering); refusing to load it"
         )
 
 

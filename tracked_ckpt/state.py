@@ -13,7 +13,7 @@ import random
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
 import torch
@@ -65,7 +65,7 @@ def _as_number(value: Any) -> int | float | None:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dim() != 0 or value.dtype == torch.bool:
             return None
-        return value.detach().item()  # type: ignore[no-any-return]
+        return value.detach().item()
     if isinstance(value, np.generic) and isinstance(value.item(), int | float):
         return value.item()  # type: ignore[no-any-return]
     if isinstance(value, numbers.Integral):
@@ -148,17 +148,21 @@ def gather(state: TrainingState, *, rng: bool) -> tuple[dict[str, Any], dict[str
     if rng:
         payload["rng"] = {"torch": torch.get_rng_state(), "cuda": _cuda_rng_states()}
         version, internal, gauss = random.getstate()
-        np_state = np.random.get_state()
+        np_state = cast(tuple[Any, ...], np.random.get_state())
         rng_json = {
             "python": [version, list(internal), gauss],
-            "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
+            "numpy": [
+                np_state[0],
+                np_state[1].tolist(),
+                *(x.item() if hasattr(x, "item") else x for x in np_state[2:]),
+            ],
         }
     return payload, rng_json
 
 
 def _cuda_rng_states() -> list[torch.Tensor]:
     # Only when CUDA is already in use: initializing it just to read RNG state costs seconds.
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return list(torch.cuda.get_rng_state_all())
     return []
 

@@ -71,7 +71,7 @@ class RunStore:
             )
         self.experiment_id: str = run.info.experiment_id
         self.artifact_uri: str = run.info.artifact_uri
-        self.repo = get_artifact_repository(self.artifact_uri, tracking_uri=client.tracking_uri)
+        self.repo: Any = get_artifact_repository(self.artifact_uri, tracking_uri=client.tracking_uri)
 
     def _call(self, fn: Any, action: str) -> Any:
         try:

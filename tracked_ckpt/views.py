@@ -37,11 +37,31 @@ from .policies import Mode, best_of
 from .store import RunStore, describe_mlflow_error, redact
 
 CHECKPOINT_COLUMNS = [
-    "run_id", "path", "ref", "step", "seq", "epoch", "created", "size_bytes", "is_latest", "is_best",
+    "run_id",
+    "path",
+    "ref",
+    "step",
+    "seq",
+    "epoch",
+    "created",
+    "size_bytes",
+    "is_latest",
+    "is_best",
 ]
 RUN_COLUMNS = [
-    "run_id", "run_name", "experiment_id", "status", "start_time", "checkpoints", "latest_step",
-    "best_step", "monitor", "best_value", "size_bytes", "latest_ref", "best_ref",
+    "run_id",
+    "run_name",
+    "experiment_id",
+    "status",
+    "start_time",
+    "checkpoints",
+    "latest_step",
+    "best_step",
+    "monitor",
+    "best_value",
+    "size_bytes",
+    "latest_ref",
+    "best_ref",
 ]
 
 
@@ -57,9 +77,16 @@ def _checkpoint_rows(run_id: str, found: Sequence[Resolved], metric: str, mode: 
     for r in found:
         m = r.manifest
         row: dict[str, Any] = {
-            "run_id": run_id, "path": r.path, "ref": ref_for(run_id, r.path), "step": m.step, "seq": m.seq,
-            "epoch": m.epoch, "created": m.created, "size_bytes": m.size,
-            "is_latest": r.path == latest, "is_best": best is not None and r.path == best.path,
+            "run_id": run_id,
+            "path": r.path,
+            "ref": ref_for(run_id, r.path),
+            "step": m.step,
+            "seq": m.seq,
+            "epoch": m.epoch,
+            "created": m.created,
+            "size_bytes": m.size,
+            "is_latest": r.path == latest,
+            "is_best": best is not None and r.path == best.path,
         }
         row.update({k: v for k, v in m.metrics.items() if k not in row})
         rows.append(row)
@@ -141,15 +168,23 @@ def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None)
     rows = []
     for run in _tracked_runs(client, experiment):
         tags = run.data.tags
-        rows.append({
-            "run_id": run.info.run_id, "run_name": run.info.run_name, "experiment_id": run.info.experiment_id,
-            "status": run.info.status, "start_time": run.info.start_time,
-            "checkpoints": _int(tags.get(TAG_COUNT)), "latest_step": _int(tags.get(TAG_LATEST_STEP)),
-            "best_step": _int(tags.get(TAG_BEST_STEP)), "monitor": tags.get(TAG_MONITOR),
-            "best_value": _float(tags.get(TAG_BEST_VALUE)), "size_bytes": _int(tags.get(TAG_BYTES)),
-            "latest_ref": ref_for(run.info.run_id, tags[TAG_LATEST]) if TAG_LATEST in tags else None,
-            "best_ref": ref_for(run.info.run_id, tags[TAG_BEST]) if TAG_BEST in tags else None,
-        })
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "experiment_id": run.info.experiment_id,
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+                "checkpoints": _int(tags.get(TAG_COUNT)),
+                "latest_step": _int(tags.get(TAG_LATEST_STEP)),
+                "best_step": _int(tags.get(TAG_BEST_STEP)),
+                "monitor": tags.get(TAG_MONITOR),
+                "best_value": _float(tags.get(TAG_BEST_VALUE)),
+                "size_bytes": _int(tags.get(TAG_BYTES)),
+                "latest_ref": ref_for(run.info.run_id, tags[TAG_LATEST]) if TAG_LATEST in tags else None,
+                "best_ref": ref_for(run.info.run_id, tags[TAG_BEST]) if TAG_BEST in tags else None,
+            }
+        )
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in ("checkpoints", "latest_step", "best_step", "size_bytes"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
