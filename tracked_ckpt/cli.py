@@ -1,0 +1,627 @@
+"""The ``tracked-ckpt`` command: list, inspect, pull, verify and prune checkpoints recorded in MLflow runs.
+
+Kept apart from the library: only this module prints or configures logging. MLflow, torch and pandas are
+imported inside the commands, so ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .catalog import Resolved, RunCatalog
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_NO_CHECKPOINT = 4
+EXIT_CORRUPT = 5
+EXIT_UNREACHABLE = 6
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  success
+  1  unexpected error
+  2  usage: bad option or reference, output folder already holds the files
+  3  run (or experiment) not found
+  4  no committed checkpoint matches
+  5  verification failed: a file or manifest does not match (corrupt)
+  6  MLflow unreachable or refused the request (tracking server, artifact store)
+"""
+
+REF_HELP = """\b
+REF names one checkpoint:
+  RUN_ID            the latest committed checkpoint of the run
+  RUN_ID@latest     the same
+  RUN_ID@best       the best by the run's monitored metric (tag tracked_ckpt.monitor)
+  RUN_ID@120        the checkpoint saved at step 120
+  runs:/RUN_ID/checkpoints/step-00000120   the exact folder (what save() returns)
+"""
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("tracked_ckpt.cli")
+
+
+class ExperimentNotFoundError(LookupError):
+    pass
+
+
+# --------------------------------------------------------------------------------------- errors, logging
+
+
+def classify(e: BaseException) -> tuple[int, str] | None:
+    """The exit code and one-line message for a known failure; None for a bug (which keeps its traceback)."""
+    from .errors import (
+        CheckpointCorruptError,
+        CheckpointNotFoundError,
+        ConfigError,
+        RunNotFoundError,
+        StoreError,
+        TrackedCkptError,
+    )
+
+    table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
+        ((RunNotFoundError, ExperimentNotFoundError), EXIT_NOT_FOUND),
+        (CheckpointNotFoundError, EXIT_NO_CHECKPOINT),
+        (CheckpointCorruptError, EXIT_CORRUPT),
+        (StoreError, EXIT_UNREACHABLE),
+        ((ConfigError, FileExistsError), EXIT_USAGE),
+        (TrackedCkptError, EXIT_ERROR),
+    ]
+    for types, code in table:
+        if isinstance(e, types):
+            return code, str(e)
+    mlflow_exc = getattr(sys.modules.get("mlflow.exceptions"), "MlflowException", None)
+    if mlflow_exc is not None and isinstance(e, mlflow_exc):
+        if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+            return EXIT_NOT_FOUND, _first_line(e)
+        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri()} up and reachable?)"
+    requests_exc = getattr(sys.modules.get("requests.exceptions"), "RequestException", None)
+    if (requests_exc is not None and isinstance(e, requests_exc)) or isinstance(e, ConnectionError):
+        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri()} up and reachable?)"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:400] if text else type(e).__name__
+
+
+def _uri() -> str:
+    from .store import redact
+
+    return redact(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+
+
+class _Cli(click.Group):
+    """Maps the library's exceptions to distinct exit codes and one readable line on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            known = classify(e)
+            if known is None:
+                raise
+            code, message = known
+            click.echo(f"tracked-ckpt: error: {message}", err=True)
+            log.debug("details", exc_info=True)
+            ctx.exit(code)
+
+
+_verbosity = 0
+
+
+def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    """-v: INFO from tracked_ckpt; -vv: DEBUG, and MLflow's own INFO lines. Default: warnings only."""
+    global _verbosity
+    _verbosity = max(_verbosity, value or 0)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(_verbosity, 2)]
+    # MLflow configures its own logger when imported (after this runs); it reads this variable.
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if _verbosity >= 2 else "ERROR"
+    root = logging.getLogger()
+    if not any(getattr(h, "_tracked_ckpt", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._tracked_ckpt = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("tracked_ckpt").setLevel(level)
+    if "mlflow" in sys.modules:
+        logging.getLogger("mlflow").setLevel(logging.INFO if _verbosity >= 2 else logging.ERROR)
+
+
+def _common(f: F) -> F:
+    f = click.option(
+        "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines (-vv: debug)."
+    )(f)
+    return click.option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        show_envvar=True,
+        metavar="URI",
+        help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder).",
+    )(f)
+
+
+def _mode_options(f: F) -> F:
+    f = click.option("--mode", type=click.Choice(["max", "min"]), help="Direction of --metric.")(f)
+    return click.option(
+        "--metric", metavar="NAME", help="Metric that defines 'best' (default: the run's tag tracked_ckpt.monitor)."
+    )(f)
+
+
+FORMAT = click.option(
+    "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
+)
+
+
+@click.group(cls=_Cli, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tracked-ckpt", prog_name="tracked-ckpt")
+@click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines.")
+def cli() -> None:
+    """Checkpoints recorded in MLflow runs, from the shell.
+
+    Works on the store MLFLOW_TRACKING_URI names (a tracking server or a database), else on the local
+    default store, sqlite:///mlflow.db with ./mlruns, in the current folder.
+
+    \b
+    Examples:
+      tracked-ckpt runs --experiment tracked-ckpt-demo
+      tracked-ckpt ls RUN_ID
+      tracked-ckpt show RUN_ID@best
+      tracked-ckpt pull RUN_ID@best -o ./best
+      tracked-ckpt verify RUN_ID
+      tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
+    """
+
+
+# ------------------------------------------------------------------------------------------------ ls / runs
+
+
+@cli.command("ls", epilog=EXIT_CODES_HELP)
+@click.argument("run_id", required=False)
+@click.option("-e", "--experiment", metavar="NAME", help="Only runs of this experiment (default: every experiment).")
+@FORMAT
+@_mode_options
+@_common
+def ls_cmd(
+    run_id: str | None, experiment: str | None, fmt: str, metric: str | None, mode: str | None, tracking_uri: str | None
+) -> None:
+    """List the committed checkpoints of RUN_ID, or of every tracked run.
+
+    Columns: step, epoch, the logged metrics (reward, loss, ...), size, age and markers (latest, best).
+    csv and json carry the full typed columns of tracked_ckpt.list_checkpoints. Exits 4 when RUN_ID
+    has no committed checkpoint.
+
+    \b
+    Examples:
+      tracked-ckpt ls 3f2a9c...                 # one run
+      tracked-ckpt ls --experiment cartpole     # every tracked run of an experiment
+      tracked-ckpt ls 3f2a9c... --format csv > checkpoints.csv
+    """
+    import pandas as pd
+
+    from .errors import CheckpointNotFoundError
+    from .views import list_checkpoints
+
+    if run_id is not None:
+        df = list_checkpoints(run_id, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
+        if df.empty:
+            raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
+    else:
+        frames = [
+            list_checkpoints(experiment=name, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
+            for name in _experiment_names(experiment, tracking_uri)
+        ]
+        df = pd.concat(frames, ignore_index=True) if frames else list_checkpoints(experiment=None)[:0]
+    if fmt != "table":
+        _emit_frame(df, fmt)
+    elif df.empty:
+        click.echo("no committed checkpoints (tracked-ckpt runs lists the tracked runs)", err=True)
+    else:
+        click.echo(_checkpoints_table(df, with_run=run_id is None))
+
+
+@cli.command("runs", epilog=EXIT_CODES_HELP)
+@click.option("-e", "--experiment", metavar="NAME", help="Only this experiment (default: every experiment).")
+@FORMAT
+@_common
+def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None:
+    """One row per run that has checkpoints: name, status, count, latest step, best metric, bytes.
+
+    Read from the run tags in one query per experiment. csv and json carry the typed columns of
+    tracked_ckpt.list_runs.
+
+    \b
+    Examples:
+      tracked-ckpt runs
+      tracked-ckpt runs --experiment tracked-ckpt-demo --format json
+    """
+    import pandas as pd
+
+    from .views import RUN_COLUMNS, list_runs
+
+    frames = [list_runs(name, tracking_uri=tracking_uri) for name in _experiment_names(experiment, tracking_uri)]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
+    if fmt != "table":
+        _emit_frame(df, fmt)
+    elif df.empty:
+        click.echo("no runs with tracked_ckpt checkpoints", err=True)
+    else:
+        click.echo(_runs_table(df))
+
+
+def _experiment_names(experiment: str | None, tracking_uri: str | None) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if experiment is not None:
+        found = client.get_experiment_by_name(experiment)
+        if found is None or found.lifecycle_stage != "active":
+            raise ExperimentNotFoundError(
+                f"experiment {experiment!r} does not exist at {_redacted(client)}; `tracked-ckpt runs` lists "
+                "the runs of every experiment"
+            )
+        return [experiment]
+    return [str(e.name) for e in client.search_experiments()]
+
+
+def _redacted(client: Any) -> str:
+    from .store import redact
+
+    return redact(str(client.tracking_uri))
+
+
+def _emit_frame(df: pd.DataFrame, fmt: str) -> None:
+    if fmt == "csv":
+        click.echo(df.to_csv(index=False), nl=False)
+    else:
+        click.echo(df.to_json(orient="records", date_format="iso", indent=1))
+
+
+def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
+    from .views import CHECKPOINT_COLUMNS
+
+    metrics = [c for c in df.columns if c not in CHECKPOINT_COLUMNS]
+    metrics.sort(key=lambda c: (c != "reward", c))
+    headers = (["run"] if with_run else []) + ["step", "epoch", *metrics, "size", "age", "mark", "path"]
+    rows = []
+    for r in df.itertuples(index=False):
+        row = r._asdict()
+        cells = [row["run_id"]] if with_run else []
+        cells += [_int(row["step"]), _int(row["epoch"])]
+        cells += [_num(row[m]) for m in metrics]
+        marks = [name for name, flag in (("latest", row["is_latest"]), ("best", row["is_best"])) if flag]
+        cells += [_size(row["size_bytes"]), _age(row["created"]), ",".join(marks), row["path"]]
+        rows.append(cells)
+    return _table(headers, rows, left={"run", "mark", "path"})
+
+
+def _runs_table(df: pd.DataFrame) -> str:
+    headers = ["run", "name", "status", "ckpts", "latest", "best", "size", "started"]
+    rows = []
+    for r in df.itertuples(index=False):
+        metric = str(r.monitor).rpartition(":")[0] if isinstance(r.monitor, str) else "best"
+        best = "-" if math.isnan(r.best_value) else f"{metric}={_num(r.best_value)} @{_int(r.best_step)}"
+        counts = [_int(r.checkpoints), _int(r.latest_step), best, _size(r.size_bytes), _age(r.start_time)]
+        rows.append([r.run_id, _str(r.run_name), _str(r.status), *counts])
+    return _table(headers, rows, left={"run", "name", "status", "best"})
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: set[str]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = [c.ljust(w) if h in left else c.rjust(w) for c, w, h in zip(cells, widths, headers, strict=True)]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def _is_na(v: Any) -> bool:
+    import pandas as pd
+
+    return v is None or bool(pd.isna(v))
+
+
+def _int(v: Any) -> str:
+    return "-" if _is_na(v) else str(int(v))
+
+
+def _str(v: Any) -> str:
+    return "-" if _is_na(v) else str(v)
+
+
+def _num(v: Any) -> str:
+    return "-" if _is_na(v) else f"{float(v):.6g}"
+
+
+def _size(v: Any) -> str:
+    from .progress import human_bytes
+
+    return "-" if _is_na(v) else human_bytes(int(v))
+
+
+def _age(ts: Any) -> str:
+    if _is_na(ts):
+        return "-"
+    seconds = max(time.time() - ts.timestamp(), 0.0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+# ------------------------------------------------------------------------------------------------- show
+
+
+@cli.command("show", epilog=REF_HELP + "\n" + EXIT_CODES_HELP)
+@click.argument("ref", metavar="REF")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@_mode_options
+@_common
+def show_cmd(ref: str, fmt: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> None:
+    """Show a checkpoint's manifest: step, metrics, metadata, files with sizes and BLAKE3 digests.
+
+    \b
+    Examples:
+      tracked-ckpt show RUN_ID              # the latest
+      tracked-ckpt show RUN_ID@best --format json
+      tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000120
+    """
+    from . import maintenance
+
+    catalog, r = _resolve(ref, metric, mode, tracking_uri)
+    marks = maintenance.markers(catalog, r, metric, mode)
+    if fmt == "json":
+        data = json.loads(r.manifest.to_json())
+        data.update(ref=_uri_of(catalog, r), path=r.path, size=r.manifest.size, markers=marks)
+        click.echo(json.dumps(data, indent=1, sort_keys=True))
+        return
+    click.echo(_describe(catalog, r, marks))
+
+
+def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
+    from .manifest import MANIFEST_NAME
+    from .progress import human_bytes
+
+    m = r.manifest
+    created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.created))
+    lines = [
+        f"{_uri_of(catalog, r)}" + (f"   ({', '.join(marks)})" if marks else ""),
+        f"  run        {m.run_id}",
+        f"  step       {m.step}",
+        f"  epoch      {'-' if m.epoch is None else m.epoch}",
+        f"  seq        {m.seq}   (commit order in the run)",
+        f"  created    {created}",
+        f"  metrics    {'  '.join(f'{k}={_num(v)}' for k, v in sorted(m.metrics.items())) or '-'}",
+    ]
+    if m.metadata:
+        lines.append(f"  metadata   {json.dumps(dict(m.metadata), sort_keys=True)}")
+    if m.resumed_from:
+        lines.append(f"  resumed    from {m.resumed_from}")
+    lines.append(f"  written by tracked_ckpt {m.library_version or '?'}, torch {m.torch_version or '?'}")
+    lines.append(f"  files      {len(m.files)}, {human_bytes(m.size)} ({m.size} bytes), committed by {MANIFEST_NAME}")
+    rows = [[f.name, str(f.size), f.blake3] for f in m.files]
+    table = _table(["name", "bytes", "blake3"], rows, left={"name", "blake3"})
+    lines += ["    " + t for t in table.splitlines()]
+    return "\n".join(lines)
+
+
+def _uri_of(catalog: RunCatalog, r: Resolved) -> str:
+    from .catalog import ref_for
+
+    return ref_for(catalog.run_id, r.path)
+
+
+def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> tuple[RunCatalog, Resolved]:
+    from . import maintenance
+
+    parsed = _parse(ref)
+    catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
+    return catalog, maintenance.resolve(catalog, parsed, metric, mode)
+
+
+def _parse(ref: str) -> Any:
+    from . import maintenance
+    from .errors import ConfigError
+
+    try:
+        return maintenance.parse(ref)
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="REF") from None
+
+
+# ------------------------------------------------------------------------------------------------- pull
+
+
+@cli.command("pull", epilog=REF_HELP + "\n" + EXIT_CODES_HELP)
+@click.argument("ref", metavar="REF")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder to write into (default: ./<checkpoint folder name>, e.g. ./step-00000120).",
+)
+@click.option("--force", is_flag=True, help="Overwrite files already in the folder.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, for large files).")
+@_mode_options
+@_common
+def pull_cmd(
+    ref: str,
+    out: Path | None,
+    force: bool,
+    progress: bool | None,
+    metric: str | None,
+    mode: str | None,
+    tracking_uri: str | None,
+) -> None:
+    """Download a checkpoint into a folder and verify every file against its manifest.
+
+    The folder gets the data files (state.pt, rng.json) and MANIFEST.json; a file that fails verification
+    never lands there (exit 5). The progress bar goes to stderr and only when it is a terminal.
+
+    \b
+    Examples:
+      tracked-ckpt pull RUN_ID -o ./latest
+      tracked-ckpt pull RUN_ID@best -o ./best
+      python -c "import torch; print(torch.load('best/state.pt', weights_only=True).keys())"
+    """
+    from . import maintenance
+    from .progress import Progress, human_bytes
+
+    catalog, r = _resolve(ref, metric, mode, tracking_uri)
+    target = out if out is not None else Path(r.path.rpartition("/")[2])
+    bar = Progress(r.manifest.size, f"pull step {r.manifest.step}", enabled=None if progress is None else progress)
+    files = maintenance.pull(catalog, r, target, overwrite=force, progress=bar)
+    click.echo(
+        f"pulled {_uri_of(catalog, r)} (step {r.manifest.step}) into {target}/: "
+        f"{len(files) - 1} files, {human_bytes(r.manifest.size)}, verified against MANIFEST.json"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+@cli.command("verify", epilog=REF_HELP + "\n" + EXIT_CODES_HELP)
+@click.argument("ref", metavar="REF|RUN_ID")
+@_mode_options
+@_common
+def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> None:
+    """Check files against their manifest (size and BLAKE3): every checkpoint of RUN_ID, or the one REF names.
+
+    One line per checkpoint folder: OK, CORRUPT (exit 5) or UNCOMMITTED (an interrupted save without a
+    manifest: never loaded, not a failure).
+
+    \b
+    Examples:
+      tracked-ckpt verify RUN_ID            # every checkpoint of the run
+      tracked-ckpt verify RUN_ID@best       # just that one
+    """
+    from . import maintenance
+    from .progress import human_bytes
+
+    parsed = _parse(ref)
+    catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
+    if parsed.explicit:
+        verdicts = [maintenance.verify_one(catalog, maintenance.resolve(catalog, parsed, metric, mode))]
+    else:
+        verdicts = maintenance.verify_run(catalog)
+    for v in verdicts:
+        what = f"step {v.step}: {v.files} files, {human_bytes(v.size)}" if v.step is not None else ""
+        click.echo(f"{v.status.upper():<11} {v.path}  {what}".rstrip())
+        if v.detail and v.failed:
+            click.echo(f"            {v.detail}")
+    failed = [v for v in verdicts if v.failed]
+    ok = sum(v.status == "ok" for v in verdicts)
+    if failed:
+        click.echo(f"tracked-ckpt: verify: {len(failed)} of {len(verdicts)} checkpoint folders FAILED", err=True)
+        sys.exit(EXIT_CORRUPT)
+    if not ok:
+        from .errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"run {catalog.run_id} has no committed checkpoint to verify")
+    click.echo(f"{ok} checkpoint(s) verified")
+
+
+# ------------------------------------------------------------------------------------------------ prune
+
+
+@cli.command("prune", epilog=EXIT_CODES_HELP)
+@click.argument("run_id")
+@click.option("--keep-last", type=click.IntRange(min=1), metavar="N", help="Keep the N most recent checkpoints.")
+@click.option("--keep-best", type=click.IntRange(min=1), metavar="K", help="Keep the K best by the metric.")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@_mode_options
+@_common
+def prune_cmd(
+    run_id: str,
+    keep_last: int | None,
+    keep_best: int | None,
+    dry_run: bool,
+    metric: str | None,
+    mode: str | None,
+    tracking_uri: str | None,
+) -> None:
+    """Delete old checkpoints of RUN_ID from MLflow with the library's retention rules.
+
+    Keeps the union of --keep-last and --keep-best, and always the latest checkpoint, the best one, and
+    the ones the run's tags name. Only checkpoints/<name> folders are ever deleted; the summary tags
+    (tracked_ckpt.count, .bytes, .pruned_last) are updated. Local copies in the trainer's save_dir are
+    left alone. Do not prune a run that is still training: its next save rewrites the tags.
+
+    \b
+    Examples:
+      tracked-ckpt prune RUN_ID --keep-last 3 --dry-run
+      tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1
+    """
+    from . import maintenance
+    from .policies import KeepBest, KeepLast, RetentionPolicy
+
+    if keep_last is None and keep_best is None:
+        raise click.UsageError("pass --keep-last N and/or --keep-best K")
+    parts: list[RetentionPolicy] = [KeepLast(keep_last)] if keep_last else []
+    parts += [KeepBest(keep_best)] if keep_best else []
+    policy = parts[0] if len(parts) == 1 else parts[0] | parts[1]  # type: ignore[operator]
+    catalog = maintenance.open_catalog(run_id, tracking_uri)
+    plan = maintenance.plan_prune(catalog, policy, metric, mode)
+    if not plan.keep and not plan.delete:
+        from .errors import CheckpointNotFoundError
+
+        raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint to prune")
+    rows = [[str(c.step), _num(c.metrics.get(plan.metric)), "keep", plan.reasons[c.path], c.path] for c in plan.keep]
+    rows += [[str(c.step), _num(c.metrics.get(plan.metric)), "delete", "", c.path] for c in plan.delete]
+    rows.sort(key=lambda row: int(row[0]))
+    click.echo(_table(["step", plan.metric, "action", "why kept", "path"], rows, left={"action", "why kept", "path"}))
+    freed = sum(c.size for c in plan.delete)
+    from .progress import human_bytes
+
+    if dry_run:
+        click.echo(f"dry run: would delete {len(plan.delete)} checkpoint(s), {human_bytes(freed)}")
+        return
+    maintenance.apply_prune(catalog, plan)
+    click.echo(f"deleted {len(plan.delete)} checkpoint(s), {human_bytes(freed)}; kept {len(plan.keep)}")
+
+
+# ------------------------------------------------------------------------------------------------- demo
+
+
+@cli.command(
+    "demo",
+    add_help_option=False,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def demo_cmd(args: tuple[str, ...]) -> None:
+    """Run the demo training job (REINFORCE cart-pole) in the current folder; `demo --help` for options.
+
+    \b
+    Examples:
+      tracked-ckpt demo                   # a new run, or resume this folder's run
+      tracked-ckpt demo --iterations 10
+    """
+    from .demo import main as demo_main
+
+    sys.exit(demo_main(list(args)))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``tracked-ckpt``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="tracked-ckpt")
