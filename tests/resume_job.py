@@ -50,7 +50,8 @@ def main() -> None:
         opt.step()
         sched.step()
         if mgr.should_save(step):
-            mgr.save(model, opt, {"step": step, "epoch": (step - 1) // BATCHES_PER_EPOCH, "loss": loss}, scheduler=sched)
+            epoch = (step - 1) // BATCHES_PER_EPOCH
+            mgr.save(model, opt, {"step": step, "epoch": epoch, "loss": loss}, scheduler=sched)
         if step == args.die_after_step:
             os._exit(17)  # an abrupt death: no close(), no atexit, mid-epoch
     torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, args.out)

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TinyNet, assert_same_state, make_training, run_python, train_steps
+from conftest import ROOT, TinyNet, make_training, run_python, train_steps
 from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
@@ -421,7 +421,8 @@ def test_same_step_twice_never_overwrites(tmp_path: Path, experiment: str) -> No
         second = mgr.save(model, opt, {"step": 5, "reward": 2.0})
         assert first != second
         df = mgr.checkpoints()
-        assert list(df["step"]) == [5, 5] and list(df["reward"]) == [1.0, 2.0] and list(df["is_latest"]) == [False, True]
+        assert list(df["step"]) == [5, 5] and list(df["reward"]) == [1.0, 2.0]
+        assert list(df["is_latest"]) == [False, True]
         assert mgr.load(model, opt, which=5)["reward"] == 2.0
 
 
