@@ -48,6 +48,11 @@ def load_resolved(
     """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
+    if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
+        from .distributed import load_resolved_dcp
+
+        load_resolved_dcp(catalog, r, state, cache_dir)
+        return dict(r.manifest.metadata)
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
         folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
         names = {f.name for f in r.manifest.files}

@@ -18,6 +18,7 @@ from typing import IO, Any
 
 import blake3
 
+from ._faults import fault_point
 from .errors import CheckpointCorruptError
 
 FORMAT_VERSION = 1
@@ -77,6 +78,9 @@ class Manifest:
     library_version: str = ""
     torch_version: str = ""
     format_version: int = FORMAT_VERSION
+    # "torch": one state.pt (single process); "dcp": a torch.distributed.checkpoint folder of shards.
+    format: str = "torch"
+    world_size: int = 1
 
     @property
     def size(self) -> int:
@@ -121,6 +125,8 @@ class Manifest:
                 resumed_from=data.get("resumed_from"),
                 library_version=str(data.get("library_version", "")),
                 torch_version=str(data.get("torch_version", "")),
+                format=_checked_format(data.get("format", "torch"), source),
+                world_size=int(data.get("world_size", 1)),
             )
         except CheckpointCorruptError:
             raise
@@ -128,6 +134,12 @@ class Manifest:
             raise CheckpointCorruptError(
                 f"manifest {source} is unparsable ({type(e).__name__}: {e}); the checkpoint is not usable"
             ) from e
+
+
+def _checked_format(value: Any, source: str) -> str:
+    if value not in ("torch", "dcp"):
+        raise CheckpointCorruptError(f"manifest {source} has format {value!r}; tracked_ckpt reads 'torch' or 'dcp'")
+    return str(value)
 
 
 def _json_float(v: float) -> float | str:
@@ -144,6 +156,7 @@ class HashingWriter:
         self.size = 0
 
     def write(self, data: bytes | memoryview) -> int:
+        fault_point("write")
         self._h.update(data)
         self.size += len(data)
         return self._f.write(data)

@@ -1,0 +1,256 @@
+"""torchrun with 2 ranks on CPU (gloo): FSDP2/DDP saves through DCP, kill and resume, resharding, safe loading.
+
+Each launch costs ~12-20 s here, so a module fixture trains the runs once and the tests read them:
+A: 6 steps, async saves (uninterrupted); B: the same, killed hard before step 5; C: B resumed at 2 ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT
+from mlflow.tracking import MlflowClient
+from torch.distributed.checkpoint.state_dict import get_state_dict
+
+from tracked_ckpt import CheckpointManager
+from tracked_ckpt.catalog import RunCatalog
+from tracked_ckpt.dcp_safe import load_bytes_safely
+from tracked_ckpt.errors import CheckpointCorruptError, UnsafeCheckpointError
+from tracked_ckpt.fsdp_demo import build
+from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
+from tracked_ckpt.store import RunStore
+
+LAUNCH_TIMEOUT_S = 120
+
+
+def launch(nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None, expect_rc: int = 0) -> str:
+    """``torchrun --standalone`` the demo with a hard timeout; kill its whole process group on timeout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "tracked_ckpt.fsdp_demo", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"torchrun {args} hung for {LAUNCH_TIMEOUT_S} s:\n{out.decode()[-4000:]}") from None
+    text = out.decode()
+    if (proc.returncode == 0) != (expect_rc == 0):
+        raise AssertionError(f"torchrun {args} exited {proc.returncode}, expected {expect_rc}:\n{text[-4000:]}")
+    return text
+
+
+def run_id_of(output: str) -> str:
+    return next(line.split()[1] for line in output.splitlines() if line.startswith("run_id "))
+
+
+def summary_of(output: str) -> dict[str, Any]:
+    return dict(json.loads(next(line for line in output.splitlines() if line.startswith('{"step"'))))
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+@dataclass
+class Runs:
+    root: Path
+    experiment: str
+    uninterrupted: str  # run A
+    killed: str  # run B, resumed by C
+    a_summary: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    root = tmp_path_factory.mktemp("torchrun")
+    (root / "saves").mkdir()
+    exp = f"dist-{uuid.uuid4().hex[:8]}"
+    common = ["--steps", "6", "--save-every", "2", "--experiment", exp]
+    out_a = launch(2, *common, "--save-dir", "a", "--async-save", "--dump", "a.pt", cwd=root)
+    out_b = launch(2, *common, "--save-dir", "b", "--exit-at", "5", "--dump-saves", "saves", cwd=root, expect_rc=1)
+    killed = run_id_of(out_b)
+    assert sorted(p.name for p in (root / "saves").iterdir()) == ["step-2.pt", "step-4.pt"]
+    out_c = launch(2, *common, "--save-dir", "b", "--run-id", killed, "--dump", "c.pt", cwd=root)
+    assert run_id_of(out_c) == killed
+    return Runs(root, exp, run_id_of(out_a), killed, summary_of(out_a))
+
+
+def plain_training() -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+    model = build(256, seed=99)  # different weights from the saved ones: the load must overwrite them
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.9)
+
+
+def test_killed_fsdp_run_resumed_at_2_ranks_equals_the_uninterrupted_run(runs: Runs) -> None:
+    a, c = torch.load(runs.root / "a.pt"), torch.load(runs.root / "c.pt")
+    assert a["step"] == c["step"] == 6
+    assert_same(a["model"], c["model"], "model")
+    assert_same(a["optimizer"], c["optimizer"], "optimizer")
+    catalog = RunCatalog(RunStore(MlflowClient(), runs.killed))
+    found = catalog.scan()
+    assert [r.manifest.step for r in found] == [2, 4, 6]
+    assert {r.manifest.format for r in found} == {"dcp"} and {r.manifest.world_size for r in found} == {2}
+    assert found[-1].manifest.resumed_from == found[1].path  # C restarted from step 4, the last one B committed
+    names = {f.name for f in found[0].manifest.files}
+    assert names == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.json", "rng-1.json"}
+
+
+def test_async_saves_commit_while_training_continues(runs: Runs, tmp_path: Path) -> None:
+    assert runs.a_summary["in_flight_steps"] > 0, "no training step ran while a save was in flight"
+    catalog = RunCatalog(RunStore(MlflowClient(), runs.uninterrupted))
+    found = catalog.scan()
+    assert [r.manifest.step for r in found] == [2, 4, 6]
+    for r in found:
+        catalog.fetch_verified(r, tmp_path)  # every file of every async save is there and matches its digest
+    assert catalog.latest() == found[-1]
+
+
+def test_resume_at_world_size_1_restores_the_saved_state(runs: Runs) -> None:
+    saved = torch.load(runs.root / "saves" / "step-4.pt")
+    model, opt, sched = plain_training()
+    mgr = CheckpointManager(runs.root / "b", run_id=runs.killed)
+    assert type(mgr) is CheckpointManager  # no process group here: the single-process manager
+    meta = mgr.load(model, opt, which=4, scheduler=sched)
+    assert meta["step"] == 4
+    msd, osd = get_state_dict(model, opt)
+    assert_same(saved["model"], msd, "model")
+    assert_same(saved["optimizer"], osd, "optimizer")
+    assert sched.state_dict()["last_epoch"] == 4
+    rng0 = json.loads((mgr.local.folder(runs.killed, "step-00000004") / "rng-0.json").read_text())
+    assert torch.get_rng_state().tolist() == rng0["torch"]  # rank 0's RNG, restored last
+    mgr.close()
+
+
+def test_ddp_at_1_rank_resumes_as_fsdp2_at_2_ranks(runs: Runs) -> None:
+    root = runs.root
+    (root / "ddp-saves").mkdir()
+    common = ["--steps", "3", "--save-every", "3", "--experiment", runs.experiment, "--save-dir", "d"]
+    out = launch(1, *common, "--mode", "ddp", "--dump-saves", "ddp-saves", cwd=root)
+    run_id = run_id_of(out)
+    launch(2, *common, "--mode", "fsdp", "--run-id", run_id, "--dump-loaded", "loaded.pt", cwd=root)
+    saved, loaded = torch.load(root / "ddp-saves" / "step-3.pt"), torch.load(root / "loaded.pt")
+    assert loaded["step"] == 3
+    assert_same(saved["model"], loaded["model"], "model")
+    assert_same(saved["optimizer"], loaded["optimizer"], "optimizer")
+
+
+# --------------------------------------------------------------------------------- tampered checkpoints
+
+
+class _Evil:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {_MARKER}",))
+
+
+_MARKER = f"/tmp/tracked_ckpt-pwned-{uuid.uuid4().hex[:8]}"
+
+
+def plant(runs: Runs, tmp_path: Path, experiment: str, **replace: bytes) -> tuple[CheckpointManager, str]:
+    """Copy B's step-2 checkpoint into a new run, replace some files, re-sign the manifest as an attacker would."""
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(experiment)).info.run_id
+    src = RunCatalog(RunStore(client, runs.killed)).at_step(2)
+    assert src is not None
+    src_dir = RunStore(client, runs.killed).local_dir / src.path  # type: ignore[operator]
+    store = RunStore(client, run_id)
+    staged = tmp_path / "planted"
+    staged.mkdir()
+    entries = []
+    for f in src.manifest.files:
+        (staged / f.name).write_bytes(replace.get(f.name, (src_dir / f.name).read_bytes()))
+        entries.append(FileEntry(f.name, *hash_file(staged / f.name)))
+    fields = {k: v for k, v in vars(src.manifest).items() if k not in ("run_id", "files")}
+    manifest = Manifest(**{**fields, "run_id": run_id, "files": tuple(entries)})
+    (staged / MANIFEST_NAME).write_text(manifest.to_json())
+    for f in [*entries, FileEntry(MANIFEST_NAME, 0, "")]:
+        store.upload(staged / f.name, src.path)
+    return CheckpointManager(tmp_path / "victim", run_id=run_id), f"runs:/{run_id}/{src.path}"
+
+
+def test_planted_metadata_is_refused_naming_the_global(runs: Runs, tmp_path: Path, experiment: str) -> None:
+    mgr, ref = plant(runs, tmp_path, experiment, **{".metadata": pickle.dumps(_Evil())})
+    model, opt, _ = plain_training()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
+        mgr.load(model, opt, checkpoint_path=ref)
+    assert not Path(_MARKER).exists()
+    assert_same(before, model.state_dict(), "model untouched")
+    mgr.close()
+
+
+def test_metadata_pointing_outside_the_checkpoint_is_refused(runs: Runs, tmp_path: Path, experiment: str) -> None:
+    src = RunStore(MlflowClient(), runs.killed).local_dir / "checkpoints/step-00000002/.metadata"  # type: ignore[operator]
+    md = pickle.loads(src.read_bytes())
+    for info in md.storage_data.values():
+        info.relative_path = "../../../etc/passwd"
+    mgr, ref = plant(runs, tmp_path, experiment, **{".metadata": pickle.dumps(md)})
+    with pytest.raises(CheckpointCorruptError, match="not a data file of the manifest"):
+        mgr.load(*plain_training()[:2], checkpoint_path=ref)
+    mgr.close()
+
+
+def test_a_flipped_byte_in_a_shard_is_caught_before_dcp_reads_it(runs: Runs, tmp_path: Path) -> None:
+    client = MlflowClient()
+    r = RunCatalog(RunStore(client, runs.uninterrupted)).at_step(2)
+    assert r is not None
+    shard = RunStore(client, runs.uninterrupted).local_dir / r.path / "__1_0.distcp"  # type: ignore[operator]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.unlink()  # a hard link shared with the local copy: replace, never modify in place
+    shard.write_bytes(bytes(data))
+    mgr = CheckpointManager(tmp_path / "elsewhere", run_id=runs.uninterrupted)
+    with pytest.raises(CheckpointCorruptError, match=r"__1_0\.distcp.*BLAKE3"):
+        mgr.load(*plain_training()[:2], which=2)
+    mgr.close()
+
+
+def test_non_tensor_values_are_unpickled_weights_only() -> None:
+    buf = io.BytesIO()
+    torch.save({"lr": 0.1, "evil": _Evil()}, buf)
+    buf.seek(0)
+    with pytest.raises(UnsafeCheckpointError, match=r"value 'scheduler.x'.*system"):
+        load_bytes_safely(buf, "scheduler.x", "test")
+    assert not Path(_MARKER).exists()
+    ok = io.BytesIO()
+    torch.save({"lr": 0.1, "milestones": [1, 2], "name": "x"}, ok)
+    ok.seek(0)
+    assert load_bytes_safely(ok, "scheduler", "test") == {"lr": 0.1, "milestones": [1, 2], "name": "x"}
+
+
+def test_manifests_without_format_read_as_single_process_torch() -> None:
+    m = Manifest(run_id="r", step=1, seq=1, created=0.0, files=())
+    data = json.loads(m.to_json())
+    assert data["format"] == "torch" and data["world_size"] == 1
+    del data["format"], data["world_size"]  # a manifest written before these fields existed
+    old = Manifest.from_json(json.dumps(data), "old")
+    assert (old.format, old.world_size) == ("torch", 1)
+    data["format"] = "pickle"
+    with pytest.raises(CheckpointCorruptError, match="format 'pickle'"):
+        Manifest.from_json(json.dumps(data), "odd")

@@ -1,0 +1,517 @@
+"""Checkpoints under torchrun: every rank writes its DCP shard, rank 0 records the checkpoint in MLflow.
+
+When ``torch.distributed`` is initialized, ``CheckpointManager(...)`` builds a ``DistributedCheckpointManager``
+(same API; every rank must make the same calls). A checkpoint is then a folder of DCP files::
+
+    checkpoints/step-00000100/
+      __0_0.distcp  __1_0.distcp   each rank's shard (written, hashed and uploaded by that rank)
+      .metadata                    DCP's index of the shards (rank 0)
+      rng-0.json  rng-1.json       each rank's Python/NumPy/torch RNG state
+      MANIFEST.json                format "dcp", world_size, every file's size and BLAKE3: uploaded last, by rank 0
+
+Rank 0 alone talks to MLflow for decisions (which run, which folder name, latest/best, tags, retention) and
+broadcasts the answer over a dedicated gloo group; collectives never share the training process group, so a
+background save (``async_save=True``) cannot interleave with FSDP/DDP traffic. Loading verifies every file
+against the manifest on every rank, then restores through ``dcp.load`` with a restricted reader
+(``dcp_safe``), so a checkpoint saved at one world size (or with DDP) loads at another (or into FSDP2).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import random
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+from ._version import __version__
+from .catalog import Resolved, RunCatalog, info_of, ref_for
+from .dcp_safe import METADATA_NAME, SafeLoadPlanner, SafeReader
+from .errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigError,
+    SaveError,
+    StoreError,
+    TrackedCkptError,
+)
+from .local import STAGING
+from .manager import CheckpointManager
+from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, FileEntry, Manifest, fsync_dir, hash_file, write_file
+from .state import Stateful, TrainingState, restore, split_metadata
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def active() -> bool:
+    """True under torchrun (or any initialized default process group)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def manager_class() -> type[CheckpointManager]:
+    return DistributedCheckpointManager if active() else CheckpointManager
+
+
+# ------------------------------------------------------------------------------------------ state <-> DCP
+
+
+def _optimizers(state: TrainingState) -> tuple[torch.optim.Optimizer, ...]:
+    return (state.optimizer,) if isinstance(state.optimizer, torch.optim.Optimizer) else ()
+
+
+def dcp_state(state: TrainingState) -> dict[str, Any]:
+    """The state dict DCP saves: model/optimizer through get_state_dict (FQN keys, DTensor shards), rest as is."""
+    sd: dict[str, Any] = {}
+    if isinstance(state.model, torch.nn.Module):
+        msd, osd = get_state_dict(state.model, _optimizers(state))
+        sd["model"] = msd
+        if _optimizers(state):
+            sd["optimizer"] = osd
+    for name, obj in state.parts().items():
+        sd.setdefault(name, obj.state_dict())
+    return sd
+
+
+def _apply(sd: Mapping[str, Any], state: TrainingState) -> None:
+    if isinstance(state.model, torch.nn.Module):
+        set_state_dict(
+            state.model,
+            _optimizers(state),
+            model_state_dict=sd["model"],
+            optim_state_dict=sd.get("optimizer", {}),
+        )
+    for name, obj in state.parts().items():
+        if name not in ("model", "optimizer") or not isinstance(state.model, torch.nn.Module):
+            obj.load_state_dict(sd[name])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
+
+
+def _rng_json() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = cast(tuple[Any, ...], np.random.get_state())
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if cuda else [],
+    }
+
+
+def _restore_rng(data: Mapping[str, Any]) -> None:
+    def as_bytes(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.uint8)
+
+    rng = {"torch": as_bytes(data["torch"]), "cuda": [as_bytes(c) for c in data.get("cuda", [])]}
+    restore({"rng": rng}, data, TrainingState())
+
+
+def _dcp_error(e: CheckpointException, where: str) -> TrackedCkptError:
+    """DCP raises CheckpointException (a BaseException) wrapping each rank's error; surface ours, else wrap."""
+    for exc, _trace in e.failures.values():
+        if isinstance(exc, TrackedCkptError):
+            return exc
+    first = next(iter(e.failures.values()), (e, None))[0]
+    text = f"{type(first).__name__}: {first}"
+    if "Missing key" in text or "size" in text.lower():
+        return CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {text}")
+    return CheckpointCorruptError(f"{where}: DCP failed ({text})")
+
+
+def load_dcp_folder(
+    folder: Path, manifest: Manifest, state: TrainingState, where: str, group: Any = None, rank: int = 0
+) -> None:
+    """Restore a verified DCP checkpoint folder into ``state`` (collective when ``group`` is given)."""
+    data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
+    if METADATA_NAME not in {f.name for f in manifest.files}:
+        raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
+    template = dcp_state(state)
+    reader = SafeReader(folder, data_files, where)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process: intended
+            dcp_load(template, storage_reader=reader, planner=SafeLoadPlanner(where), process_group=group)
+    except CheckpointException as e:
+        raise reader.refused or _dcp_error(e, where) from None
+    except (RuntimeError, AssertionError) as e:
+        if reader.refused is not None:
+            raise reader.refused from None
+        raise CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {e}") from e
+    _apply(template, state)
+    if rng_file(rank) in {f.name for f in manifest.files}:
+        _restore_rng(json.loads((folder / rng_file(rank)).read_text()))  # RNG last
+    elif any(f.name.startswith("rng-") for f in manifest.files):
+        log.warning("%s was saved by %d ranks; rank %d keeps its current RNG state", where, manifest.world_size, rank)
+
+
+def load_resolved_dcp(catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None) -> None:
+    """Single-process load of a DCP checkpoint (any saved world size): verify, then restore."""
+    where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
+    with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
+        folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
+        load_dcp_folder(folder, r.manifest, state, where)
+
+
+# ------------------------------------------------------------------------------------------- the manager
+
+
+@dataclass(frozen=True)
+class _Plan:
+    name: str
+    seq: int
+    step: int
+    token: str
+    fields: dict[str, Any]
+
+
+def _portable(e: BaseException, rank: int) -> BaseException:
+    """The exception itself when it pickles (to re-raise it on every rank), else a SaveError describing it."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return SaveError(f"rank {rank}: {type(e).__name__}: {e}")
+
+
+class DistributedCheckpointManager(CheckpointManager):
+    """CheckpointManager under torchrun: DCP shards per rank, one MLflow record by rank 0 (see module doc)."""
+
+    def __init__(self, save_dir: str | os.PathLike[str] = "./checkpoints", **kwargs: Any) -> None:
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        # Two gloo groups, made by every rank in the same order: control messages from the training thread,
+        # and save traffic from the background thread; neither shares the training (e.g. NCCL) group.
+        self._ctl = dist.new_group(backend="gloo")
+        self._io = dist.new_group(backend="gloo")
+        self._lock = threading.Lock()
+        self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-dcp")
+        self._inflight: Future[str] | None = None
+        self._dcp_async = bool(kwargs.get("async_save", False))
+        if self.rank == 0:
+            run_id = self._on_rank0(lambda: self._init_rank0(save_dir, kwargs))
+        else:
+            run_id = self._on_rank0(lambda: "")
+            self._init_follower(run_id, save_dir, kwargs)
+
+    def _init_rank0(self, save_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> str:
+        # async_save is handled here (DCP's own async path), so the base class saves nothing in the background.
+        super().__init__(save_dir, **{k: v for k, v in kwargs.items() if k != "async_save"})
+        return self.run_id
+
+    def _init_follower(self, run_id: str, save_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> None:
+        """Ranks > 0 read the run (to upload their shards and answer get_latest_checkpoint) but never decide."""
+        from mlflow.tracking import MlflowClient
+
+        from .local import LocalDir
+        from .policies import check_mode
+
+        self.mode = check_mode(kwargs.get("mode", "max"))
+        self.monitor = kwargs.get("monitor", "reward")
+        self.resume = kwargs.get("resume", "auto")
+        self.save_policy, self.retention = kwargs.get("save_policy"), kwargs.get("retention")
+        self.save_rng = kwargs.get("save_rng", True)
+        self.save_dir = Path(save_dir).expanduser().resolve()
+        self.local = LocalDir(self.save_dir)
+        self.client = MlflowClient(tracking_uri=kwargs.get("tracking_uri"))
+        self.store = RunStore(self.client, run_id)
+        self._server = self.store.server
+        self._closed, self._owns_run_status = False, False
+        self._resumed_from = None
+        self.catalog = RunCatalog(self.store)
+        self._index, self._taken = {}, set()
+
+    # ---------------------------------------------------------------------------------- collectives
+
+    def _on_rank0(self, fn: Callable[[], T], group: Any = None) -> T:
+        """Run ``fn`` on rank 0 and give every rank its result, or raise its exception on every rank."""
+        box: list[Any] = [None]
+        if self.rank == 0:
+            try:
+                box[0] = ("ok", fn())
+            except Exception as e:
+                box[0] = ("err", _portable(e, 0))
+                dist.broadcast_object_list(box, src=0, group=group or self._ctl)
+                raise
+        dist.broadcast_object_list(box, src=0, group=group or self._ctl)
+        kind, value = box[0]
+        if kind == "err":
+            raise value
+        return cast(T, value)
+
+    def _agree(self, err: BaseException | None, group: Any = None) -> None:
+        """All ranks raise the first rank's error if any rank failed (so no rank enters a collective alone)."""
+        errors: list[Any] = [None] * self.world_size
+        dist.all_gather_object(errors, None if err is None else _portable(err, self.rank), group=group or self._ctl)
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise err if err is not None else first
+
+    def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
+        """Rank 0's answer on every rank (a time-based policy would otherwise disagree between ranks)."""
+        if self.save_policy is None:
+            return True
+        with self._lock:
+            return self._on_rank0(lambda: CheckpointManager.should_save(self, step, metrics))
+
+    # --------------------------------------------------------------------------------------- saving
+
+    def save(
+        self,
+        model: Stateful | None = None,
+        optimizer: Stateful | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        *,
+        scheduler: Stateful | None = None,
+        scaler: Stateful | None = None,
+        extra: Mapping[str, Stateful] | None = None,
+        step: int | None = None,
+    ) -> str:
+        """Every rank writes its shard; rank 0 records the checkpoint once all ranks have uploaded theirs."""
+        self._check_open()
+        self.wait()
+        meta = split_metadata(metadata)
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        if not state.parts():
+            raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
+        plan = self._on_rank0(lambda: self._plan(meta.metrics, meta.values, meta.epoch, meta.step, step))
+        t0 = time.perf_counter()
+        staging = self.save_dir / STAGING / plan.token
+        staging.mkdir(parents=True, exist_ok=True)
+        rng = _rng_json() if self.save_rng else None
+        sd = dcp_state(state)
+        if not self._dcp_async:
+            try:
+                dcp_save(sd, checkpoint_id=staging, process_group=self._io)
+            except CheckpointException as e:
+                raise SaveError(f"DCP save of step {plan.step} failed: {e}") from None
+            return self._finish(plan, staging, rng, t0)
+        try:
+            written = dcp_async_save(sd, checkpoint_id=staging, process_group=self._io)
+        except CheckpointException as e:
+            raise SaveError(f"DCP async save of step {plan.step} failed: {e}") from None
+
+        def job() -> str:
+            try:
+                cast("Future[Any]", written).result()
+            except CheckpointException as e:
+                raise SaveError(f"DCP async save of step {plan.step} failed: {e}") from None
+            return self._finish(plan, staging, rng, t0)
+
+        self._inflight = self._bg.submit(job)
+        return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{plan.name}")
+
+    def _plan(
+        self, metrics: dict[str, float], values: dict[str, Any], epoch: int | None, meta_step: int | None, step: Any
+    ) -> _Plan:
+        with self._lock:
+            seq = (max(c.seq for c in self._index.values()) if self._index else 0) + 1
+            step = step if step is not None else meta_step if meta_step is not None else seq
+            name = self._folder_name(step, seq)
+            self._taken.add(name)
+        fields = {
+            "step": step,
+            "seq": seq,
+            "created": time.time(),
+            "metrics": metrics,
+            "metadata": values,
+            "epoch": epoch,
+            "resumed_from": self._resumed_from,
+        }
+        return _Plan(name, seq, step, uuid.uuid4().hex, fields)
+
+    def _finish(self, plan: _Plan, staging: Path, rng: dict[str, Any] | None, t0: float) -> str:
+        """Hash and upload this rank's files; rank 0 then writes and uploads the manifest and publishes."""
+        path = f"{ARTIFACT_PREFIX}/{plan.name}"
+        mine: list[FileEntry] = []
+        err: BaseException | None = None
+        try:
+            if rng is not None:
+                mine.append(write_file(staging / rng_file(self.rank), json.dumps(rng).encode()))
+            names = [p.name for p in staging.glob(f"__{self.rank}_*.distcp")]
+            if self.rank == 0:
+                names.append(METADATA_NAME)
+            for n in sorted(names):
+                size, digest = hash_file(staging / n)
+                mine.append(FileEntry(n, size, digest))
+            for f in mine:
+                self.store.upload(staging / f.name, path)
+        except (OSError, StoreError) as e:
+            err = SaveError(f"rank {self.rank} could not write or upload its shard of step {plan.step}: {e}")
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, (mine, None if err is None else _portable(err, self.rank)), group=self._io)
+        failed = next((e for _, e in everyone if e is not None), None)
+        ref = self._on_rank0(lambda: self._commit_rank0(plan, staging, everyone, failed, t0), group=self._io)
+        if self.rank != 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a node-local staging copy; rank 0's became the cache
+        return ref
+
+    def _commit_rank0(self, plan: _Plan, staging: Path, everyone: list[Any], failed: Any, t0: float) -> str:
+        if failed is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise failed
+        path = f"{ARTIFACT_PREFIX}/{plan.name}"
+        files = tuple(sorted((f for entries, _ in everyone for f in entries), key=lambda f: f.name))
+        manifest = Manifest(
+            run_id=self.run_id,
+            files=files,
+            library_version=__version__,
+            torch_version=torch.__version__,
+            format="dcp",
+            world_size=self.world_size,
+            **plan.fields,
+        )
+        write_file(staging / MANIFEST_NAME, manifest.to_json().encode())
+        fsync_dir(staging)
+        try:
+            self.store.upload(staging / MANIFEST_NAME, path)  # the commit marker, after every rank's files
+            with self._lock:
+                self._index = {**self._index, path: info_of(manifest, path)}
+            self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags())
+        except StoreError as e:
+            raise SaveError(
+                f"step {plan.step}: the shards are uploaded but the checkpoint could not be recorded: {e}"
+            ) from e
+        final = self.local.folder(self.run_id, plan.name)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(staging, final)
+        self._last_save_time = time.time()
+        log.info(
+            "saved step %d as %s (%d ranks, %.1f MB) in %.2f s",
+            plan.step,
+            path,
+            self.world_size,
+            manifest.size / 1e6,
+            time.perf_counter() - t0,
+        )
+        with self._lock:
+            self._apply_retention()
+        return ref_for(self.run_id, path)
+
+    @property
+    def saving(self) -> bool:
+        """True while a background save is being written or recorded."""
+        return self._inflight is not None and not self._inflight.done()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is recorded; raise its error on this rank if it failed."""
+        pending, self._inflight = self._inflight, None
+        if pending is not None:
+            pending.result()
+
+    # -------------------------------------------------------------------------------------- loading
+
+    def load(
+        self,
+        model: Stateful | None = None,
+        optimizer: Stateful | None = None,
+        checkpoint_path: str | os.PathLike[str] | None = None,
+        *,
+        which: Any = "latest",
+        scheduler: Stateful | None = None,
+        scaler: Stateful | None = None,
+        extra: Mapping[str, Stateful] | None = None,
+    ) -> dict[str, Any]:
+        """Rank 0 resolves through MLflow and broadcasts; every rank verifies, then all restore via DCP."""
+        self._check_open()
+        self.wait()
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        if checkpoint_path is None and which == "latest":
+            return self._load_latest(state)
+        if checkpoint_path is not None:
+            run_id, r = self._on_rank0(lambda: self._resolve_and_unwrap(str(checkpoint_path)))
+        else:
+            run_id, r = self._on_rank0(lambda: (self.run_id, self.catalog.resolve(which, self.monitor, self.mode)))
+        return self._load_one(run_id, r, state)
+
+    def _resolve_and_unwrap(self, ref: str) -> tuple[str, Resolved]:
+        catalog, r = self._resolve_ref(ref)
+        return catalog.run_id, r
+
+    def _load_latest(self, state: TrainingState) -> dict[str, Any]:
+        candidates: Iterator[Resolved] = self.catalog.candidates_latest_first() if self.rank == 0 else iter(())
+        first_error: BaseException | None = None
+        while True:
+            r = self._on_rank0(lambda: next(candidates, None))
+            if r is None:
+                break
+            try:
+                return self._load_one(self.run_id, r, state)
+            except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+                first_error = first_error or e
+                log.warning("%s; falling back to the previous checkpoint", e)
+        if first_error is not None:
+            raise first_error
+        if self.resume == "must":
+            raise CheckpointNotFoundError(f"resume='must' but run {self.run_id} has no committed checkpoint")
+        log.info("no checkpoint in run %s yet: starting from scratch", self.run_id)
+        return {}
+
+    def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
+        catalog = self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.client, run_id))
+        where = f"checkpoint {ref_for(run_id, r.path)} (step {r.manifest.step})"
+        t0 = time.perf_counter()
+        if r.manifest.format != "dcp":  # a single-process checkpoint: every rank loads the whole of it
+            from .loading import load_resolved
+
+            err: BaseException | None = None
+            try:
+                load_resolved(catalog, r, state, self._cache_for(catalog, r))
+            except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as e:
+                err = e
+            self._agree(err)
+        else:
+            with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
+                folder, err = Path(tmp), None
+                try:
+                    folder = catalog.fetch_verified(r, Path(tmp), self._cache_for(catalog, r))
+                except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+                    err = e
+                self._agree(err)  # every rank verified its copy before any rank enters dcp.load
+                load_dcp_folder(folder, r.manifest, state, where, self._ctl, self.rank)
+        if run_id == self.run_id:
+            self._resumed_from = r.path
+        log.info("rank %d restored %s in %.2f s", self.rank, where, time.perf_counter() - t0)
+        return dict(r.manifest.metadata)
+
+    # ------------------------------------------------------------------------------------ lifecycle
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self._closed:
+            return
+        failure: BaseException | None = None
+        try:
+            self.wait()
+        except BaseException as e:
+            failure = e
+        self._bg.shutdown(wait=True)
+        if self.rank == 0:
+            super().close("FAILED" if failure is not None else status)
+        self._closed = True
+        if failure is not None:
+            raise failure
