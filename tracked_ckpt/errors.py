@@ -11,6 +11,7 @@ Each subclasses a built-in as well, so ``except FileNotFoundError`` in a user's 
      ├── InvalidMetadataError     (TypeError)          a metadata value cannot be recorded
      ├── ConfigError              (ValueError)         a CheckpointManager argument is wrong
      ├── StoreError               (OSError)            MLflow (tracking server or artifact store) failed
+ ├── RunLockedError           (RuntimeError)       another live process holds the run's lease
      └── SaveError                (RuntimeError)       a save (often a background one) failed; names the step
 
 Messages state the value at fault, the situation, and what to do.
@@ -53,6 +54,10 @@ class ConfigError(TrackedCkptError, ValueError):
 
 class StoreError(TrackedCkptError, OSError):
     """The MLflow tracking server or artifact store refused or failed a request."""
+
+
+class RunLockedError(TrackedCkptError, RuntimeError):
+    """Another live process is writing this run (or this save_dir); the message names it."""
 
 
 class SaveError(TrackedCkptError, RuntimeError):

@@ -21,12 +21,13 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._faults import fault_point
 from ._version import __version__
 from .errors import SaveError
 from .manifest import MANIFEST_NAME, FileEntry, HashingWriter, Manifest, fsync_dir, write_file
@@ -80,8 +81,13 @@ class LocalDir:
         payload: Mapping[str, Any],
         rng_json: Mapping[str, Any],
         fields: Mapping[str, Any],
+        before_commit: Callable[[], None] | None = None,
     ) -> tuple[Path, Manifest]:
-        """Serialize into staging, commit locally, return (folder, manifest). Cleans up on any failure."""
+        """Serialize into staging, commit locally, return (folder, manifest). Cleans up on any failure.
+
+        ``before_commit`` runs after everything is durable in staging and before the rename that commits
+        it: the manager queues the upload there, so no committed checkpoint is ever missing from the outbox.
+        """
         staging = self.root / STAGING / uuid.uuid4().hex
         final = self.folder(run_id, name)
         try:
@@ -96,8 +102,12 @@ class LocalDir:
                 torch_version=torch.__version__,
                 **fields,
             )
+            fault_point("manifest")
             write_file(staging / MANIFEST_NAME, manifest.to_json().encode())  # the commit marker, last
             fsync_dir(staging)
+            if before_commit is not None:
+                before_commit()
+            fault_point("rename")
             final.parent.mkdir(parents=True, exist_ok=True)
             if final.exists():  # a leftover of a crashed save under the same name: never the committed one
                 shutil.rmtree(final)
@@ -122,6 +132,7 @@ def _torch_save(payload: Mapping[str, Any], path: Path) -> FileEntry:
         w = HashingWriter(f)
         torch.save(dict(payload), w)  # type: ignore[arg-type]
         f.flush()
+        fault_point("fsync")
         os.fsync(f.fileno())
     return FileEntry(path.name, w.size, w.hexdigest())
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
+import threading
 import time
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from typing import Any, Literal
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from ._faults import fault_point
 from .catalog import (
     TAG_BEST,
     TAG_BEST_STEP,
@@ -51,9 +53,11 @@ from .catalog import (
     ref_for,
 )
 from .errors import CheckpointNotFoundError, ConfigError, SaveError, StoreError
+from .lease import DirLock, Lease
 from .loading import load_latest_verified, load_resolved
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
+from .outbox import Outbox, Pending, PermanentStoreError, Publisher
 from .policies import (
     CheckpointInfo,
     RetentionPolicy,
@@ -63,6 +67,7 @@ from .policies import (
     check_mode,
     plan_deletions,
 )
+from .snapshot import BackgroundSaver, StagingBuffers
 from .state import Stateful, TrainingState, gather, split_metadata
 from .store import RunStore, describe_mlflow_error, redact
 
@@ -88,7 +93,24 @@ class CheckpointManager:
         retention: what to keep, e.g. ``KeepLast(3) | KeepBest(1)``; None keeps everything.
         monitor, mode: the metric that defines "best" and its direction.
         save_rng: record Python/NumPy/torch RNG state in every checkpoint and restore it on load.
+        async_save: ``save()`` returns once the state is copied to host memory (staging buffers reused across
+            saves); the rest runs on a background thread. A second ``save()`` first waits for the one in
+            flight; ``wait()``/``close()`` raise its SaveError if it failed.
+        publish_timeout: the longest a save (and ``close()``) waits for MLflow. A checkpoint is committed
+            locally first; if MLflow is down, hung or failing, its upload waits in the outbox in ``save_dir``
+            and is retried in the background, by the next process, or by ``tracked-ckpt sync``.
+        save_on_sigterm: on SIGTERM (preemption), ``should_save()`` answers True; the next ``save()`` commits,
+            closes the manager and exits with status 143.
+        lease_timeout: seconds without a heartbeat after which another process may take over this run.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> CheckpointManager:
+        # Under torchrun (torch.distributed initialized) the same API saves sharded DCP checkpoints.
+        if cls is CheckpointManager:
+            from .distributed import manager_class
+
+            cls = manager_class()
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -104,6 +126,10 @@ class CheckpointManager:
         monitor: str = "reward",
         mode: str = "max",
         save_rng: bool = True,
+        async_save: bool = False,
+        publish_timeout: float = 30.0,
+        save_on_sigterm: bool = False,
+        lease_timeout: float = 60.0,
     ) -> None:
         if resume not in ("auto", "never", "must"):
             raise ConfigError(f"resume={resume!r}: pass 'auto', 'never' or 'must'")
@@ -129,24 +155,48 @@ class CheckpointManager:
         self._resumed_from: str | None = None
         self._started = time.time()
         self._last_save_time: float | None = None
+        self._saver = BackgroundSaver() if async_save else None
+        self._buffers = StagingBuffers()
+        self._pending: CheckpointInfo | None = None  # the async save in flight, until it is recorded
+        if not publish_timeout >= 0:
+            raise ConfigError(f"publish_timeout={publish_timeout!r}: pass a number of seconds >= 0")
+        self.publish_timeout = float(publish_timeout)
+        self.outbox = Outbox(self.save_dir)
+        self._dir_lock = DirLock(self.save_dir)
+        self._preempted = False
 
-        run_id, how = self._find_run(run_id, experiment, run_name)
-        self.store = self._open_store(run_id)
+        try:
+            run_id, how = self._find_run(run_id, experiment, run_name)
+            self.store = self._open_store(run_id)
+            self._lease = Lease(self.store, interval=max(1.0, lease_timeout / 4), timeout=lease_timeout)
+            self._lease.acquire(self.store.tags())
+        except BaseException:
+            self._dir_lock.release()
+            raise
         self.catalog = RunCatalog(self.store)
         self._index: dict[str, CheckpointInfo] = {}  # committed checkpoints of the run, by path
         self._taken: set[str] = set()  # every folder name in use, committed or not
+        self._publisher = Publisher(self.outbox, run_id, self._publish_pending, self._server)
         if how != "new":
             self._recover()
+        queued = self.outbox.pending(run_id)
+        self._taken |= {p.name for p in queued}
+        self._next_seq = max([c.seq for c in self._index.values()] + [p.seq for p in queued], default=0) + 1
+        others = {p.run_id for p in self.outbox.pending()} - {run_id}
+        if others:
+            log.warning("%s holds queued checkpoints of other runs %s: `tracked-ckpt sync %s` uploads them",
+                        self.outbox.dir, sorted(others), self.save_dir)  # fmt: skip
         if resume == "must" and not self._index:
             raise CheckpointNotFoundError(
                 f"resume='must' but run {run_id} ({how}) has no committed checkpoint at {self._server}; "
                 "check run_id / save_dir, or use resume='auto' to start from scratch"
             )
         self.local.write_pointer(run_id, self._server, self.store.experiment_id)
-        self.local.sweep_staging()
+        self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
         self._attach(how)
-        self._finalizer = weakref.finalize(self, _finish_run, self.client, run_id, self._owns_run_status)
-        atexit.register(self._finalizer)
+        if save_on_sigterm:
+            self._install_sigterm()
+        atexit.register(self._close_at_exit)
         log.info("run %s (%s) at %s, save_dir %s", run_id, how, self._server, self.save_dir)
 
     # ---------------------------------------------------------------------------------------- the run
@@ -222,6 +272,12 @@ class CheckpointManager:
         found = self.catalog.scan()
         self._taken = {e.path.rpartition("/")[2] for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir}
         self._index = {r.path: r.info for r in found}
+        queued = self.outbox.pending(self.run_id)
+        if queued:  # checkpoints committed locally by an earlier process and never recorded: record them now
+            log.info("recording %d queued checkpoint(s) of run %s from %s", len(queued), self.run_id, self.outbox.dir)
+            if self._publisher.drained(self.publish_timeout):
+                found = self.catalog.scan()
+        self._clean_leftovers(found)
         if found and tags.get(TAG_LATEST) != found[-1].path:
             log.warning(
                 "run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
@@ -230,6 +286,26 @@ class CheckpointManager:
                 found[-1].path,
             )
             self.store.set_tags(self._summary_tags())
+
+    def _clean_leftovers(self, found: list[Resolved]) -> None:
+        """Remove what dead saves left behind: uncommitted artifact folders, local copies retention had deleted.
+
+        Only the lease holder runs this, so nothing here can be another live writer's save in progress.
+        """
+        committed = {r.path.rpartition("/")[2] for r in found}
+        queued = {p.name for p in self.outbox.pending(self.run_id)}
+        for name in sorted(self._taken - committed - queued):
+            log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
+                     self.run_id)  # fmt: skip
+            try:
+                self.store.delete(f"{ARTIFACT_PREFIX}/{name}")
+            except StoreError as e:
+                log.warning("could not remove uncommitted artifact folder %s: %s", name, e)
+        local_run = self.save_dir / self.run_id
+        if local_run.is_dir():
+            for d in local_run.iterdir():
+                if d.name not in committed and d.name not in queued:
+                    self.local.remove(self.run_id, d.name)
 
     def _attach(self, how: str) -> None:
         tags = self.store.tags()
@@ -259,11 +335,13 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------ saving
 
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
-        """Ask the save policy (default: always True) whether to save at ``step``."""
-        if self.save_policy is None:
+        """Ask the save policy (default: always True) whether to save at ``step``; True after SIGTERM."""
+        if self.save_policy is None or self._preempted:
             return True
-        latest = self._latest_info()
-        best = best_of(list(self._index.values()), self.monitor, self.mode)
+        pending = self._pending  # an async save in flight counts as saved; read before the index
+        known = list(self._index.values()) + ([pending] if pending is not None else [])
+        latest = max(known, key=lambda c: c.seq, default=None)
+        best = best_of(known, self.monitor, self.mode)
         ctx = SaveContext(
             step=step,
             now=time.time(),
@@ -297,10 +375,12 @@ class CheckpointManager:
         state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
         if not state.parts():
             raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
-        latest = self._latest_info()
-        seq = (max(c.seq for c in self._index.values()) if self._index else 0) + 1
-        step = step if step is not None else meta.step if meta.step is not None else seq
         t0 = time.perf_counter()
+        self.wait()  # at most one save in flight: its buffers are reused, its result names this one's seq
+        latest = self._latest_info()
+        seq = self._next_seq
+        self._next_seq += 1
+        step = step if step is not None else meta.step if meta.step is not None else seq
         payload, rng_json = gather(state, rng=self.save_rng)
         name = self._folder_name(step, seq)
         fields = {
@@ -312,42 +392,96 @@ class CheckpointManager:
             "epoch": meta.epoch,
             "resumed_from": self._resumed_from,
         }
-        folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields)
         path = f"{ARTIFACT_PREFIX}/{name}"
         self._taken.add(name)
+        if self._saver is None:
+            self._commit(path, payload, rng_json, fields, latest, t0)
+            return ref_for(self.run_id, path)
+        payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
+        self._pending = CheckpointInfo(path, step, seq, time.time(), meta.metrics)
+        self._last_save_time = time.time()
+        log.debug(
+            "step %d copied to host memory in %.3f s; saving it in the background",
+            step,
+            time.perf_counter() - t0,
+        )
+
+        def job() -> None:
+            try:
+                self._commit(path, payload, rng_json, fields, latest, t0)
+            finally:
+                self._pending = None  # recorded in the index by now, or failed (wait() reports it)
+
+        self._saver.submit(step, job)
+        return ref_for(self.run_id, path)
+
+    def _commit(
+        self,
+        path: str,
+        payload: Mapping[str, Any],
+        rng_json: Mapping[str, Any],
+        fields: Mapping[str, Any],
+        latest: CheckpointInfo | None,
+        t0: float,
+    ) -> None:
+        """Commit locally, record in MLflow, apply retention: what ``async_save`` runs on the worker thread."""
+        step = fields["step"]
+        pending = Pending(self.run_id, fields["seq"], path.rpartition("/")[2], step, int(fields["created"] * 1000))
+
+        def queue() -> None:
+            self.outbox.add(pending)
+            fault_point("outbox")
+
+        folder, manifest = self.local.write(self.run_id, pending.name, payload, rng_json, fields, before_commit=queue)
+        self._publisher.kick()
         try:
-            self._publish(path, folder, manifest)
-        except StoreError as e:
+            recorded = self._publisher.wait_for(pending.seq, self.publish_timeout)
+        except PermanentStoreError as e:
             raise SaveError(
-                f"checkpoint of step {step} is committed locally at {folder} but could not be recorded in "
-                f"MLflow run {self.run_id}: {e}"
+                f"checkpoint of step {step} is committed locally at {folder} but MLflow run {self.run_id} refused "
+                f"it: {e}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.save_dir}` retries"
             ) from e
         self._last_save_time = time.time()
         log.info(
-            "saved step %d to %s (%.1f MB) in %.2f s",
+            "saved step %d to %s (%.1f MB) in %.2f s%s",
             step,
             ref_for(self.run_id, path),
             manifest.size / 1e6,
             time.perf_counter() - t0,
+            "" if recorded else f"; MLflow did not answer within {self.publish_timeout:.0f} s: queued in the outbox",
         )
         if latest is not None and step < latest.step:
             log.info(
                 "step %d is below the previous latest step %d: this checkpoint is now the latest", step, latest.step
             )
-        self._apply_retention()
-        return ref_for(self.run_id, path)
+        if self._preempted:
+            self._exit_after_preemption(step)
 
     def _folder_name(self, step: int, seq: int) -> str:
         name = f"step-{step:08d}"
         # Never overwrite an artifact: a step saved twice (or a crashed save's leftovers) gets a new folder.
         return name if name not in self._taken else f"{name}.{seq}"
 
-    def _publish(self, path: str, folder: Path, manifest: Manifest) -> None:
+    def _publish_pending(self, p: Pending) -> None:
+        """Record one locally committed checkpoint in MLflow, then apply retention (the publisher thread)."""
+        folder = self.local.folder(p.run_id, p.name)
+        try:
+            manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
+        except FileNotFoundError:
+            log.warning("queued checkpoint %s of step %d has no local folder any more (its save died before the "
+                        "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
+            return
+        self._publish(f"{ARTIFACT_PREFIX}/{p.name}", folder, manifest, p.timestamp_ms)
+        self._apply_retention()
+
+    def _publish(self, path: str, folder: Path, manifest: Manifest, timestamp_ms: int | None = None) -> None:
         for f in manifest.files:
             self.store.upload(folder / f.name, path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
-        self._index[path] = info_of(manifest, path)
-        self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags())
+        # Replaced, never mutated: with async_save the training thread reads it (should_save) meanwhile.
+        self._index = {**self._index, path: info_of(manifest, path)}
+        fault_point("tags")
+        self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags(), timestamp_ms)
 
     def _summary_tags(self) -> dict[str, str]:
         """Tags that show the run's checkpoints at a glance in the MLflow UI (and serve list_runs)."""
@@ -387,7 +521,7 @@ class CheckpointManager:
                     )
                     self._warned_no_delete = True
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
-            del self._index[c.path]
+            self._index = {p: c2 for p, c2 in self._index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
         if doomed:
             pruned = ", ".join(f"step {c.step}" for c in doomed)[:500]
@@ -412,6 +546,7 @@ class CheckpointManager:
         "latest" (falling back past checkpoints that fail verification), "best" or a step number.
         """
         self._check_open()
+        self.wait()
         state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
         if checkpoint_path is not None:
             catalog, r = self._resolve_ref(str(checkpoint_path))
@@ -457,11 +592,13 @@ class CheckpointManager:
 
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
+        self.wait()
         r = self.catalog.latest()
         return ref_for(self.run_id, r.path) if r else None
 
     def get_best_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the best checkpoint by ``monitor``/``mode``, or None."""
+        self.wait()
         r = self.catalog.best(self.monitor, self.mode)
         return ref_for(self.run_id, r.path) if r else None
 
@@ -469,19 +606,75 @@ class CheckpointManager:
         """A pandas DataFrame, one row per committed checkpoint of this run (see ``list_checkpoints``)."""
         from .views import checkpoints_frame
 
+        self.wait()
         return checkpoints_frame(self.run_id, self.catalog.scan(), self.monitor, self.mode)
 
     # --------------------------------------------------------------------------------------- lifecycle
 
+    def wait(self) -> None:
+        """Block until the async save in flight (if any) is recorded; raise its SaveError if it failed.
+
+        Reads (``load``, ``get_latest_checkpoint``, ``checkpoints``, ...) wait first, so they see every save.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
     def close(self, status: str = "FINISHED") -> None:
-        """Mark the run ended (unless it belongs to the user's own ``mlflow.start_run()``). Idempotent."""
+        """Finish the save in flight, mark the run ended (unless it is the user's own ``mlflow.start_run()``).
+
+        Idempotent. Raises the SaveError of a background save that failed and was not yet reported.
+        """
         if self._closed:
             return
         self._closed = True
-        self._finalizer.detach()
-        atexit.unregister(self._finalizer)
-        if self._owns_run_status:
-            _finish_run(self.client, self.run_id, True, status)
+        failure = self._saver.close() if self._saver is not None else None  # drain the save in flight
+        self._buffers.clear()
+        atexit.unregister(self._close_at_exit)
+        drained = self._publisher.drained(self.publish_timeout)
+        self._publisher.stop()
+        if not drained:
+            log.warning("MLflow at %s did not record every checkpoint in time: they stay queued in %s and are "
+                        "uploaded by the next process on this run or `tracked-ckpt sync %s`",
+                        self._server, self.outbox.dir, self.save_dir)  # fmt: skip
+        # Bounded: against a hung server, MLflow's own retries would stall these calls for minutes.
+        final = "FAILED" if failure is not None else status
+        _bounded(lambda: _finish_run(self.client, self.run_id, self._owns_run_status, final), 5.0)
+        _bounded(self._lease.release, 5.0)
+        self._dir_lock.release()
+        if failure is not None:
+            raise failure
+
+    def _close_at_exit(self) -> None:
+        try:
+            self.close()
+        except Exception as e:  # at interpreter exit: report, never mask the real outcome
+            log.error("closing %r at exit: %s", self, e)
+
+    # ------------------------------------------------------------------------------------ preemption
+
+    @property
+    def preempted(self) -> bool:
+        """True once SIGTERM arrived (with ``save_on_sigterm=True``)."""
+        return self._preempted
+
+    def _install_sigterm(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ConfigError("save_on_sigterm=True needs the manager to be created in the main thread")
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum: int, frame: Any) -> None:
+            # Only a flag: saving inside a signal handler could catch the optimizer mid-update.
+            log.warning("SIGTERM received: saving a final checkpoint at the next should_save()/save(), then exiting")
+            self._preempted = True
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGTERM, handler)
+
+    def _exit_after_preemption(self, step: int) -> None:
+        log.warning("final checkpoint of step %d saved after SIGTERM; exiting with status 143", step)
+        self.close("KILLED")
+        raise SystemExit(143)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -495,6 +688,13 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager(run_id={self.run_id!r}, save_dir={str(self.save_dir)!r}, server={self._server!r})"
+
+
+def _bounded(fn: Any, timeout: float) -> None:
+    """Run ``fn`` on a daemon thread and wait at most ``timeout`` seconds for it."""
+    t = threading.Thread(target=fn, daemon=True, name="tracked_ckpt-close")
+    t.start()
+    t.join(timeout)
 
 
 def _finish_run(client: MlflowClient, run_id: str, owns: bool, status: str = "FINISHED") -> None:

@@ -23,8 +23,9 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
+from ._faults import fault_point
 from .errors import RunNotFoundError, StoreError
-from .manifest import check_checkpoint_path, check_relpath
+from .manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class RunStore:
     def upload(self, local_file: Path, artifact_dir: str) -> None:
         """Upload one file into ``artifact_dir``; all-or-nothing per file."""
         check_relpath(artifact_dir, "artifact folder")
+        fault_point(f"upload:{local_file.name}")
         root = self.local_dir
         if root is not None:
             _link_or_copy(local_file, root / artifact_dir / local_file.name)
@@ -134,13 +136,19 @@ class RunStore:
     def delete(self, path: str) -> None:
         """Delete one checkpoint folder; only ``checkpoints/<name>`` is accepted (delete_artifacts trusts paths)."""
         check_checkpoint_path(path)
+        fault_point("retention")
+        # The manifest first: a folder that lost its commit marker is never resolved, even if the rest stays.
+        self._call(lambda: self.repo.delete_artifacts(f"{path}/{MANIFEST_NAME}"), f"delete {path}/{MANIFEST_NAME}")
+        fault_point("retention_mid")
         self._call(lambda: self.repo.delete_artifacts(path), f"delete {path}")
 
     # ------------------------------------------------------------------------------------------ run data
 
-    def publish(self, step: int, metrics: dict[str, float], tags: dict[str, str]) -> None:
-        """Metrics at ``step`` and tags in one MLflow call."""
-        now = int(time.time() * 1000)
+    def publish(
+        self, step: int, metrics: dict[str, float], tags: dict[str, str], timestamp_ms: int | None = None
+    ) -> None:
+        """Metrics at ``step`` and tags in one MLflow call (a fixed ``timestamp_ms`` makes replays idempotent)."""
+        now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         batch_metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
         batch_tags = [RunTag(k, v) for k, v in tags.items()]
         self._call(
