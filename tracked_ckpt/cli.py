@@ -124,26 +124,34 @@ class _Cli(click.Group):
             ctx.exit(code)
 
 
-_verbosity = 0
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at the time (click's test runner swaps it)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
 
 
 def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> None:
     """-v: INFO from tracked_ckpt; -vv: DEBUG, and MLflow's own INFO lines. Default: warnings only."""
-    global _verbosity
-    _verbosity = max(_verbosity, value or 0)
-    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(_verbosity, 2)]
+    # -v may come before and after the command name; ctx.meta is shared by the whole invocation.
+    verbosity = ctx.meta["tracked_ckpt.verbosity"] = ctx.meta.get("tracked_ckpt.verbosity", 0) + (value or 0)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbosity, 2)]
     # MLflow configures its own logger when imported (after this runs); it reads this variable.
-    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if _verbosity >= 2 else "ERROR"
+    os.environ["MLFLOW_LOGGING_LEVEL"] = "INFO" if verbosity >= 2 else "ERROR"
     root = logging.getLogger()
-    if not any(getattr(h, "_tracked_ckpt", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._tracked_ckpt = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("tracked_ckpt").setLevel(level)
     if "mlflow" in sys.modules:
-        logging.getLogger("mlflow").setLevel(logging.INFO if _verbosity >= 2 else logging.ERROR)
+        logging.getLogger("mlflow").setLevel(logging.INFO if verbosity >= 2 else logging.ERROR)
 
 
 def _common(f: F) -> F:

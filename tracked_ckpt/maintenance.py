@@ -277,6 +277,7 @@ def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None
                     bar.advance(len(chunk))
         return
     download = dest.parent / ".download"
+    download.mkdir(exist_ok=True)
     if bar is None:
         got = catalog.store.fetch(path, download)
     else:
