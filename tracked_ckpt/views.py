@@ -101,7 +101,8 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     df = df[CHECKPOINT_COLUMNS + metric_cols].copy()
     for col in ("step", "seq", "epoch", "size_bytes"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
-    df["created"] = pd.to_datetime(df["created"].astype("float64"), unit="s", utc=True)
+    # pandas 3 picks the resolution from the data (ns, or us when empty): pin the documented one.
+    df["created"] = pd.to_datetime(df["created"].astype("float64"), unit="s", utc=True).astype("datetime64[ns, UTC]")
     for col in ("is_latest", "is_best"):
         df[col] = df[col].fillna(False).astype(bool)
     for col in ("run_id", "path", "ref"):
@@ -188,7 +189,9 @@ def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None)
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in ("checkpoints", "latest_step", "best_step", "size_bytes"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
-    df["start_time"] = pd.to_datetime(df["start_time"].astype("float64"), unit="ms", utc=True)
+    df["start_time"] = pd.to_datetime(df["start_time"].astype("float64"), unit="ms", utc=True).astype(
+        "datetime64[ns, UTC]"
+    )
     df["best_value"] = df["best_value"].astype("float64")
     for col in ("run_id", "run_name", "experiment_id", "status", "monitor", "latest_ref", "best_ref"):
         df[col] = df[col].astype("string")
