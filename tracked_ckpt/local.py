@@ -130,7 +130,12 @@ def _torch_save(payload: Mapping[str, Any], path: Path) -> FileEntry:
     # "unexpected pos" RuntimeError, and so the digest is computed while writing, not by re-reading.
     with open(path, "wb") as f:
         w = HashingWriter(f)
-        torch.save(dict(payload), w)  # type: ignore[arg-type]
+        try:
+            torch.save(dict(payload), w)  # type: ignore[arg-type]
+        except RuntimeError as e:
+            if w.error is not None:  # a failed write (ENOSPC, EIO): report that, not torch's "unexpected pos"
+                raise w.error from e
+            raise
         f.flush()
         fault_point("fsync")
         os.fsync(f.fileno())

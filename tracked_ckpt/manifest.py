@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -154,12 +155,17 @@ class HashingWriter:
         self._f = f
         self._h = blake3.blake3()
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes | memoryview) -> int:
-        fault_point("write")
-        self._h.update(data)
-        self.size += len(data)
-        return self._f.write(data)
+        try:
+            fault_point("write")
+            self._h.update(data)
+            self.size += len(data)
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e  # torch.save turns it into an opaque "unexpected pos" RuntimeError; keep the cause
+            raise
 
     def flush(self) -> None:
         self._f.flush()
@@ -190,9 +196,12 @@ def hash_file(path: Path) -> tuple[int, str]:
 def verify_file(path: Path, entry: FileEntry, where: str) -> None:
     """Raise CheckpointCorruptError unless ``path`` has exactly the size and digest the manifest says."""
     try:
-        size = path.stat().st_size
+        st = path.lstat()
     except FileNotFoundError as e:
         raise CheckpointCorruptError(f"{where}: file {entry.name!r} is missing") from e
+    if not stat.S_ISREG(st.st_mode):  # a symlink could point anywhere; a FIFO or device could hang the read
+        raise CheckpointCorruptError(f"{where}: file {entry.name!r} is a symlink or special file; refusing it")
+    size = st.st_size
     if size != entry.size:
         raise CheckpointCorruptError(
             f"{where}: file {entry.name!r} is {size} bytes, the manifest says {entry.size} "
