@@ -91,9 +91,10 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("torchrun")
     (root / "saves").mkdir()
+    (root / "saves-a").mkdir()
     exp = f"dist-{uuid.uuid4().hex[:8]}"
     common = ["--steps", "6", "--save-every", "2", "--experiment", exp]
-    out_a = launch(2, *common, "--save-dir", "a", "--async-save", "--dump", "a.pt", cwd=root)
+    out_a = launch(2, *common, "--save-dir", "a", "--async-save", "--dump", "a.pt", "--dump-saves", "saves-a", cwd=root)
     out_b = launch(2, *common, "--save-dir", "b", "--exit-at", "5", "--dump-saves", "saves", cwd=root, expect_rc=1)
     killed = run_id_of(out_b)
     assert sorted(p.name for p in (root / "saves").iterdir()) == ["step-2.pt", "step-4.pt"]
@@ -130,6 +131,15 @@ def test_async_saves_commit_while_training_continues(runs: Runs, tmp_path: Path)
     for r in found:
         catalog.fetch_verified(r, tmp_path)  # every file of every async save is there and matches its digest
     assert catalog.latest() == found[-1]
+    # Training went on during the write: the checkpoint still holds the state as of save(), not a later one.
+    model, opt, sched = plain_training()
+    mgr = CheckpointManager(runs.root / "a", run_id=runs.uninterrupted)
+    mgr.load(model, opt, which=2, scheduler=sched)
+    msd, osd = get_state_dict(model, opt)
+    saved = torch.load(runs.root / "saves-a" / "step-2.pt")
+    assert_same(saved["model"], msd, "model")
+    assert_same(saved["optimizer"], osd, "optimizer")
+    mgr.close()
 
 
 def test_resume_at_world_size_1_restores_the_saved_state(runs: Runs) -> None:
