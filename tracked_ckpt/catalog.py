@@ -75,6 +75,7 @@ class RunCatalog:
 
     def __init__(self, store: RunStore) -> None:
         self.store = store
+        self.unreadable: dict[str, CheckpointCorruptError] = {}  # folders whose manifest failed, from scan()
 
     @property
     def run_id(self) -> str:
@@ -114,13 +115,14 @@ class RunCatalog:
             except CheckpointCorruptError as err:
                 log.warning("ignoring artifact folder %r in run %s: %s", e.path, self.run_id, err)
 
-        def read(path: str) -> Resolved | None:
+        def read(path: str) -> Resolved | CheckpointCorruptError | None:
             try:
                 return Resolved(path, self.manifest(path))
             except CheckpointNotFoundError:
                 log.debug("skipping uncommitted checkpoint folder %s", path)
             except CheckpointCorruptError as err:
                 log.warning("skipping checkpoint %s: %s", path, err)
+                return err
             return None
 
         if self.store.local_dir is not None:
@@ -128,7 +130,9 @@ class RunCatalog:
         else:
             with ThreadPoolExecutor(max_workers=8) as pool:
                 found = list(pool.map(read, paths))
-        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.seq)
+        # Kept so that an explicit request for one of these raises its error instead of "not found".
+        self.unreadable = {p: r for p, r in zip(paths, found, strict=True) if isinstance(r, CheckpointCorruptError)}
+        return sorted((r for r in found if isinstance(r, Resolved)), key=lambda r: r.manifest.seq)
 
     def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:
         path = tags.get(key)
@@ -167,6 +171,10 @@ class RunCatalog:
 
     def at_step(self, step: int) -> Resolved | None:
         matches = [r for r in self.scan() if r.manifest.step == step]
+        named = f"{ARTIFACT_PREFIX}/step-{step:08d}"  # the manager's folder name for this step
+        bad = [e for p, e in self.unreadable.items() if p == named or p.startswith(named + ".")]
+        if not matches and bad and "belongs to run" not in str(bad[-1]):  # a copied decoy is not ours: not found
+            raise CheckpointCorruptError(f"run {self.run_id}: the checkpoint of step {step} is unusable: {bad[-1]}")
         return matches[-1] if matches else None
 
     def resolve(self, which: Which, metric: str = "reward", mode: Mode = "max") -> Resolved:
@@ -205,10 +213,11 @@ class RunCatalog:
             folder = cache_dir
         else:
             folder = tmp_dir
+            _check_listing([e.path.rpartition("/")[2] for e in self.store.list(r.path)], r.manifest, where)
             for f in r.manifest.files:
                 try:
                     local = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
-                except (FileNotFoundError, StoreError) as e:
+                except (FileNotFoundError, StoreError, CheckpointCorruptError) as e:
                     raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
                 folder = local.parent
         for f in r.manifest.files:
@@ -216,9 +225,24 @@ class RunCatalog:
         return folder
 
 
+def _check_listing(names: list[str], m: Manifest, where: str) -> None:
+    """The folder must hold exactly the manifest's files: an extra one means tampering or a mixed-up folder."""
+    # Hidden "*.tmp" names are in-flight uploads (ours and MLflow's local store write a temp, then rename).
+    names = [n for n in names if not (n.startswith(".") and n.endswith(".tmp"))]
+    expected = {f.name for f in m.files} | {MANIFEST_NAME}
+    if extra := sorted(set(names) - expected):
+        raise CheckpointCorruptError(
+            f"{where}: the folder holds {extra} that its manifest does not list (planted, or files of another "
+            "save mixed in); refusing to load it"
+        )
+    if missing := sorted(expected - set(names)):
+        raise CheckpointCorruptError(f"{where}: file {missing[0]!r} listed in the manifest is missing")
+
+
 def _cache_matches(folder: Path, m: Manifest) -> bool:
     try:
         local = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder))
     except (OSError, CheckpointCorruptError):
         return False
-    return local.files == m.files and local.run_id == m.run_id and local.seq == m.seq
+    exact = {p.name for p in folder.iterdir()} == {f.name for f in m.files} | {MANIFEST_NAME}
+    return exact and local.files == m.files and local.run_id == m.run_id and local.seq == m.seq
