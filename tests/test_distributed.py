@@ -1,7 +1,8 @@
 """torchrun with 2 ranks on CPU (gloo): FSDP2/DDP saves through DCP, kill and resume, resharding, safe loading.
 
 Each launch costs ~12-20 s here, so a module fixture trains the runs once and the tests read them:
-A: 6 steps, async saves (uninterrupted); B: the same, killed hard before step 5; C: B resumed at 2 ranks.
+A: 6 steps, async saves (uninterrupted); B: the same, rank 1 SIGKILLed in the middle of the step-6 save (its
+shard uploaded, the manifest not); C: B resumed at 2 ranks.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -95,8 +97,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     exp = f"dist-{uuid.uuid4().hex[:8]}"
     common = ["--steps", "6", "--save-every", "2", "--experiment", exp]
     out_a = launch(2, *common, "--save-dir", "a", "--async-save", "--dump", "a.pt", "--dump-saves", "saves-a", cwd=root)
-    out_b = launch(2, *common, "--save-dir", "b", "--exit-at", "5", "--dump-saves", "saves", cwd=root, expect_rc=1)
+    crash = {"TRACKED_CKPT_FAULT": "dcp_uploaded:1@3"}  # rank 1, third save: after its upload, before the manifest
+    out_b = launch(2, *common, "--save-dir", "b", "--dump-saves", "saves", cwd=root, env=crash, expect_rc=1)
     killed = run_id_of(out_b)
+    assert re.search(r"exitcode\s*:\s*-9", out_b), out_b[-3000:]  # rank 1 died by SIGKILL, inside save()
     assert sorted(p.name for p in (root / "saves").iterdir()) == ["step-2.pt", "step-4.pt"]
     out_c = launch(2, *common, "--save-dir", "b", "--run-id", killed, "--dump", "c.pt", cwd=root)
     assert run_id_of(out_c) == killed
@@ -116,9 +120,12 @@ def test_killed_fsdp_run_resumed_at_2_ranks_equals_the_uninterrupted_run(runs: R
     assert_same(a["optimizer"], c["optimizer"], "optimizer")
     catalog = RunCatalog(RunStore(MlflowClient(), runs.killed))
     found = catalog.scan()
-    assert [r.manifest.step for r in found] == [2, 4, 6]
+    assert [r.path for r in found] == [
+        f"checkpoints/{n}" for n in ("step-00000002", "step-00000004", "step-00000006.3")
+    ]
     assert {r.manifest.format for r in found} == {"dcp"} and {r.manifest.world_size for r in found} == {2}
     assert found[-1].manifest.resumed_from == found[1].path  # C restarted from step 4, the last one B committed
+    # B's interrupted step-6 save (shards up, no manifest) was never resolved, and its name was not reused.
     names = {f.name for f in found[0].manifest.files}
     assert names == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.json", "rng-1.json"}
 

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
+from ._faults import fault_point
 from ._version import __version__
 from .catalog import Resolved, RunCatalog, info_of, ref_for
 from .dcp_safe import METADATA_NAME, SafeLoadPlanner, SafeReader
@@ -360,6 +361,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 mine.append(FileEntry(n, size, digest))
             for f in mine:
                 self.store.upload(staging / f.name, path)
+            fault_point(f"dcp_uploaded:{self.rank}")  # tests: a rank dies with its shard up, the manifest not
         except (OSError, StoreError) as e:
             err = SaveError(f"rank {self.rank} could not write or upload its shard of step {plan.step}: {e}")
         everyone: list[Any] = [None] * self.world_size

@@ -5,7 +5,7 @@
 
 Rank 0 prints the run ID. Relaunching with ``--run-id`` (or ``MLFLOW_RUN_ID``) resumes from the latest
 checkpoint, at any world size. Uses gloo on CPU and NCCL when CUDA is available. The test-only flags
-(``--exit-at``, ``--dump``, ``--dump-loaded``) let tests kill and compare runs.
+(``--dump``, ``--dump-loaded``, ``--dump-saves``) let tests compare runs.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--experiment", default=None)
     p.add_argument("--run-id", default=None, help="resume this MLflow run (default: MLFLOW_RUN_ID, else new)")
     p.add_argument("--async-save", action="store_true", help="write checkpoints while training goes on")
-    p.add_argument("--exit-at", type=int, default=None, help="(tests) die hard before training this step")
     p.add_argument("--dump", default=None, help="(tests) rank 0 writes the final full state here")
     p.add_argument("--dump-loaded", default=None, help="(tests) rank 0 writes the state right after load here")
     p.add_argument("--dump-saves", default=None, help="(tests) rank 0 writes the full state of each save here")
@@ -102,8 +101,6 @@ def main(argv: list[str] | None = None) -> None:
             torch.save({"step": step, **state}, a.dump_loaded)
     in_flight_steps = 0
     while step < a.steps:
-        if a.exit_at is not None and step + 1 == a.exit_at:
-            os._exit(3)  # a crash: no close(), no atexit, the run stays RUNNING
         step += 1
         loss = (model(batch(step, rank, a.width, device)) - 1.0).pow(2).mean()
         opt.zero_grad()
