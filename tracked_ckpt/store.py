@@ -24,7 +24,7 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from ._faults import fault_point
-from .errors import RunNotFoundError, StoreError
+from .errors import CheckpointCorruptError, RunNotFoundError, StoreError
 from .manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,13 @@ class RunStore:
         check_relpath(path, "artifact path")
         root = self.local_dir
         if root is not None:
-            return root / path
+            local = root / path
+            # tracked_ckpt never writes symlinks: one here (file or folder) would read outside the run.
+            if local.is_symlink() or not local.resolve().is_relative_to(root.resolve()):
+                raise CheckpointCorruptError(
+                    f"artifact {path} of run {self.run_id} is a symlink (to {local.resolve()}); refusing to follow it"
+                )
+            return local
         local = self._call(lambda: self.repo.download_artifacts(path, str(tmp_dir)), f"download {path}")
         result = Path(local)
         if result.is_symlink():
