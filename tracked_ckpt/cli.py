@@ -300,7 +300,9 @@ def _emit_frame(df: pd.DataFrame, fmt: str) -> None:
     if fmt == "csv":
         click.echo(df.to_csv(index=False), nl=False)
     else:
-        click.echo(df.to_json(orient="records", date_format="iso", indent=1))
+        # through json: pandas escapes "/" and rounds floats to 10 digits by default
+        records = json.loads(df.to_json(orient="records", date_format="iso", double_precision=15))
+        click.echo(json.dumps(records, indent=1))
 
 
 def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
