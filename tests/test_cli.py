@@ -307,18 +307,22 @@ def test_distinct_exit_codes_for_unknown_run_no_checkpoint_and_bad_reference(
     assert invoke("show", empty)[0] == 3
 
 
-def test_an_unreachable_server_exits_6_quickly() -> None:
+def test_an_unreachable_server_exits_6_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
     env = {
         "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
         "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
     }
     t0 = time.monotonic()
-    for args in (["ls", "0123456789abcdef0123456789abcdef"], ["runs"]):
-        p = cli_proc(*args, env=env)
-        assert p.returncode == 6, p.stdout + p.stderr
-        assert env["MLFLOW_TRACKING_URI"] in p.stderr and "Traceback" not in p.stderr
+    p = cli_proc("ls", "0123456789abcdef0123456789abcdef", env=env)
+    assert p.returncode == 6, p.stdout + p.stderr
+    assert env["MLFLOW_TRACKING_URI"] in p.stderr and "Traceback" not in p.stderr
     assert time.monotonic() - t0 < 60
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for args in (["runs"], ["pull", "0123456789abcdef0123456789abcdef@best"], ["prune", "x", "--keep-last", "1"]):
+        code, _, err = invoke(*args)
+        assert code == 6 and env["MLFLOW_TRACKING_URI"] in err, err
 
 
 # ----------------------------------------------------------------------------- a real server, a terminal
@@ -329,6 +333,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     return demo_server(request.config, tmp_path_factory)
 
 
+@pytest.mark.server
 def test_demo_command_populated_a_store_the_cli_reads_over_http(server: DemoServer) -> None:
     assert "new run " + server.store.run_id in server.store.stdout
     p = cli_proc("ls", server.store.run_id, "--format", "json", env={"MLFLOW_TRACKING_URI": server.url})
@@ -336,6 +341,7 @@ def test_demo_command_populated_a_store_the_cli_reads_over_http(server: DemoServ
     assert [r["step"] for r in json.loads(p.stdout)] == list(range(5, DEMO_ITERATIONS + 1, 5))
 
 
+@pytest.mark.server
 def test_pull_over_proxied_artifacts_shows_progress_only_on_a_terminal(server: DemoServer, tmp_path: Path) -> None:
     model, opt, sched = make_training(hidden=40_000)  # ~3.4 MB of state with AdamW's moments
     train_steps(model, opt, sched, 1)

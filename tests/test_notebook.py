@@ -131,6 +131,7 @@ def api_calls(log: Path, fn: Callable[[], object]) -> list[str]:
     return calls
 
 
+@pytest.mark.server
 def test_views_cost_a_bounded_number_of_queries(request: pytest.FixtureRequest, tmp_path_factory: Any) -> None:
     server = demo_server(request.config, tmp_path_factory)
     client = MlflowClient(server.url)

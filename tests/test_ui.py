@@ -20,7 +20,7 @@ from playwright.sync_api import sync_playwright
 
 from tracked_ckpt.catalog import TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.server]
 CHROMIUM = "/usr/bin/chromium"
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 LOAD_MS = 90_000  # the first load of a fresh server's UI took up to ~20 s here, more under load

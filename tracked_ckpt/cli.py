@@ -204,7 +204,14 @@ def cli() -> None:
 
 @cli.command("ls", epilog=EXIT_CODES_HELP)
 @click.argument("run_id", required=False)
-@click.option("-e", "--experiment", metavar="NAME", help="Only runs of this experiment (default: every experiment).")
+@click.option(
+    "-e",
+    "--experiment",
+    metavar="NAME",
+    envvar="MLFLOW_EXPERIMENT_NAME",
+    show_envvar=True,
+    help="Only runs of this experiment (default: every experiment).",
+)
 @FORMAT
 @_mode_options
 @_common
@@ -247,7 +254,14 @@ def ls_cmd(
 
 
 @cli.command("runs", epilog=EXIT_CODES_HELP)
-@click.option("-e", "--experiment", metavar="NAME", help="Only this experiment (default: every experiment).")
+@click.option(
+    "-e",
+    "--experiment",
+    metavar="NAME",
+    envvar="MLFLOW_EXPERIMENT_NAME",
+    show_envvar=True,
+    help="Only this experiment (default: every experiment).",
+)
 @FORMAT
 @_common
 def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None:
