@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import ctypes
 import logging
 import queue
 import threading
@@ -62,8 +63,12 @@ class StagingBuffers:
                 buf = self._buffers.get(key)
                 if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != pin:
                     buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-                # A pinned target lets the device-to-host copy run by DMA; synchronized below, before returning.
-                buf.copy_(t.detach(), non_blocking=pin)
+                if not pin and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+                    # One memcpy, GIL released: torch's copy_ wakes its OpenMP pool, which took 0.1-0.3 s after
+                    # idling on this busy 2-core machine, and competes with the save thread for the cores.
+                    ctypes.memmove(buf.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
+                else:  # pinned target: the device-to-host copy runs by DMA; synchronized below, before returning
+                    buf.copy_(t.detach(), non_blocking=pin)
                 on_gpu = on_gpu or t.device.type == "cuda"
                 used[key] = buf
                 out = torch.nn.Parameter(buf, requires_grad=t.requires_grad) if type(t) is torch.nn.Parameter else buf
