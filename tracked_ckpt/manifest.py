@@ -29,8 +29,11 @@ ARTIFACT_PREFIX = "checkpoints"
 _CHUNK = 8 << 20
 
 
+_BAD_CHAR = re.compile("[\\\\\x00:]")  # backslash, NUL, colon (a regex: scan() checks 10k+ paths)
+
+
 def _bad_component(part: str) -> bool:
-    return part in ("", ".", "..") or any(c in part for c in "\\\x00:") or part != part.strip()
+    return part in ("", ".", "..") or _BAD_CHAR.search(part) is not None or part != part.strip()
 
 
 def check_relpath(path: str, what: str = "path") -> str:
@@ -153,7 +156,8 @@ class HashingWriter:
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
-        self._h = blake3.blake3()
+        # torch.save writes each storage in one call: hash those on every core (1 GB: ~0.2 s, not ~0.9 s).
+        self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         self.size = 0
         self.error: OSError | None = None
 
