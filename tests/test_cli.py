@@ -251,6 +251,12 @@ def test_verify_finds_a_flipped_byte_and_an_unreadable_manifest(tmp_path: Path, 
     code, _, err = invoke("pull", f"{run_id}@2", "-o", str(tmp_path / "out"))
     assert code == 5 and "BLAKE3" in err
     assert not (tmp_path / "out" / "state.pt").exists()  # a file that failed verification never lands
+    (root / "step-00000001/rng.json").unlink()
+    code, _, err = invoke("pull", f"{run_id}@1", "-o", str(tmp_path / "out"))
+    assert code == 5 and "'rng.json' listed in the manifest is missing" in err
+    os.symlink(root / "step-00000003/state.pt", root / "step-00000001/rng.json")  # planted: a link elsewhere
+    code, _, err = invoke("pull", f"{run_id}@1", "-o", str(tmp_path / "out"))
+    assert code == 5 and "symlink" in err and not (tmp_path / "out" / "rng.json").exists()
 
 
 def test_prune_applies_the_library_rules_and_updates_the_tags(tmp_path: Path, experiment: str) -> None:
