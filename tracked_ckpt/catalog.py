@@ -8,7 +8,9 @@ A folder without a valid manifest is an uncommitted checkpoint and is never reso
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Iterator
@@ -85,16 +87,14 @@ class RunCatalog:
         """The validated manifest of the checkpoint folder ``path``; CheckpointNotFoundError if uncommitted."""
         check_checkpoint_path(path)
         where = f"{ref_for(self.run_id, path)}/{MANIFEST_NAME}"
-        with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-            try:
-                local = self.store.fetch(f"{path}/{MANIFEST_NAME}", Path(tmp))
-                text = local.read_bytes()
-            except (FileNotFoundError, StoreError) as e:
-                if isinstance(e, StoreError) and self.store.exists(path + "/" + MANIFEST_NAME):
-                    raise
-                raise CheckpointNotFoundError(
-                    f"{ref_for(self.run_id, path)} has no manifest: it is not a committed checkpoint"
-                ) from e
+        try:
+            text = self._read(f"{path}/{MANIFEST_NAME}")
+        except (FileNotFoundError, StoreError) as e:
+            if isinstance(e, StoreError) and self.store.exists(path + "/" + MANIFEST_NAME):
+                raise
+            raise CheckpointNotFoundError(
+                f"{ref_for(self.run_id, path)} has no manifest: it is not a committed checkpoint"
+            ) from e
         m = Manifest.from_json(text, where)
         if m.run_id != self.run_id:
             raise CheckpointCorruptError(
@@ -102,18 +102,26 @@ class RunCatalog:
             )
         return m
 
+    def _read(self, artifact: str) -> bytes:
+        root = self.store.local_dir
+        if root is not None:  # in place: a temporary folder per manifest cost ~2 ms to remove (10k: 20 s)
+            return _read_in_place(root, artifact, self.run_id)
+        with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
+            return self.store.fetch(artifact, Path(tmp)).read_bytes()
+
     def scan(self) -> list[Resolved]:
         """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
-        try:
-            entries = [e for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir]
-        except StoreError:
-            raise
+        root = self.store.local_dir
+        if root is not None:  # one scandir: MLflow's listing stats every entry (10k folders: ~0.8 s)
+            listed = [f"{ARTIFACT_PREFIX}/{name}" for name in _local_dirs(root / ARTIFACT_PREFIX)]
+        else:
+            listed = [e.path for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir]
         paths = []
-        for e in entries:
+        for listed_path in listed:
             try:
-                paths.append(check_checkpoint_path(e.path))
+                paths.append(check_checkpoint_path(listed_path))
             except CheckpointCorruptError as err:
-                log.warning("ignoring artifact folder %r in run %s: %s", e.path, self.run_id, err)
+                log.warning("ignoring artifact folder %r in run %s: %s", listed_path, self.run_id, err)
 
         def read(path: str) -> Resolved | CheckpointCorruptError | None:
             try:
@@ -237,6 +245,37 @@ def _check_listing(names: list[str], m: Manifest, where: str) -> None:
         )
     if missing := sorted(expected - set(names)):
         raise CheckpointCorruptError(f"{where}: file {missing[0]!r} listed in the manifest is missing")
+
+
+def _local_dirs(folder: Path) -> list[str]:
+    try:
+        with os.scandir(folder) as it:
+            return [e.name for e in it if e.is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+def _read_in_place(root: Path, artifact: str, run_id: str) -> bytes:
+    """Read ``root/artifact`` refusing a symlink at any level (O_NOFOLLOW per component: no resolve() calls)."""
+    *dirs, name = artifact.split("/")
+    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    try:
+        try:
+            for d in dirs:
+                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            raise CheckpointCorruptError(
+                f"artifact {artifact} of run {run_id} is or lies under a symlink (or a file where a folder should be); "
+                "refusing to follow it"
+            ) from e
+        with os.fdopen(fds.pop(), "rb") as f:
+            return f.read()
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _cache_matches(folder: Path, m: Manifest) -> bool:
