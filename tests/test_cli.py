@@ -212,6 +212,9 @@ def test_pull_writes_verified_files_and_refuses_to_overwrite(run5: tuple[str, st
     assert payload.keys() == saved.keys()
     code, _, err = invoke("pull", f"{run_id}@best", "-o", str(out))
     assert code == 2 and "--force" in err
+    (tmp_path / "file").write_text("")
+    code, _, err = invoke("pull", f"{run_id}@30", "-o", str(tmp_path / "file" / "sub"))
+    assert code == 1 and "Not a directory" in err  # a local problem: one line, no traceback
     code, _, _ = invoke("pull", f"{run_id}@30", "-o", str(out), "--force")
     assert code == 0 and Manifest.from_json((out / MANIFEST_NAME).read_bytes(), "x").step == 30
     assert [x.name for x in out.iterdir() if x.name.startswith(".")] == []  # no staging left behind

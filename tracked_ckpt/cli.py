@@ -34,7 +34,7 @@ EXIT_UNREACHABLE = 6
 EXIT_CODES_HELP = """\b
 Exit codes:
   0  success
-  1  unexpected error
+  1  other error (e.g. a local folder that cannot be written)
   2  usage: bad option or reference, output folder already holds the files
   3  run (or experiment) not found
   4  no committed checkpoint matches
@@ -92,6 +92,8 @@ def classify(e: BaseException) -> tuple[int, str] | None:
     requests_exc = getattr(sys.modules.get("requests.exceptions"), "RequestException", None)
     if (requests_exc is not None and isinstance(e, requests_exc)) or isinstance(e, ConnectionError):
         return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri()} up and reachable?)"
+    if isinstance(e, OSError):  # a local file problem, e.g. pull -o into a folder we cannot write
+        return EXIT_ERROR, _first_line(e)
     return None
 
 
