@@ -48,3 +48,24 @@ def load(
         return got[1]
     r = catalog.resolve(which, metric, check_mode(mode))
     return load_resolved(catalog, r, state, cache)
+
+
+def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: float = 300.0) -> dict[str, int]:
+    """Record in MLflow every checkpoint still queued in ``save_dir``'s outbox (after an outage).
+
+    Returns {run_id: number still queued} — all zeros when everything was recorded. The tracking URI
+    defaults to the one ``save_dir`` was used with (from its pointer file), then MLflow's own resolution.
+    """
+    from .local import LocalDir
+    from .manager import CheckpointManager
+    from .outbox import Outbox
+
+    root = Path(save_dir)
+    pointer = LocalDir(root).read_pointer() or {}
+    uri = tracking_uri or pointer.get("tracking_uri") or None
+    left: dict[str, int] = {}
+    for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
+        mgr = CheckpointManager(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout)
+        mgr.close()
+        left[run_id] = len(Outbox(root).pending(run_id))
+    return left

@@ -55,6 +55,8 @@ class ConfigError(TrackedCkptError, ValueError):
 class StoreError(TrackedCkptError, OSError):
     """The MLflow tracking server or artifact store refused or failed a request."""
 
+    transient = True  # False when retrying cannot help (permission, authentication, validation)
+
 
 class RunLockedError(TrackedCkptError, RuntimeError):
     """Another live process is writing this run (or this save_dir); the message names it."""

@@ -97,14 +97,15 @@ class Lease:
                 held = None
             if held is not None:
                 age = time.time() - beat
-                dead_here = host == socket.gethostname() and not _pid_alive(pid)
+                # A dead process on this host, or an earlier (closed) manager of this very process.
+                dead_here = host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid))
                 if age < self.timeout and not dead_here:
                     raise RunLockedError(
                         f"run {self.store.run_id} is being written by host {host} pid {pid} (heartbeat {age:.0f} s "
                         f"ago; the lease expires after {self.timeout:.0f} s without one). Stop that process, wait "
                         "for its lease to expire, or resume into a new run with resume='never'"
                     )
-                why = "its process is gone" if dead_here else f"its heartbeat is {age:.0f} s old"
+                why = "its process is gone or closed it" if dead_here else f"its heartbeat is {age:.0f} s old"
                 log.warning(
                     "taking over the lease of run %s from host %s pid %d: %s", self.store.run_id, host, pid, why
                 )

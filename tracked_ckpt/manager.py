@@ -106,7 +106,8 @@ class CheckpointManager:
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CheckpointManager:
         # Under torchrun (torch.distributed initialized) the same API saves sharded DCP checkpoints.
-        if cls is CheckpointManager:
+        # Importing torch.distributed.checkpoint costs ~2 s: only when a process group is really up.
+        if cls is CheckpointManager and _distributed_active():
             from .distributed import manager_class
 
             cls = manager_class()
@@ -441,6 +442,8 @@ class CheckpointManager:
                 f"checkpoint of step {step} is committed locally at {folder} but MLflow run {self.run_id} refused "
                 f"it: {e}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.save_dir}` retries"
             ) from e
+        if not recorded:
+            self._publisher.note_timeout(step, self.publish_timeout)
         self._last_save_time = time.time()
         log.info(
             "saved step %d to %s (%.1f MB) in %.2f s%s",
@@ -619,6 +622,11 @@ class CheckpointManager:
         if self._saver is not None:
             self._saver.wait()
 
+    def sync(self, timeout: float | None = None) -> bool:
+        """Wait until every checkpoint queued in the outbox is recorded in MLflow; False after ``timeout``."""
+        self.wait()
+        return self._publisher.drained(self.publish_timeout if timeout is None else timeout)
+
     def close(self, status: str = "FINISHED") -> None:
         """Finish the save in flight, mark the run ended (unless it is the user's own ``mlflow.start_run()``).
 
@@ -638,8 +646,12 @@ class CheckpointManager:
                         self._server, self.outbox.dir, self.save_dir)  # fmt: skip
         # Bounded: against a hung server, MLflow's own retries would stall these calls for minutes.
         final = "FAILED" if failure is not None else status
-        _bounded(lambda: _finish_run(self.client, self.run_id, self._owns_run_status, final), 5.0)
-        _bounded(self._lease.release, 5.0)
+
+        def finish() -> None:
+            _finish_run(self.client, self.run_id, self._owns_run_status, final)
+            self._lease.release()
+
+        _bounded(finish, 1.0 if not drained else max(1.0, self.publish_timeout))
         self._dir_lock.release()
         if failure is not None:
             raise failure
@@ -688,6 +700,12 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager(run_id={self.run_id!r}, save_dir={str(self.save_dir)!r}, server={self._server!r})"
+
+
+def _distributed_active() -> bool:
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_initialized())
 
 
 def _bounded(fn: Any, timeout: float) -> None:

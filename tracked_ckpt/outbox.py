@@ -81,14 +81,6 @@ class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
 
-def is_transient(e: StoreError) -> bool:
-    """Refused, timed out, 5xx, unreachable: worth retrying. Permission or validation errors are not."""
-    text = str(e)
-    return not any(
-        s in text for s in ("permission", "PERMISSION", "401", "403", "UNAUTHENTICATED", "INVALID_PARAMETER")
-    )
-
-
 class Publisher:
     """One daemon thread that drains the outbox in order; callers wait for it with a time budget."""
 
@@ -135,6 +127,18 @@ class Publisher:
                 self._cond.wait(left)
             return True
 
+    def note_timeout(self, step: int, timeout: float) -> None:
+        """A save gave up waiting: warn once per outage (a hung server never raises, it only stalls)."""
+        with self._cond:
+            if self._in_outage:
+                return
+            self._in_outage = True
+        log.warning(
+            "MLflow at %s did not answer within %.0f s: checkpoint step %d is committed locally and queued in %s; "
+            "training goes on and the upload is retried. This warning is shown once per outage",
+            self._server, timeout, step, self.outbox.dir,
+        )  # fmt: skip
+
     def drained(self, timeout: float) -> bool:
         """Wait until nothing of this run is queued (or ``timeout``); True when empty."""
         deadline = time.monotonic() + timeout
@@ -170,7 +174,7 @@ class Publisher:
             try:
                 self._publish(p)
             except StoreError as e:
-                if not is_transient(e):
+                if not e.transient:
                     log.error(
                         "MLflow refused checkpoint step %d (%s); it stays queued in %s", p.step, e, self.outbox.dir
                     )
