@@ -21,6 +21,8 @@ pointer file in ``save_dir``, and the run tagged with this ``save_dir``; otherwi
 from __future__ import annotations
 
 import atexit
+import contextlib
+import io
 import logging
 import os
 import signal
@@ -718,8 +720,11 @@ def _bounded(fn: Any, timeout: float) -> None:
 def _finish_run(client: MlflowClient, run_id: str, owns: bool, status: str = "FINISHED") -> None:
     if not owns:
         return
+    # MLflow prints the run's URL here, with the tracking URI's user:password@ if it has one: not that.
+    quiet = contextlib.redirect_stdout(io.StringIO()) if "@" in str(client.tracking_uri) else contextlib.nullcontext()
     try:
-        client.set_terminated(run_id, status=status)
+        with quiet:
+            client.set_terminated(run_id, status=status)
     except Exception as e:  # at interpreter exit, a failure to mark the run must not mask the real outcome
         log.debug("could not mark run %s %s: %s", run_id, status, e)
 
