@@ -37,10 +37,17 @@ from tracked_ckpt.store import RunStore
 LAUNCH_TIMEOUT_S = 120
 
 
-def launch(nproc: int, *args: str, cwd: Path, env: dict[str, str] | None = None, expect_rc: int = 0) -> str:
+def launch(
+    nproc: int,
+    *args: str,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    expect_rc: int = 0,
+    target: tuple[str, ...] = ("-m", "tracked_ckpt.fsdp_demo"),
+) -> str:
     """``torchrun --standalone`` the demo with a hard timeout; kill its whole process group on timeout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd += ["-m", "tracked_ckpt.fsdp_demo", *args]
+    cmd += [*target, *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     proc = subprocess.Popen(
         cmd, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
@@ -271,3 +278,57 @@ def test_manifests_without_format_read_as_single_process_torch() -> None:
     data["format"] = "pickle"
     with pytest.raises(CheckpointCorruptError, match="format 'pickle'"):
         Manifest.from_json(json.dumps(data), "odd")
+
+
+# ----------------------------------------------------------------------------------- failures mid-save
+
+FAULTY_JOB = """
+import json, sys
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from tracked_ckpt import CheckpointManager
+from tracked_ckpt.errors import SaveError, StoreError
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = fully_shard(torch.nn.Linear(32, 32))
+mgr = CheckpointManager("ckpt", experiment=sys.argv[1])
+real_upload = mgr.store.upload
+fail = {}  # (save number, rank, file prefix) that fails, as MLflow would
+
+def upload(local_file, artifact_dir):
+    if fail.get("rank") == rank and local_file.name.startswith(fail["prefix"]):
+        raise StoreError("injected: the artifact store refused " + local_file.name)
+    real_upload(local_file, artifact_dir)
+
+mgr.store.upload = upload
+outcomes = []
+for step, f in ((1, {"rank": 1, "prefix": "__1_"}), (2, {"rank": 0, "prefix": "MANIFEST"}), (3, {})):
+    fail.clear(); fail.update(f)
+    try:
+        outcomes.append(mgr.save(model, None, {"step": step}))
+    except SaveError as e:
+        outcomes.append("SaveError: " + str(e))
+print("outcome", rank, json.dumps({"run_id": mgr.run_id, "outcomes": outcomes}), flush=True)
+mgr.close()
+"""
+
+
+def test_a_failing_rank_fails_the_save_on_every_rank_and_the_next_save_works(tmp_path: Path, experiment: str) -> None:
+    (tmp_path / "job.py").write_text(FAULTY_JOB)
+    out = launch(2, experiment, cwd=tmp_path, target=("job.py",))
+    results = {}
+    for line in out.splitlines():
+        if line.startswith("outcome "):
+            _, rank, data = line.split(" ", 2)
+            results[int(rank)] = json.loads(data)
+    assert set(results) == {0, 1}
+    for rank in (0, 1):
+        first, second, third = results[rank]["outcomes"]
+        assert first.startswith("SaveError") and "rank 1" in first and "__1_0.distcp" in first
+        assert second.startswith("SaveError") and "MANIFEST.json" in second
+        assert third.startswith("runs:/")
+    catalog = RunCatalog(RunStore(MlflowClient(), results[0]["run_id"]))
+    assert [r.manifest.step for r in catalog.scan()] == [3]  # the failed saves never became checkpoints
+    latest = catalog.latest()
+    assert latest is not None and latest.manifest.step == 3

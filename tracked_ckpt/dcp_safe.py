@@ -1,4 +1,4 @@
-"""Read DCP (torch.distributed.checkpoint) folders without running code from them.
+"""DCP (torch.distributed.checkpoint) folders: the state dict saved under torchrun, restored without running code.
 
 Stock DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with ``weights_only=False``:
 a planted ``.metadata`` runs code inside ``dcp.load``. Here ``.metadata`` goes through an Unpickler that
@@ -10,21 +10,33 @@ manifest lists (so it cannot point outside the verified folder). Callers verify 
 from __future__ import annotations
 
 import io
+import json
+import logging
 import pathlib
 import pickle
+import random
 import re
-from collections.abc import Collection
-from typing import Any
+import warnings
+from collections.abc import Collection, Mapping
+from typing import Any, cast
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from .errors import CheckpointCorruptError, TrackedCkptError, UnsafeCheckpointError
+from .errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
+from .manifest import Manifest
+from .state import TrainingState, restore
+
+log = logging.getLogger(__name__)
 
 METADATA_NAME = ".metadata"
 
@@ -147,3 +159,98 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+# ------------------------------------------------------------------------------------------ state <-> DCP
+
+
+def _optimizers(state: TrainingState) -> tuple[torch.optim.Optimizer, ...]:
+    return (state.optimizer,) if isinstance(state.optimizer, torch.optim.Optimizer) else ()
+
+
+def dcp_state(state: TrainingState) -> dict[str, Any]:
+    """The state dict DCP saves: model/optimizer through get_state_dict (FQN keys, DTensor shards), rest as is."""
+    sd: dict[str, Any] = {}
+    if isinstance(state.model, torch.nn.Module):
+        msd, osd = get_state_dict(state.model, _optimizers(state))
+        sd["model"] = msd
+        if _optimizers(state):
+            sd["optimizer"] = osd
+    for name, obj in state.parts().items():
+        sd.setdefault(name, obj.state_dict())
+    return sd
+
+
+def _apply(sd: Mapping[str, Any], state: TrainingState) -> None:
+    if isinstance(state.model, torch.nn.Module):
+        set_state_dict(
+            state.model,
+            _optimizers(state),
+            model_state_dict=sd["model"],
+            optim_state_dict=sd.get("optimizer", {}),
+        )
+    for name, obj in state.parts().items():
+        if name not in ("model", "optimizer") or not isinstance(state.model, torch.nn.Module):
+            obj.load_state_dict(sd[name])
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-{rank}.json"
+
+
+def rng_json() -> dict[str, Any]:
+    version, internal, gauss = random.getstate()
+    np_state = cast(tuple[Any, ...], np.random.get_state())
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
+        "torch": torch.get_rng_state().tolist(),
+        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if cuda else [],
+    }
+
+
+def restore_rng(data: Mapping[str, Any]) -> None:
+    def as_bytes(xs: list[int]) -> torch.Tensor:
+        return torch.tensor(xs, dtype=torch.uint8)
+
+    rng = {"torch": as_bytes(data["torch"]), "cuda": [as_bytes(c) for c in data.get("cuda", [])]}
+    restore({"rng": rng}, data, TrainingState())
+
+
+def _dcp_error(e: CheckpointException, where: str) -> TrackedCkptError:
+    """DCP raises CheckpointException (a BaseException) wrapping each rank's error; surface ours, else wrap."""
+    for exc, _trace in e.failures.values():
+        if isinstance(exc, TrackedCkptError):
+            return exc
+    first = next(iter(e.failures.values()), (e, None))[0]
+    text = f"{type(first).__name__}: {first}"
+    if "Missing key" in text or "size" in text.lower():
+        return CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {text}")
+    return CheckpointCorruptError(f"{where}: DCP failed ({text})")
+
+
+def load_dcp_folder(
+    folder: pathlib.Path, manifest: Manifest, state: TrainingState, where: str, group: Any = None, rank: int = 0
+) -> None:
+    """Restore a verified DCP checkpoint folder into ``state`` (collective when ``group`` is given)."""
+    data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
+    if METADATA_NAME not in {f.name for f in manifest.files}:
+        raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
+    template = dcp_state(state)
+    reader = SafeReader(folder, data_files, where)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process: intended
+            dcp_load(template, storage_reader=reader, planner=SafeLoadPlanner(where), process_group=group)
+    except CheckpointException as e:
+        raise reader.refused or _dcp_error(e, where) from None
+    except (RuntimeError, AssertionError) as e:
+        if reader.refused is not None:
+            raise reader.refused from None
+        raise CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {e}") from e
+    _apply(template, state)
+    if rng_file(rank) in {f.name for f in manifest.files}:
+        restore_rng(json.loads((folder / rng_file(rank)).read_text()))  # RNG last
+    elif any(f.name.startswith("rng-") for f in manifest.files):
+        log.warning("%s was saved by %d ranks; rank %d keeps its current RNG state", where, manifest.world_size, rank)

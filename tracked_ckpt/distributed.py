@@ -22,32 +22,27 @@ import json
 import logging
 import os
 import pickle
-import random
 import shutil
 import tempfile
 import threading
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ._faults import fault_point
 from ._version import __version__
 from .catalog import Resolved, RunCatalog, info_of, ref_for
-from .dcp_safe import METADATA_NAME, SafeLoadPlanner, SafeReader
+from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from .errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -55,12 +50,11 @@ from .errors import (
     ConfigError,
     SaveError,
     StoreError,
-    TrackedCkptError,
 )
 from .local import STAGING
 from .manager import CheckpointManager
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, FileEntry, Manifest, fsync_dir, hash_file, write_file
-from .state import Stateful, TrainingState, restore, split_metadata
+from .state import Stateful, TrainingState, split_metadata
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -74,101 +68,6 @@ def active() -> bool:
 
 def manager_class() -> type[CheckpointManager]:
     return DistributedCheckpointManager if active() else CheckpointManager
-
-
-# ------------------------------------------------------------------------------------------ state <-> DCP
-
-
-def _optimizers(state: TrainingState) -> tuple[torch.optim.Optimizer, ...]:
-    return (state.optimizer,) if isinstance(state.optimizer, torch.optim.Optimizer) else ()
-
-
-def dcp_state(state: TrainingState) -> dict[str, Any]:
-    """The state dict DCP saves: model/optimizer through get_state_dict (FQN keys, DTensor shards), rest as is."""
-    sd: dict[str, Any] = {}
-    if isinstance(state.model, torch.nn.Module):
-        msd, osd = get_state_dict(state.model, _optimizers(state))
-        sd["model"] = msd
-        if _optimizers(state):
-            sd["optimizer"] = osd
-    for name, obj in state.parts().items():
-        sd.setdefault(name, obj.state_dict())
-    return sd
-
-
-def _apply(sd: Mapping[str, Any], state: TrainingState) -> None:
-    if isinstance(state.model, torch.nn.Module):
-        set_state_dict(
-            state.model,
-            _optimizers(state),
-            model_state_dict=sd["model"],
-            optim_state_dict=sd.get("optimizer", {}),
-        )
-    for name, obj in state.parts().items():
-        if name not in ("model", "optimizer") or not isinstance(state.model, torch.nn.Module):
-            obj.load_state_dict(sd[name])
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-{rank}.json"
-
-
-def _rng_json() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    np_state = cast(tuple[Any, ...], np.random.get_state())
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if cuda else [],
-    }
-
-
-def _restore_rng(data: Mapping[str, Any]) -> None:
-    def as_bytes(xs: list[int]) -> torch.Tensor:
-        return torch.tensor(xs, dtype=torch.uint8)
-
-    rng = {"torch": as_bytes(data["torch"]), "cuda": [as_bytes(c) for c in data.get("cuda", [])]}
-    restore({"rng": rng}, data, TrainingState())
-
-
-def _dcp_error(e: CheckpointException, where: str) -> TrackedCkptError:
-    """DCP raises CheckpointException (a BaseException) wrapping each rank's error; surface ours, else wrap."""
-    for exc, _trace in e.failures.values():
-        if isinstance(exc, TrackedCkptError):
-            return exc
-    first = next(iter(e.failures.values()), (e, None))[0]
-    text = f"{type(first).__name__}: {first}"
-    if "Missing key" in text or "size" in text.lower():
-        return CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {text}")
-    return CheckpointCorruptError(f"{where}: DCP failed ({text})")
-
-
-def load_dcp_folder(
-    folder: Path, manifest: Manifest, state: TrainingState, where: str, group: Any = None, rank: int = 0
-) -> None:
-    """Restore a verified DCP checkpoint folder into ``state`` (collective when ``group`` is given)."""
-    data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
-    if METADATA_NAME not in {f.name for f in manifest.files}:
-        raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
-    template = dcp_state(state)
-    reader = SafeReader(folder, data_files, where)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process: intended
-            dcp_load(template, storage_reader=reader, planner=SafeLoadPlanner(where), process_group=group)
-    except CheckpointException as e:
-        raise reader.refused or _dcp_error(e, where) from None
-    except (RuntimeError, AssertionError) as e:
-        if reader.refused is not None:
-            raise reader.refused from None
-        raise CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {e}") from e
-    _apply(template, state)
-    if rng_file(rank) in {f.name for f in manifest.files}:
-        _restore_rng(json.loads((folder / rng_file(rank)).read_text()))  # RNG last
-    elif any(f.name.startswith("rng-") for f in manifest.files):
-        log.warning("%s was saved by %d ranks; rank %d keeps its current RNG state", where, manifest.world_size, rank)
 
 
 def load_resolved_dcp(catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None) -> None:
@@ -303,7 +202,7 @@ class DistributedCheckpointManager(CheckpointManager):
         t0 = time.perf_counter()
         staging = self.save_dir / STAGING / plan.token
         staging.mkdir(parents=True, exist_ok=True)
-        rng = _rng_json() if self.save_rng else None
+        rng = rng_json() if self.save_rng else None
         sd = dcp_state(state)
         if not self._dcp_async:
             try:
@@ -395,6 +294,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 self._index = {**self._index, path: info_of(manifest, path)}
             self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags())
         except StoreError as e:
+            shutil.rmtree(staging, ignore_errors=True)
             raise SaveError(
                 f"step {plan.step}: the shards are uploaded but the checkpoint could not be recorded: {e}"
             ) from e
