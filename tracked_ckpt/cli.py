@@ -62,7 +62,7 @@ class ExperimentNotFoundError(LookupError):
 # --------------------------------------------------------------------------------------- errors, logging
 
 
-def classify(e: BaseException) -> tuple[int, str] | None:
+def classify(e: BaseException, tracking_uri: str | None = None) -> tuple[int, str] | None:
     """The exit code and one-line message for a known failure; None for a bug (which keeps its traceback)."""
     from .errors import (
         CheckpointCorruptError,
@@ -88,10 +88,10 @@ def classify(e: BaseException) -> tuple[int, str] | None:
     if mlflow_exc is not None and isinstance(e, mlflow_exc):
         if getattr(e, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
             return EXIT_NOT_FOUND, _first_line(e)
-        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri()} up and reachable?)"
+        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri(tracking_uri)} up?)"
     requests_exc = getattr(sys.modules.get("requests.exceptions"), "RequestException", None)
     if (requests_exc is not None and isinstance(e, requests_exc)) or isinstance(e, ConnectionError):
-        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri()} up and reachable?)"
+        return EXIT_UNREACHABLE, f"{_first_line(e)} (is the MLflow tracking server at {_uri(tracking_uri)} up?)"
     if isinstance(e, OSError):  # a local file problem, e.g. pull -o into a folder we cannot write
         return EXIT_ERROR, _first_line(e)
     return None
@@ -102,10 +102,10 @@ def _first_line(e: BaseException) -> str:
     return text[0][:400] if text else type(e).__name__
 
 
-def _uri() -> str:
+def _uri(tracking_uri: str | None) -> str:
     from .store import redact
 
-    return redact(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    return redact(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
 
 
 class _Cli(click.Group):
@@ -117,7 +117,7 @@ class _Cli(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
-            known = classify(e)
+            known = classify(e, ctx.meta.get("tracked_ckpt.tracking_uri"))
             if known is None:
                 raise
             code, message = known
@@ -156,12 +156,18 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> No
         logging.getLogger("mlflow").setLevel(logging.INFO if verbosity >= 2 else logging.ERROR)
 
 
+def _remember_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    ctx.meta["tracked_ckpt.tracking_uri"] = value  # for error messages
+    return value
+
+
 def _common(f: F) -> F:
     f = click.option(
         "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines (-vv: debug)."
     )(f)
     return click.option(
         "--tracking-uri",
+        callback=_remember_uri,
         envvar="MLFLOW_TRACKING_URI",
         show_envvar=True,
         metavar="URI",
