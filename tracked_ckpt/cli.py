@@ -241,7 +241,7 @@ def ls_cmd(
     import pandas as pd
 
     from .errors import CheckpointNotFoundError
-    from .views import list_checkpoints
+    from .views import checkpoints_frame, list_checkpoints
 
     if run_id is not None:
         df = list_checkpoints(run_id, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
@@ -252,7 +252,8 @@ def ls_cmd(
             list_checkpoints(experiment=name, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
             for name in _experiment_names(experiment, tracking_uri)
         ]
-        df = pd.concat(frames, ignore_index=True) if frames else list_checkpoints(experiment=None)[:0]
+        frames = [f for f in frames if not f.empty]  # pandas warns about concatenating empty frames
+        df = pd.concat(frames, ignore_index=True) if frames else checkpoints_frame("", [], "reward", "max")
     if fmt != "table":
         _emit_frame(df, fmt)
     elif df.empty:
@@ -288,6 +289,7 @@ def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None
     from .views import RUN_COLUMNS, list_runs
 
     frames = [list_runs(name, tracking_uri=tracking_uri) for name in _experiment_names(experiment, tracking_uri)]
+    frames = [f for f in frames if not f.empty]  # pandas warns about concatenating empty frames
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
     if fmt != "table":
         _emit_frame(df, fmt)
