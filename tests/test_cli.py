@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -422,6 +423,17 @@ def test_the_library_configures_no_logging_handlers(run5: tuple[str, str]) -> No
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[] []"
+
+
+def test_table_keeps_metric_names_that_are_not_identifiers() -> None:
+    from tracked_ckpt.cli import _checkpoints_table
+
+    row = {"run_id": "r", "path": "checkpoints/step-00000001", "ref": "runs:/r/checkpoints/step-00000001"}
+    row |= {"step": 1, "seq": 1, "epoch": None, "created": pd.Timestamp.now(tz="UTC"), "size_bytes": 2_500_000}
+    row |= {"is_latest": True, "is_best": False, "val/loss": 0.25, "reward": 7.0}
+    header, line = _checkpoints_table(pd.DataFrame([row]), with_run=False).splitlines()
+    assert header.split() == ["step", "epoch", "reward", "val/loss", "size", "age", "mark", "path"]
+    assert line.split() == ["1", "-", "7", "0.25", "2.5", "MB", "0s", "latest", "checkpoints/step-00000001"]
 
 
 def test_reference_syntax() -> None:

@@ -336,8 +336,7 @@ def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
     metrics.sort(key=lambda c: (c != "reward", c))
     headers = (["run"] if with_run else []) + ["step", "epoch", *metrics, "size", "age", "mark", "path"]
     rows = []
-    for r in df.itertuples(index=False):
-        row = r._asdict()
+    for row in df.to_dict("records"):  # not itertuples: it renames metric columns like "val/loss"
         cells = [row["run_id"]] if with_run else []
         cells += [_int(row["step"]), _int(row["epoch"])]
         cells += [_num(row[m]) for m in metrics]
