@@ -34,7 +34,9 @@ class GatedStore(RunStore):
         self.gate.wait()
         if self.fail_uploads:
             self.fail_uploads -= 1
-            raise StoreError(f"PERMISSION_DENIED: injected upload failure of {local_file.name}")  # not retried
+            error = StoreError(f"injected upload failure of {local_file.name}")
+            error.transient = False  # refused for good: reported to the save, not retried in the background
+            raise error
         super().upload(local_file, artifact_dir)
 
 
