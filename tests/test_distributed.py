@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.dcp_safe import load_bytes_safely
-from tracked_ckpt.errors import CheckpointCorruptError, UnsafeCheckpointError
+from tracked_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, UnsafeCheckpointError
 from tracked_ckpt.fsdp_demo import build
 from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
 from tracked_ckpt.store import RunStore
@@ -332,3 +332,14 @@ def test_a_failing_rank_fails_the_save_on_every_rank_and_the_next_save_works(tmp
     assert [r.manifest.step for r in catalog.scan()] == [3]  # the failed saves never became checkpoints
     latest = catalog.latest()
     assert latest is not None and latest.manifest.step == 3
+
+
+def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(runs: Runs, tmp_path: Path) -> None:
+    model = build(128)  # saved with width 256
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr = CheckpointManager(tmp_path / "other", run_id=runs.uninterrupted)
+    with pytest.raises(CheckpointMismatchError, match=r"does not fit.*0\.weight"):
+        mgr.load(model, opt, which=4)  # step 2 of this run is the one the flipped-byte test damaged
+    assert_same(before, model.state_dict(), "model untouched")
+    mgr.close()
