@@ -24,6 +24,6 @@ def test_smoke_benchmark_runs_every_case(tmp_path: Path, mlflow_server: str, mon
     groups = {(r.group, r.size) for r in b.rows}
     assert groups == {("blocked", "4MB"), ("save", "4MB"), ("load", "4MB"), ("remote", "4MB"),
                       ("scale", "n=10"), ("scale", "n=30")}  # fmt: skip
-    assert all(len(r.times) == 2 for r in b.rows)
+    assert all(len(r.times) >= 2 for r in b.rows)
     targets = bench.ratios(b, ["4MB"], [10, 30])
     assert {t[0] for t in targets} >= {"async blocked ≤ 1.3x copy_", "server resume < download+load"}

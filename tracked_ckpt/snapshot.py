@@ -33,11 +33,11 @@ class StagingBuffers:
     """Host copies of a state payload, written into buffers reused from one save to the next."""
 
     def __init__(self) -> None:
-        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._buffers: dict[tuple[Any, ...], tuple[torch.Tensor, bool]] = {}  # path in the payload: (buffer, pinned)
 
     @property
     def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return sum(b.numel() * b.element_size() for b, _ in self._buffers.values())
 
     def clear(self) -> None:
         self._buffers = {}
@@ -48,7 +48,7 @@ class StagingBuffers:
         Containers are rebuilt (an OrderedDict keeps its ``_metadata``), other values deep-copied, and a tensor
         that appears twice in the payload is copied once, so sharing survives as it does in ``torch.save``.
         """
-        used: dict[tuple[Any, ...], torch.Tensor] = {}
+        used: dict[tuple[Any, ...], tuple[torch.Tensor, bool]] = {}
         seen: dict[int, torch.Tensor] = {}
         on_gpu = False
 
@@ -59,18 +59,18 @@ class StagingBuffers:
             if t.layout != torch.strided or t.is_quantized or type(t) not in (torch.Tensor, torch.nn.Parameter):
                 out = t.detach().to("cpu", copy=True)  # rare kinds: a fresh copy, no reuse
             else:
-                pin = t.device.type != "cpu"
-                buf = self._buffers.get(key)
-                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != pin:
+                pin = t.is_cuda  # other accelerators: a plain blocking copy_
+                buf, pinned = self._buffers.get(key, (None, False))
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or pinned != pin:
                     buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
-                if not pin and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+                if t.device.type == "cpu" and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
                     # One memcpy, GIL released: torch's copy_ wakes its OpenMP pool, which took 0.1-0.3 s after
                     # idling on this busy 2-core machine, and competes with the save thread for the cores.
                     ctypes.memmove(buf.data_ptr(), t.data_ptr(), t.numel() * t.element_size())
-                else:  # pinned target: the device-to-host copy runs by DMA; synchronized below, before returning
+                else:  # from a GPU into pinned memory by DMA; synchronized below, before returning
                     buf.copy_(t.detach(), non_blocking=pin)
-                on_gpu = on_gpu or t.device.type == "cuda"
-                used[key] = buf
+                on_gpu = on_gpu or pin
+                used[key] = (buf, pin)
                 out = torch.nn.Parameter(buf, requires_grad=t.requires_grad) if type(t) is torch.nn.Parameter else buf
             seen[id(t)] = out
             return out
