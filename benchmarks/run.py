@@ -308,27 +308,42 @@ def build_run(uri: str, work: Path, n: int) -> str:
 
 
 def bench_scale(b: Bench, counts: list[int], work: Path, uri: str) -> None:
+    """Resolution and listing at each count; measured round-robin across counts, so drift hits them alike."""
     from mlflow.tracking import MlflowClient
 
     from tracked_ckpt import list_checkpoints
     from tracked_ckpt.catalog import RunCatalog
     from tracked_ckpt.store import RunStore
 
+    catalogs = {}
     for n in counts:
         t0 = time.perf_counter()
         run_id = build_run(uri, work, n)
         print(f"  (built a run with {n} checkpoints in {time.perf_counter() - t0:.1f} s)")
-        catalog = RunCatalog(RunStore(MlflowClient(uri), run_id))
-        assert catalog.resolve("latest").manifest.step == n
-        label = f"n={n}"
-        b.measure("scale", "resolve latest (tags + one manifest)", label, lambda _, c=catalog: c.resolve("latest"))
-        b.measure("scale", "resolve best (tags + one manifest)", label, lambda _, c=catalog: c.resolve("best"))
+        catalogs[n] = RunCatalog(RunStore(MlflowClient(uri), run_id))
+        assert catalogs[n].resolve("latest").manifest.step == n
 
-        def listing(_: int, run: str = run_id, count: int = n) -> None:
-            df = list_checkpoints(run, tracking_uri=uri)
-            assert len(df) == count, len(df)
+    def listing(n: int) -> None:
+        df = list_checkpoints(catalogs[n].run_id, tracking_uri=uri)
+        assert len(df) == n, len(df)
 
-        b.measure("scale", "list_checkpoints() DataFrame (local store)", label, listing)
+    cases: list[tuple[str, Callable[[int], Any]]] = [
+        ("resolve latest (tags + one manifest)", lambda n: catalogs[n].resolve("latest")),
+        ("resolve best (tags + one manifest)", lambda n: catalogs[n].resolve("best")),
+        ("list_checkpoints() DataFrame (local store)", listing),
+    ]
+    for case, fn in cases:
+        times: dict[int, list[float]] = {n: [] for n in counts}
+        for i in range(-1, max(b.repeats, 7)):
+            for n in counts:
+                t0 = time.perf_counter()
+                fn(n)
+                if i >= 0:
+                    times[n].append(time.perf_counter() - t0)
+        for n in counts:
+            row = Row("scale", case, f"n={n}", times[n])
+            b.rows.append(row)
+            print(f"  {'scale':<8} {row.size:>6}  {case:<58} {_fmt(row.median):>10}", flush=True)
 
 
 # ------------------------------------------------------------------------------------------ the report
