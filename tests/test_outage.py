@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -170,7 +173,11 @@ def test_sync_uploads_what_an_outage_left(
     proxy.set_mode("503")
     mgr.save(model, opt, {"step": 7, "reward": 1.0})
     mgr.close()
+    assert sync(tmp_path / "ck", timeout=1) == {mgr.run_id: 1}  # still failing: still queued
     proxy.set_mode("pass")
-    assert sync(tmp_path / "ck") == {mgr.run_id: 0}
+    cli = subprocess.run([sys.executable, "-m", "tracked_ckpt", "sync", str(tmp_path / "ck")], capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": proxy.url})  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert f"run {mgr.run_id}: all recorded" in cli.stdout
     assert reward_steps(mlflow_server, mgr.run_id) == [7]
     assert tracked_ckpt.load(mgr.run_id, model, tracking_uri=mlflow_server)["step"] == 7

@@ -5,6 +5,7 @@ These only read the run: nothing is logged, no run is created or marked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,13 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from .catalog import RunCatalog, Which
-from .errors import CheckpointNotFoundError
+from .errors import CheckpointNotFoundError, StoreError
 from .loading import load_latest_verified, load_resolved
 from .policies import check_mode
 from .state import Stateful, TrainingState
 from .store import RunStore
+
+log = logging.getLogger(__name__)
 
 
 def load(
@@ -65,7 +68,9 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     uri = tracking_uri or pointer.get("tracking_uri") or None
     left: dict[str, int] = {}
     for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
-        mgr = CheckpointManager(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout)
-        mgr.close()
+        try:
+            CheckpointManager(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout).close()
+        except StoreError as e:  # still unreachable: everything stays queued, for the next try
+            log.warning("run %s: %s", run_id, e)
         left[run_id] = len(Outbox(root).pending(run_id))
     return left

@@ -204,6 +204,7 @@ def cli() -> None:
       tracked-ckpt pull RUN_ID@best -o ./best
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
+    tracked-ckpt sync ./training_checkpoints
     """
 
 
@@ -631,6 +632,36 @@ def prune_cmd(
         return
     maintenance.apply_prune(catalog, plan)
     click.echo(f"deleted {len(plan.delete)} checkpoint(s), {human_bytes(freed)}; kept {len(plan.keep)}")
+
+
+# ------------------------------------------------------------------------------------------------- sync
+
+
+@cli.command("sync")
+@click.argument("save_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for MLflow.")
+@_common
+def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
+    """Record in MLflow the checkpoints an outage left queued in SAVE_DIR's outbox.
+
+    A checkpoint is always committed locally first; when the tracking server is down, hung or failing its
+    upload waits in SAVE_DIR/.outbox. A training process drains it by itself when the server is back; this
+    command does it for a process that is gone. Exits 6 if anything is still queued afterwards.
+
+    \b
+    Examples:
+      tracked-ckpt sync ./training_checkpoints
+      MLFLOW_TRACKING_URI=http://mlflow:5000 tracked-ckpt sync ./ckpt --timeout 60
+    """
+    from .api import sync
+
+    left = sync(save_dir, tracking_uri=tracking_uri, timeout=timeout)
+    if not left:
+        click.echo(f"nothing queued in {save_dir}")
+    for run_id, n in left.items():
+        click.echo(f"run {run_id}: {'all recorded' if n == 0 else f'{n} checkpoint(s) still queued'}")
+    if any(left.values()):
+        sys.exit(EXIT_UNREACHABLE)
 
 
 # ------------------------------------------------------------------------------------------------- demo

@@ -73,8 +73,9 @@ class DirLock:
 
 
 class Lease:
-    def __init__(self, store: RunStore, *, interval: float = 15.0, timeout: float = 60.0) -> None:
+    def __init__(self, store: RunStore, save_dir: Path, *, interval: float = 15.0, timeout: float = 60.0) -> None:
         self.store = store
+        self.save_dir = str(save_dir)
         self.interval = interval
         self.timeout = timeout
         self.token = uuid.uuid4().hex
@@ -83,7 +84,13 @@ class Lease:
 
     def _value(self) -> str:
         return json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "token": self.token, "heartbeat": time.time()}
+            {
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "save_dir": self.save_dir,
+                "token": self.token,
+                "heartbeat": time.time(),
+            }
         )
 
     def acquire(self, tags: dict[str, str]) -> None:
@@ -97,8 +104,11 @@ class Lease:
                 held = None
             if held is not None:
                 age = time.time() - beat
-                # A dead process on this host, or an earlier (closed) manager of this very process.
-                dead_here = host == socket.gethostname() and (pid == os.getpid() or not _pid_alive(pid))
+                # Gone for sure: a dead process on this host, an earlier (closed) manager of this very process,
+                # or a holder that wrote through this save_dir, whose lock we now hold (so it closed or died).
+                here = host == socket.gethostname()
+                same_dir = held.get("save_dir") == self.save_dir
+                dead_here = here and (pid == os.getpid() or not _pid_alive(pid) or same_dir)
                 if age < self.timeout and not dead_here:
                     raise RunLockedError(
                         f"run {self.store.run_id} is being written by host {host} pid {pid} (heartbeat {age:.0f} s "

@@ -171,7 +171,9 @@ class CheckpointManager:
         try:
             run_id, how = self._find_run(run_id, experiment, run_name)
             self.store = self._open_store(run_id)
-            self._lease = Lease(self.store, interval=max(1.0, lease_timeout / 4), timeout=lease_timeout)
+            # The save_dir lock is held already, so a holder that wrote through this save_dir is gone.
+            beat = max(1.0, lease_timeout / 4)
+            self._lease = Lease(self.store, self.save_dir, interval=beat, timeout=lease_timeout)
             self._lease.acquire(self.store.tags())
         except BaseException:
             self._dir_lock.release()
