@@ -42,7 +42,7 @@ def test_sigkill_at_every_stage_and_50_random_moments(tmp_path: Path) -> None:
     for stage in ("upload:state.pt", "upload:MANIFEST.json", "tags", "retention", "retention_mid"):
         assert stage_results[f"stage:{stage}"]["resumed_step"] == 3
     resumed = [r["resumed_step"] for r in lines[:-1] if str(r["scenario"]).startswith("random:")]
-    assert resumed == sorted(resumed) and resumed[-1] > 20  # the chain of crashes kept making progress
+    assert resumed == sorted(resumed) and resumed[-1] > 50  # the chain of crashes kept making progress
 
 
 @pytest.mark.slow

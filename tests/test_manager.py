@@ -428,8 +428,8 @@ def test_same_step_twice_never_overwrites(tmp_path: Path, experiment: str) -> No
 
 def test_manager_beside_users_own_mlflow_run(tmp_path: Path, experiment: str) -> None:
     model, opt, _ = make_training()
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run() as run:
+    # start_run(experiment_id=...), not set_experiment(): that one also exports MLFLOW_EXPERIMENT_ID to the session.
+    with mlflow.start_run(experiment_id=MlflowClient().create_experiment(experiment)) as run:
         mlflow.log_param("lr", 0.01)
         with CheckpointManager(tmp_path / "ck") as mgr:
             assert mgr.run_id == run.info.run_id
