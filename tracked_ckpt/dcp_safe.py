@@ -15,7 +15,6 @@ import logging
 import pathlib
 import pickle
 import random
-import re
 import warnings
 from collections.abc import Collection, Mapping
 from typing import Any, cast
@@ -33,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from .errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
+from .loading import unsafe_pickle_error
 from .manifest import Manifest
 from .state import TrainingState, restore
 
@@ -103,12 +103,7 @@ def load_bytes_safely(value: io.BytesIO, fqn: str, where: str) -> Any:
     try:
         return torch.load(value, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
-        culprit = found.group(1) if found else "an unsupported object"
-        raise UnsafeCheckpointError(
-            f"{where}: value {fqn!r} asks to unpickle {culprit}, which weights_only loading refuses; "
-            "it was not written by tracked_ckpt (or was tampered with). Nothing was loaded"
-        ) from None
+        raise unsafe_pickle_error(e, where, f"value {fqn!r}") from None
 
 
 class SafeReader(FileSystemReader):

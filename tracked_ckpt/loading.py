@@ -25,16 +25,21 @@ from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
 log = logging.getLogger(__name__)
 
 
+def unsafe_pickle_error(e: pickle.UnpicklingError, where: str, what: str) -> UnsafeCheckpointError:
+    """The weights_only unpickler refused a global: name it, and ``what`` asked for it."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
+    culprit = found.group(1) if found else "an unsupported object"
+    return UnsafeCheckpointError(
+        f"{where}: {what} asks to unpickle {culprit}, which weights_only loading refuses; "
+        "it was not written by tracked_ckpt (or was tampered with). Nothing was loaded"
+    )
+
+
 def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
-        culprit = found.group(1) if found else "an unsupported object"
-        raise UnsafeCheckpointError(
-            f"{where}: file {path.name!r} asks to unpickle {culprit}, which weights_only loading refuses; "
-            "it was not written by tracked_ckpt (or was tampered with). Nothing was loaded"
-        ) from None
+        raise unsafe_pickle_error(e, where, f"file {path.name!r}") from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         raise CheckpointCorruptError(f"{where}: file {path.name!r} is not a readable torch file: {e}") from e
     if not isinstance(payload, dict):
