@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import signal
+import subprocess
+import sys
 import textwrap
 import threading
 from collections import OrderedDict
@@ -10,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TinyNet, assert_same_state, make_training, run_python, train_steps
+from conftest import ROOT, TinyNet, assert_same_state, make_training, run_python, train_steps
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager, EveryNSteps, KeepLast
@@ -233,3 +237,49 @@ def test_background_saver_runs_jobs_in_order_on_one_thread() -> None:
     error = saver.close()
     assert isinstance(error, SaveError) and "step 7" in str(error) and isinstance(error.__cause__, ValueError)
     assert saver.close() is None
+
+
+ASYNC_TRAINER = """
+import sys, time, torch
+from tracked_ckpt import CheckpointManager, EveryNSteps
+model = torch.nn.Linear(4, 4)
+mgr = CheckpointManager(sys.argv[1], experiment=sys.argv[2], save_policy=EveryNSteps(3), save_on_sigterm=True,
+                        async_save=True)
+step = 0
+print("start", flush=True)
+while True:
+    step += 1
+    with torch.no_grad():
+        model.weight.fill_(step)
+    print("step", step, flush=True)
+    if mgr.should_save(step):
+        mgr.save(model, metadata={"step": step})
+    time.sleep(0.05)
+"""
+
+
+def test_sigterm_with_async_save_finishes_the_final_save_then_exits(tmp_path: Path, experiment: str) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-c", ASYNC_TRAINER, str(tmp_path / "ck"), experiment], cwd=tmp_path,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout is not None
+        seen = 0
+        while seen < 7:
+            line = p.stdout.readline()
+            assert line, "the trainer died before step 7"
+            seen = int(line.split()[1]) if line.startswith("step") else seen
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 143, err
+    last = max([seen] + [int(line.split()[1]) for line in out.splitlines() if line.startswith("step")])
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, resume="must") as mgr:
+        steps = list(mgr.checkpoints()["step"])
+        model = torch.nn.Linear(4, 4)
+        assert mgr.load(model)["step"] == last
+    assert steps[-1] == last and steps[:2] == [3, 6]
+    assert torch.equal(model.weight, torch.full((4, 4), float(last)))

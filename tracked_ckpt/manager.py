@@ -418,6 +418,9 @@ class CheckpointManager:
                 self._pending = None  # recorded in the index by now, or failed (wait() reports it)
 
         self._saver.submit(step, job)
+        if self._preempted:  # SIGTERM: finish this save, then exit as a synchronous save does
+            self.wait()
+            self._exit_after_preemption(step)
         return ref_for(self.run_id, path)
 
     def _commit(
@@ -461,7 +464,7 @@ class CheckpointManager:
             log.info(
                 "step %d is below the previous latest step %d: this checkpoint is now the latest", step, latest.step
             )
-        if self._preempted:
+        if self._preempted and self._saver is None:  # async: save() exits on the training thread instead
             self._exit_after_preemption(step)
 
     def _folder_name(self, step: int, seq: int) -> str:
