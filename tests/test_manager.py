@@ -281,6 +281,8 @@ def test_resume_never_starts_a_new_run_and_must_resumes(tmp_path: Path, experime
     # the pointer now names the second run, which has no checkpoint: must refuses it
     with pytest.raises(CheckpointNotFoundError, match=second):
         CheckpointManager(tmp_path / "ck", experiment=experiment, resume="must")
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:  # the failed one left no lock behind
+        assert mgr.run_id == second
     with CheckpointManager(tmp_path / "other", run_id=first, resume="must") as mgr:
         assert mgr.load(model, opt)["step"] == 3
 

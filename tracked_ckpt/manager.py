@@ -175,34 +175,34 @@ class CheckpointManager:
             beat = max(1.0, lease_timeout / 4)
             self._lease = Lease(self.store, self.save_dir, interval=beat, timeout=lease_timeout)
             self._lease.acquire(self.store.tags())
+            self.catalog = RunCatalog(self.store)
+            self._index: dict[str, CheckpointInfo] = {}  # committed checkpoints of the run, by path
+            self._taken: set[str] = set()  # every folder name in use, committed or not
+            self._publisher = Publisher(self.outbox, run_id, self._publish_pending, self._server)
+            if how != "new":
+                self._recover()
+            queued = self.outbox.pending(run_id)
+            self._taken |= {p.name for p in queued}
+            self._next_seq = max([c.seq for c in self._index.values()] + [p.seq for p in queued], default=0) + 1
+            others = {p.run_id for p in self.outbox.pending()} - {run_id}
+            if others:
+                log.warning("%s holds queued checkpoints of other runs %s: `tracked-ckpt sync %s` uploads them",
+                            self.outbox.dir, sorted(others), self.save_dir)  # fmt: skip
+            if resume == "must" and not self._index:
+                raise CheckpointNotFoundError(
+                    f"resume='must' but run {run_id} ({how}) has no committed checkpoint at {self._server}; "
+                    "check run_id / save_dir, or use resume='auto' to start from scratch"
+                )
+            self.local.write_pointer(run_id, self._server, self.store.experiment_id)
+            self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
+            self._attach(how)
+            if save_on_sigterm:
+                self._install_sigterm()
+            atexit.register(self._close_at_exit)
+            log.info("run %s (%s) at %s, save_dir %s", run_id, how, self._server, self.save_dir)
         except BaseException:
-            self._dir_lock.release()
+            self._abandon()  # e.g. resume="must" with no checkpoint: leave no lock, lease or thread behind
             raise
-        self.catalog = RunCatalog(self.store)
-        self._index: dict[str, CheckpointInfo] = {}  # committed checkpoints of the run, by path
-        self._taken: set[str] = set()  # every folder name in use, committed or not
-        self._publisher = Publisher(self.outbox, run_id, self._publish_pending, self._server)
-        if how != "new":
-            self._recover()
-        queued = self.outbox.pending(run_id)
-        self._taken |= {p.name for p in queued}
-        self._next_seq = max([c.seq for c in self._index.values()] + [p.seq for p in queued], default=0) + 1
-        others = {p.run_id for p in self.outbox.pending()} - {run_id}
-        if others:
-            log.warning("%s holds queued checkpoints of other runs %s: `tracked-ckpt sync %s` uploads them",
-                        self.outbox.dir, sorted(others), self.save_dir)  # fmt: skip
-        if resume == "must" and not self._index:
-            raise CheckpointNotFoundError(
-                f"resume='must' but run {run_id} ({how}) has no committed checkpoint at {self._server}; "
-                "check run_id / save_dir, or use resume='auto' to start from scratch"
-            )
-        self.local.write_pointer(run_id, self._server, self.store.experiment_id)
-        self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
-        self._attach(how)
-        if save_on_sigterm:
-            self._install_sigterm()
-        atexit.register(self._close_at_exit)
-        log.info("run %s (%s) at %s, save_dir %s", run_id, how, self._server, self.save_dir)
 
     # ---------------------------------------------------------------------------------------- the run
 
@@ -662,6 +662,16 @@ class CheckpointManager:
         self._dir_lock.release()
         if failure is not None:
             raise failure
+
+    def _abandon(self) -> None:
+        """Undo a half-finished __init__."""
+        publisher: Publisher | None = vars(self).get("_publisher")
+        lease: Lease | None = vars(self).get("_lease")
+        if publisher is not None:
+            publisher.stop()
+        if lease is not None:
+            _bounded(lease.release, 2.0)
+        self._dir_lock.release()
 
     def _close_at_exit(self) -> None:
         try:
