@@ -502,3 +502,20 @@ def test_user_facing_example_in_docstring_runs(tmp_path: Path, experiment: str) 
     exec(compile(example.replace('experiment="cartpole"', "experiment=experiment"), "example", "exec"), namespace)
     df = namespace["mgr"].checkpoints()  # type: ignore[attr-defined]
     assert list(df["step"]) == [100, 200]
+
+
+def test_a_manifest_from_a_newer_version_is_never_cleaned_up(tmp_path: Path, experiment: str) -> None:
+    """Attaching removes dead saves' leftovers, but a folder whose manifest it cannot read is not one."""
+    model, opt, _ = make_training()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
+        old = mgr.save(model, opt, {"step": 1})
+        mgr.save(model, opt, {"step": 2})
+        manifest = artifact(mgr, old, MANIFEST_NAME)
+        newer = manifest.read_text().replace('"format_version": 1', '"format_version": 99')
+        manifest.unlink()  # a new inode: the local copy keeps the original
+        manifest.write_text(newer)
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
+        assert manifest.read_text() == newer  # still there, untouched
+        with pytest.raises(CheckpointCorruptError, match="format_version 99"):
+            mgr.load(model, opt, checkpoint_path=old)
+        assert mgr.load(model, opt)["step"] == 2

@@ -78,6 +78,7 @@ class RunCatalog:
     def __init__(self, store: RunStore) -> None:
         self.store = store
         self.unreadable: dict[str, CheckpointCorruptError] = {}  # folders whose manifest failed, from scan()
+        self.listed: list[str] = []  # every checkpoint-shaped folder seen by scan(), committed or not
 
     @property
     def run_id(self) -> str:
@@ -140,6 +141,7 @@ class RunCatalog:
                 found = list(pool.map(read, paths))
         # Kept so that an explicit request for one of these raises its error instead of "not found".
         self.unreadable = {p: r for p, r in zip(paths, found, strict=True) if isinstance(r, CheckpointCorruptError)}
+        self.listed = paths  # every checkpoint-shaped folder, committed or not
         return sorted((r for r in found if isinstance(r, Resolved)), key=lambda r: r.manifest.seq)
 
     def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:

@@ -174,7 +174,7 @@ class CheckpointManager:
             # The save_dir lock is held already, so a holder that wrote through this save_dir is gone.
             beat = max(1.0, lease_timeout / 4)
             self._lease = Lease(self.store, self.save_dir, interval=beat, timeout=lease_timeout)
-            self._lease.acquire(self.store.tags())
+            self._lease.acquire(self.store.tags_at_open)
             self.catalog = RunCatalog(self.store)
             self._index: dict[str, CheckpointInfo] = {}  # committed checkpoints of the run, by path
             self._taken: set[str] = set()  # every folder name in use, committed or not
@@ -273,9 +273,9 @@ class CheckpointManager:
 
     def _recover(self) -> None:
         """Index the run's committed checkpoints; re-publish tags that lag behind a committed manifest."""
-        tags = self.store.tags()
+        tags = self.store.tags_at_open
         found = self.catalog.scan()
-        self._taken = {e.path.rpartition("/")[2] for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir}
+        self._taken = {p.rpartition("/")[2] for p in self.catalog.listed}
         self._index = {r.path: r.info for r in found}
         queued = self.outbox.pending(self.run_id)
         if queued:  # checkpoints committed locally by an earlier process and never recorded: record them now
@@ -297,7 +297,8 @@ class CheckpointManager:
 
         Only the lease holder runs this, so nothing here can be another live writer's save in progress.
         """
-        committed = {r.path.rpartition("/")[2] for r in found}
+        # A folder whose manifest exists but does not parse (torn, or written by a newer tracked_ckpt) is kept.
+        committed = {r.path.rpartition("/")[2] for r in found} | {p.rpartition("/")[2] for p in self.catalog.unreadable}
         queued = {p.name for p in self.outbox.pending(self.run_id)}
         for name in sorted(self._taken - committed - queued):
             log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
@@ -313,7 +314,7 @@ class CheckpointManager:
                     self.local.remove(self.run_id, d.name)
 
     def _attach(self, how: str) -> None:
-        tags = self.store.tags()
+        tags = self.store.tags_at_open
         if how != "new" and self._owns_run_status:
             try:
                 self.client.update_run(self.run_id, status="RUNNING")

@@ -84,6 +84,7 @@ class RunStore:
             raise RunNotFoundError(
                 f"run {run_id} at {self.server} is deleted; restore it in the MLflow UI or `mlflow gc` it"
             )
+        self.tags_at_open: dict[str, str] = dict(run.data.tags)  # saves a get_run for callers that just opened it
         self.experiment_id: str = run.info.experiment_id
         self.artifact_uri: str = run.info.artifact_uri
         self.repo: Any = get_artifact_repository(self.artifact_uri, tracking_uri=client.tracking_uri)

@@ -152,7 +152,7 @@ def list_checkpoints(
     rows: list[dict[str, Any]] = []
     for rid in run_ids:
         store = RunStore(client, rid)
-        run_metric, run_mode = _monitor(store.tags().get(TAG_MONITOR), metric, mode)
+        run_metric, run_mode = _monitor(store.tags_at_open.get(TAG_MONITOR), metric, mode)
         rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode)
     return _typed_checkpoints(pd.DataFrame(rows))
 
