@@ -419,7 +419,7 @@ def test_same_step_twice_never_overwrites(tmp_path: Path, experiment: str) -> No
     model, opt, _ = make_training()
     with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
         first = mgr.save(model, opt, {"step": 5, "reward": 1.0})
-        train_steps(model, opt, make_training()[2], 1)
+        train_steps(model, opt, torch.optim.lr_scheduler.StepLR(opt, 10), 1)
         second = mgr.save(model, opt, {"step": 5, "reward": 2.0})
         assert first != second
         df = mgr.checkpoints()
