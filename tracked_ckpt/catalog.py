@@ -12,12 +12,13 @@ import errno
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
@@ -106,7 +107,8 @@ class RunCatalog:
     def _read(self, artifact: str) -> bytes:
         root = self.store.local_dir
         if root is not None:  # in place: a temporary folder per manifest cost ~2 ms to remove (10k: 20 s)
-            return _read_in_place(root, artifact, self.run_id)
+            with open_in_place(root, artifact, self.run_id) as f:
+                return f.read()
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
             return self.store.fetch(artifact, Path(tmp)).read_bytes()
 
@@ -257,15 +259,18 @@ def _local_dirs(folder: Path) -> list[str]:
         return []
 
 
-def _read_in_place(root: Path, artifact: str, run_id: str) -> bytes:
-    """Read ``root/artifact`` refusing a symlink at any level (O_NOFOLLOW per component: no resolve() calls)."""
+def open_in_place(root: Path, artifact: str, run_id: str) -> IO[bytes]:
+    """Open ``root/artifact`` for reading, refusing a symlink at any level and anything but a regular file.
+
+    O_NOFOLLOW per component (no resolve() calls); O_NONBLOCK so that a planted FIFO cannot hang the open.
+    """
     *dirs, name = artifact.split("/")
     fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
     try:
         try:
             for d in dirs:
                 fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
-            fds.append(os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fds[-1]))
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1])
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -273,11 +278,13 @@ def _read_in_place(root: Path, artifact: str, run_id: str) -> bytes:
                 f"artifact {artifact} of run {run_id} is or lies under a symlink (or a file where a folder should be); "
                 "refusing to follow it"
             ) from e
-        with os.fdopen(fds.pop(), "rb") as f:
-            return f.read()
-    finally:
-        for fd in fds:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
+            raise CheckpointCorruptError(f"artifact {artifact} of run {run_id} is not a regular file; not reading it")
+        return os.fdopen(fd, "rb")
+    finally:
+        for d_fd in fds:
+            os.close(d_fd)
 
 
 def _cache_matches(folder: Path, m: Manifest) -> bool:

@@ -12,22 +12,31 @@ These are the library side of the ``tracked-ckpt`` commands; they log, never pri
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
 import shutil
-import stat
 import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 from mlflow.tracking import MlflowClient
 
-from .catalog import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_MONITOR, TAG_PRUNED, Resolved, RunCatalog, Which
+from .catalog import (
+    TAG_BEST,
+    TAG_BYTES,
+    TAG_COUNT,
+    TAG_LATEST,
+    TAG_MONITOR,
+    TAG_PRUNED,
+    Resolved,
+    RunCatalog,
+    Which,
+    open_in_place,
+)
 from .catalog import parse_ref as parse_runs_uri
 from .catalog import ref_for as runs_uri
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
@@ -278,7 +287,7 @@ def pull(
 def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None, base: int) -> None:
     root = catalog.store.local_dir
     if root is not None:  # a local artifact store: copy in chunks, so the bar moves
-        with _open_in_place(root, path, catalog.run_id) as src, open(dest, "wb") as out:
+        with open_in_place(root, check_relpath(path, "artifact path"), catalog.run_id) as src, open(dest, "wb") as out:
             while chunk := src.read(_CHUNK):
                 out.write(chunk)
                 if bar is not None:
@@ -292,27 +301,3 @@ def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None
         with watch_file(download / path, bar, base):
             got = catalog.store.fetch(path, download)
     os.replace(got, dest)
-
-
-def _open_in_place(root: Path, path: str, run_id: str) -> IO[bytes]:
-    """Open ``root/path`` for reading, refusing a symlink at any level and anything but a regular file."""
-    *dirs, name = check_relpath(path, "artifact path").split("/")
-    fds = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
-    try:
-        try:
-            for d in dirs:
-                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fds[-1]))
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fds[-1])
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            raise CheckpointCorruptError(
-                f"artifact {path} of run {run_id} is or lies under a symlink; not reading it"
-            ) from e
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise CheckpointCorruptError(f"artifact {path} of run {run_id} is not a regular file; not reading it")
-        return os.fdopen(fd, "rb")
-    finally:
-        for d_fd in fds:
-            os.close(d_fd)
