@@ -33,6 +33,7 @@ from .catalog import (
     ref_for,
 )
 from .errors import ConfigError
+from .maintenance import monitor_of
 from .policies import Mode, best_of
 from .store import RunStore, describe_mlflow_error, redact
 
@@ -152,15 +153,9 @@ def list_checkpoints(
     rows: list[dict[str, Any]] = []
     for rid in run_ids:
         store = RunStore(client, rid)
-        run_metric, run_mode = _monitor(store.tags_at_open.get(TAG_MONITOR), metric, mode)
+        run_metric, run_mode = monitor_of(store.tags_at_open, metric, mode)
         rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode)
     return _typed_checkpoints(pd.DataFrame(rows))
-
-
-def _monitor(tag: str | None, metric: str | None, mode: Mode | None) -> tuple[str, Mode]:
-    tag_metric, _, tag_mode = (tag or "reward:max").rpartition(":")
-    chosen_mode = mode or (tag_mode if tag_mode in ("max", "min") else "max")
-    return metric or tag_metric or "reward", chosen_mode  # type: ignore[return-value]
 
 
 def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None) -> pd.DataFrame:
