@@ -150,10 +150,6 @@ class BackgroundSaver:
         self._error: SaveError | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def busy(self) -> bool:
-        return not self._idle.is_set()
-
     def submit(self, step: int, run: Callable[[], None]) -> None:
         """Queue ``run`` (the rest of the save of ``step``); first waits for the save in flight, if any."""
         self.wait()
