@@ -14,12 +14,10 @@ import json
 import logging
 import pathlib
 import pickle
-import random
 import warnings
 from collections.abc import Collection, Mapping
-from typing import Any, cast
+from typing import Any
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
@@ -34,7 +32,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from .errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
 from .loading import unsafe_pickle_error
 from .manifest import Manifest
-from .state import TrainingState, restore
+from .state import TrainingState, cuda_rng_states, host_rng_json, restore
 
 log = logging.getLogger(__name__)
 
@@ -194,15 +192,9 @@ def rng_file(rank: int) -> str:
 
 
 def rng_json() -> dict[str, Any]:
-    version, internal, gauss = random.getstate()
-    np_state = cast(tuple[Any, ...], np.random.get_state())
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
-        "torch": torch.get_rng_state().tolist(),
-        "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if cuda else [],
-    }
+    """This rank's Python, NumPy, torch and CUDA RNG state, all as JSON."""
+    torch_states = {"torch": torch.get_rng_state().tolist(), "cuda": [s.tolist() for s in cuda_rng_states()]}
+    return {**host_rng_json(), **torch_states}
 
 
 def restore_rng(data: Mapping[str, Any]) -> None:

@@ -146,21 +146,22 @@ def gather(state: TrainingState, *, rng: bool) -> tuple[dict[str, Any], dict[str
     payload: dict[str, Any] = {name: obj.state_dict() for name, obj in state.parts().items()}
     rng_json: dict[str, Any] = {}
     if rng:
-        payload["rng"] = {"torch": torch.get_rng_state(), "cuda": _cuda_rng_states()}
-        version, internal, gauss = random.getstate()
-        np_state = cast(tuple[Any, ...], np.random.get_state())
-        rng_json = {
-            "python": [version, list(internal), gauss],
-            "numpy": [
-                np_state[0],
-                np_state[1].tolist(),
-                *(x.item() if hasattr(x, "item") else x for x in np_state[2:]),
-            ],
-        }
+        payload["rng"] = {"torch": torch.get_rng_state(), "cuda": cuda_rng_states()}
+        rng_json = host_rng_json()
     return payload, rng_json
 
 
-def _cuda_rng_states() -> list[torch.Tensor]:
+def host_rng_json() -> dict[str, Any]:
+    """Python and NumPy RNG state as JSON (restored by ``restore``; no pickle)."""
+    version, internal, gauss = random.getstate()
+    np_state = cast(tuple[Any, ...], np.random.get_state())
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), *(x.item() if hasattr(x, "item") else x for x in np_state[2:])],
+    }
+
+
+def cuda_rng_states() -> list[torch.Tensor]:
     # Only when CUDA is already in use: initializing it just to read RNG state costs seconds.
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         return list(torch.cuda.get_rng_state_all())
