@@ -204,7 +204,7 @@ def cli() -> None:
       tracked-ckpt pull RUN_ID@best -o ./best
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
-    tracked-ckpt sync ./training_checkpoints
+      tracked-ckpt sync ./training_checkpoints
     """
 
 
