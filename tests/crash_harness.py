@@ -37,7 +37,7 @@ from tracked_ckpt.manifest import ARTIFACT_PREFIX, MANIFEST_NAME
 # stage -> which hit to kill at; every stage is reached during the third save (the first with retention).
 STAGES = {
     "write": 25, "fsync": 3, "manifest": 3, "outbox": 3, "rename": 3, "upload:state.pt": 3, "upload:rng.json": 3,
-    "upload:MANIFEST.json": 3, "retention": 1, "retention_mid": 1, "tags": 3,
+    "upload:MANIFEST.json": 3, "tags": 3, "retention": 1, "retention_mid": 1,
 }  # fmt: skip
 
 

@@ -169,11 +169,13 @@ def test_sync_uploads_what_an_outage_left(
     proxy: FaultProxy, mlflow_server: str, tmp_path: Path, experiment: str
 ) -> None:
     model, opt, _ = make_training()
-    mgr = CheckpointManager(tmp_path / "ck", experiment=experiment, tracking_uri=proxy.url, publish_timeout=1)
+    mgr = CheckpointManager(tmp_path / "ck", experiment=experiment, tracking_uri=proxy.url, publish_timeout=1,
+                            monitor="loss", mode="min")  # fmt: skip
     proxy.set_mode("503")
-    mgr.save(model, opt, {"step": 7, "reward": 1.0})
+    mgr.save(model, opt, {"step": 7, "reward": 1.0, "loss": 0.5})
     mgr.close()
     assert sync(tmp_path / "ck", timeout=1) == {mgr.run_id: 1}  # still failing: still queued
+    status = MlflowClient(mlflow_server).get_run(mgr.run_id).info.status
     proxy.set_mode("pass")
     cli = subprocess.run([sys.executable, "-m", "tracked_ckpt", "sync", str(tmp_path / "ck")], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": proxy.url})  # fmt: skip
@@ -181,3 +183,6 @@ def test_sync_uploads_what_an_outage_left(
     assert f"run {mgr.run_id}: all recorded" in cli.stdout
     assert reward_steps(mlflow_server, mgr.run_id) == [7]
     assert tracked_ckpt.load(mgr.run_id, model, tracking_uri=mlflow_server)["step"] == 7
+    run = MlflowClient(mlflow_server).get_run(mgr.run_id)
+    assert run.info.status == status  # sync records checkpoints; it does not end or restart the run
+    assert run.data.tags["tracked_ckpt.monitor"] == "loss:min" and run.data.tags["tracked_ckpt.best_step"] == "7"

@@ -2,8 +2,8 @@
 
 ``TRACKED_CKPT_FAULT="<stage>[@<n>]"`` makes the process SIGKILL itself the n-th time (default: first) it
 reaches ``<stage>``. Unset (always, outside tests), a fault point costs one dict lookup.
-Stages, in save order: write, fsync, manifest, outbox, rename, upload:<file> (upload:MANIFEST.json is the
-commit marker), retention, retention_mid, tags.
+Stages, in save order: write, fsync, manifest, outbox, rename, upload:<file>, commit_marker, tags,
+retention, retention_mid.
 """
 
 from __future__ import annotations

@@ -59,7 +59,10 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     Returns {run_id: number still queued} — all zeros when everything was recorded. The tracking URI
     defaults to the one ``save_dir`` was used with (from its pointer file), then MLflow's own resolution.
     """
+    from mlflow.exceptions import MlflowException
+
     from .local import LocalDir
+    from .maintenance import monitor_of
     from .manager import CheckpointManager
     from .outbox import Outbox
 
@@ -67,10 +70,21 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     pointer = LocalDir(root).read_pointer() or {}
     uri = tracking_uri or pointer.get("tracking_uri") or None
     left: dict[str, int] = {}
+    class Syncer(CheckpointManager):
+        """Drains the outbox as the run's own manager would, but leaves the run's status alone."""
+
+        def _find_run(self, run_id: str | None, experiment: str | None, run_name: str | None) -> tuple[str, str]:
+            self._owns_run_status = False
+            assert run_id is not None
+            return run_id, "sync"
+
     for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
         try:
-            CheckpointManager(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout).close()
-        except StoreError as e:  # still unreachable: everything stays queued, for the next try
+            # Keep the run's own definition of "best": the summary tags are recomputed on publish.
+            tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
+            metric, mode = monitor_of(tags)
+            Syncer(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout, monitor=metric, mode=mode).close()
+        except (StoreError, MlflowException) as e:  # still unreachable: everything stays queued, for the next try
             log.warning("run %s: %s", run_id, e)
         left[run_id] = len(Outbox(root).pending(run_id))
     return left

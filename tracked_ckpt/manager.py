@@ -483,18 +483,16 @@ class CheckpointManager:
                         "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
             return
         self._publish(f"{ARTIFACT_PREFIX}/{p.name}", folder, manifest, p.timestamp_ms)
+        self._apply_retention()
 
     def _publish(self, path: str, folder: Path, manifest: Manifest, timestamp_ms: int | None = None) -> None:
-        """Files, then the manifest (the commit marker), then retention, then one log_batch of metrics and tags."""
         for f in manifest.files:
             self.store.upload(folder / f.name, path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         # Replaced, never mutated: with async_save the training thread reads it (should_save) meanwhile.
         self._index = {**self._index, path: info_of(manifest, path)}
-        pruned = self._apply_retention(record=False)  # its tags ride in the same call as the save's
         fault_point("tags")
-        tags = {**self._summary_tags(), **pruned}
-        self.store.publish(manifest.step, dict(manifest.metrics), tags, timestamp_ms)
+        self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags(), timestamp_ms)
 
     def _summary_tags(self) -> dict[str, str]:
         """Tags that show the run's checkpoints at a glance in the MLflow UI (and serve list_runs)."""
@@ -515,8 +513,7 @@ class CheckpointManager:
     def _latest_info(self) -> CheckpointInfo | None:
         return max(self._index.values(), key=lambda c: c.seq) if self._index else None
 
-    def _apply_retention(self, record: bool = True) -> dict[str, str]:
-        """Delete what the retention policy lets go; return (or, with ``record``, set) the tags saying so."""
+    def _apply_retention(self) -> None:
         protected = {self._resumed_from} if self._resumed_from else set()
         doomed = plan_deletions(
             list(self._index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
@@ -537,12 +534,9 @@ class CheckpointManager:
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             self._index = {p: c2 for p, c2 in self._index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
-        if not doomed:
-            return {}
-        tags = {TAG_PRUNED: ", ".join(f"step {c.step}" for c in doomed)[:500]}
-        if record:
-            self.store.set_tags({**self._summary_tags(), **tags})
-        return tags
+        if doomed:
+            pruned = ", ".join(f"step {c.step}" for c in doomed)[:500]
+            self.store.set_tags({**self._summary_tags(), TAG_PRUNED: pruned})
 
     # ----------------------------------------------------------------------------------------- loading
 
