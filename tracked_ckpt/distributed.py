@@ -142,6 +142,7 @@ class DistributedCheckpointManager(CheckpointManager):
         self._server = self.store.server
         self._closed, self._owns_run_status = False, False
         self._resumed_from = None
+        self._preempted = False  # SIGTERM handling is rank 0's (see docs/distributed.md)
         self.catalog = RunCatalog(self.store)
         self._index, self._taken = {}, set()
 

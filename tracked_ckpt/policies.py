@@ -217,11 +217,14 @@ class KeepAny(_KeepCombinable):
 
 
 def best_of(checkpoints: Sequence[CheckpointInfo], metric: str, mode: Mode) -> CheckpointInfo | None:
-    """The checkpoint with the best value of ``metric`` (ties: the later commit); None if none has it."""
+    """The checkpoint with the best value of ``metric`` (ties: the later commit); None if none has it.
+
+    NaN never counts as best (as in KeepBest).
+    """
     best: CheckpointInfo | None = None
     for c in sorted(checkpoints, key=lambda c: c.seq):
         value = c.metrics.get(metric)
-        if value is None:
+        if value is None or math.isnan(value):
             continue
         if best is None or is_better(value, best.metrics[metric], mode) or value == best.metrics[metric]:
             best = c
