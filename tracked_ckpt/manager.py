@@ -46,7 +46,6 @@ from .catalog import (
     TAG_LATEST_STEP,
     TAG_MONITOR,
     TAG_PRUNED,
-    TAG_SAVE_DIR,
     Resolved,
     RunCatalog,
     Which,
@@ -69,6 +68,7 @@ from .policies import (
     check_mode,
     plan_deletions,
 )
+from .runs import find_run
 from .snapshot import BackgroundSaver, StagingBuffers
 from .state import Stateful, TrainingState, gather, split_metadata
 from .store import RunStore, describe_mlflow_error, redact
@@ -211,62 +211,12 @@ class CheckpointManager:
         return self.store.run_id
 
     def _find_run(self, run_id: str | None, experiment: str | None, run_name: str | None) -> tuple[str, str]:
-        if self.resume != "never":
-            if run_id is not None:
-                return run_id, "run_id argument"
-            if os.environ.get("MLFLOW_RUN_ID"):
-                return os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID"
-            active = _active_fluent_run_id(self.client.tracking_uri)
-            if active is not None:
-                self._owns_run_status = False  # the user's mlflow.start_run() ends it
-                return active, "active mlflow run"
-            pointer = self.local.read_pointer()
-            if pointer is not None and pointer.get("tracking_uri") == self._server and self._alive(pointer["run_id"]):
-                return pointer["run_id"], f"pointer in {self.save_dir}"
-            found = self._search_by_save_dir(experiment)
-            if found is not None:
-                return found, "run tagged with this save_dir"
-        exp_id = self._experiment_id(experiment)
-        tags = {TAG_SAVE_DIR: str(self.save_dir)}
-        try:
-            run = self.client.create_run(exp_id, tags=tags, run_name=run_name)
-        except MlflowException as e:
-            raise describe_mlflow_error(e, f"create a run in experiment {exp_id}", self._server) from e
-        return run.info.run_id, "new"
-
-    def _alive(self, run_id: str) -> bool:
-        try:
-            return bool(self.client.get_run(run_id).info.lifecycle_stage == "active")
-        except MlflowException:
-            log.warning(
-                "the run %s named in %s no longer exists at %s; looking further", run_id, self.save_dir, self._server
-            )
-            return False
-
-    def _experiment_id(self, name: str | None) -> str:
-        if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            return os.environ["MLFLOW_EXPERIMENT_ID"]
-        name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-        try:
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                return str(self.client.create_experiment(name))
-            if exp.lifecycle_stage == "deleted":
-                raise ConfigError(f"experiment {name!r} is deleted at {self._server}; restore it or pick another name")
-            return str(exp.experiment_id)
-        except MlflowException as e:
-            raise describe_mlflow_error(e, f"find or create experiment {name!r}", self._server) from e
-
-    def _search_by_save_dir(self, experiment: str | None) -> str | None:
-        ids = [self._experiment_id(experiment)]
-        quoted = str(self.save_dir).replace("'", "\\'")
-        try:
-            runs = self.client.search_runs(
-                ids, f"tags.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
-            )
-        except MlflowException as e:
-            raise describe_mlflow_error(e, "search runs", self._server) from e
-        return runs[0].info.run_id if runs else None
+        found = find_run(
+            self.client, self._server, self.local, run_id=run_id, experiment=experiment, run_name=run_name,
+            new_only=self.resume == "never",
+        )  # fmt: skip
+        self._owns_run_status = found.owns_status
+        return found.run_id, found.how
 
     def _open_store(self, run_id: str) -> RunStore:
         return RunStore(self.client, run_id)
@@ -743,13 +693,3 @@ def _finish_run(client: MlflowClient, run_id: str, owns: bool, status: str = "FI
             client.set_terminated(run_id, status=status)
     except Exception as e:  # at interpreter exit, a failure to mark the run must not mask the real outcome
         log.debug("could not mark run %s %s: %s", run_id, status, e)
-
-
-def _active_fluent_run_id(tracking_uri: str) -> str | None:
-    """The run of the user's own ``mlflow.start_run()``, if any, on the same tracking URI."""
-    import mlflow
-
-    run = mlflow.active_run()
-    if run is None or mlflow.get_tracking_uri() != tracking_uri:
-        return None
-    return str(run.info.run_id)

@@ -1,0 +1,109 @@
+"""Which MLflow run a CheckpointManager writes: found by run ID, environment, pointer or tag, else created.
+
+Order: ``run_id=``, ``MLFLOW_RUN_ID`` (MLflow's own convention), the user's active ``mlflow.start_run()`` on the
+same tracking URI, the pointer file in ``save_dir``, the newest run tagged with this ``save_dir`` (so a deleted
+``save_dir`` still resumes), else a new run. ``resume="never"`` skips straight to a new run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .catalog import TAG_SAVE_DIR
+from .errors import ConfigError
+from .local import LocalDir
+from .store import describe_mlflow_error
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoundRun:
+    run_id: str
+    how: str  # for the log line: "run_id argument", "MLFLOW_RUN_ID", "pointer in ...", "new", ...
+    owns_status: bool  # False for the user's own mlflow.start_run(): the user ends it
+
+
+def find_run(
+    client: MlflowClient,
+    server: str,
+    local: LocalDir,
+    *,
+    run_id: str | None,
+    experiment: str | None,
+    run_name: str | None,
+    new_only: bool,
+) -> FoundRun:
+    save_dir = local.root
+    if not new_only:
+        if run_id is not None:
+            return FoundRun(run_id, "run_id argument", True)
+        if os.environ.get("MLFLOW_RUN_ID"):
+            return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
+        active = _active_fluent_run_id(client.tracking_uri)
+        if active is not None:
+            return FoundRun(active, "active mlflow run", False)
+        pointer = local.read_pointer()
+        if pointer is not None and pointer.get("tracking_uri") == server and _alive(client, pointer["run_id"], local):
+            return FoundRun(pointer["run_id"], f"pointer in {save_dir}", True)
+        found = _search_by_save_dir(client, server, save_dir, experiment)
+        if found is not None:
+            return FoundRun(found, "run tagged with this save_dir", True)
+    exp_id = experiment_id(client, server, experiment)
+    try:
+        run = client.create_run(exp_id, tags={TAG_SAVE_DIR: str(save_dir)}, run_name=run_name)
+    except MlflowException as e:
+        raise describe_mlflow_error(e, f"create a run in experiment {exp_id}", server) from e
+    return FoundRun(run.info.run_id, "new", True)
+
+
+def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
+    """The experiment's ID (created if missing); default: MLFLOW_EXPERIMENT_ID/NAME, else "Default"."""
+    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"]
+    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    try:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            return str(client.create_experiment(name))
+        if exp.lifecycle_stage == "deleted":
+            raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
+        return str(exp.experiment_id)
+    except MlflowException as e:
+        raise describe_mlflow_error(e, f"find or create experiment {name!r}", server) from e
+
+
+def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
+    try:
+        return bool(client.get_run(run_id).info.lifecycle_stage == "active")
+    except MlflowException:
+        log.warning("the run %s named in %s no longer exists; looking further", run_id, local.root)
+        return False
+
+
+def _search_by_save_dir(client: MlflowClient, server: str, save_dir: Path, experiment: str | None) -> str | None:
+    ids = [experiment_id(client, server, experiment)]
+    quoted = str(save_dir).replace("'", "\\'")
+    try:
+        runs = client.search_runs(
+            ids, f"tags.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
+        )
+    except MlflowException as e:
+        raise describe_mlflow_error(e, "search runs", server) from e
+    return runs[0].info.run_id if runs else None
+
+
+def _active_fluent_run_id(tracking_uri: str) -> str | None:
+    """The run of the user's own ``mlflow.start_run()``, if any, on the same tracking URI."""
+    import mlflow
+
+    run = mlflow.active_run()
+    if run is None or mlflow.get_tracking_uri() != tracking_uri:
+        return None
+    return str(run.info.run_id)
