@@ -15,7 +15,8 @@ Example — a script that resumes where it stopped, every time it is launched::
                 mgr.save(model, optimizer, {"step": step, "epoch": epoch, "reward": reward})
 
 The run is found, in order, from ``run_id=``, ``MLFLOW_RUN_ID``, an active ``mlflow.start_run()`` run, the
-pointer file in ``save_dir``, and the run tagged with this ``save_dir``; otherwise a new run is created.
+pointer file in ``save_dir``, and the run tagged with this ``save_dir``; otherwise a new run is created
+(see runs.py).
 """
 
 from __future__ import annotations
