@@ -30,9 +30,9 @@ import torch
 os.environ.pop("TRACKED_CKPT_FAULT", None)
 
 from tracked_ckpt import CheckpointManager, KeepLast
-from tracked_ckpt.catalog import TAG_LATEST
 from tracked_ckpt.local import STAGING
 from tracked_ckpt.manifest import ARTIFACT_PREFIX, MANIFEST_NAME
+from tracked_ckpt.runtags import TAG_LATEST
 
 # stage -> which hit to kill at; every stage is reached during the third save (the first with retention).
 STAGES = {

@@ -11,6 +11,7 @@ import textwrap
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,8 +27,8 @@ from tracked_ckpt.store import RunStore
 class GatedStore(RunStore):
     """A real RunStore whose uploads wait for a gate (to hold a save in flight) or fail on demand."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        super().__init__(client, run_id)
+    def __init__(self, client: MlflowClient, run_id: str, **kwargs: Any) -> None:
+        super().__init__(client, run_id, **kwargs)
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
@@ -45,10 +46,12 @@ class GatedStore(RunStore):
 
 
 class GatedManager(CheckpointManager):
+    """The real manager with the store injected through its seam."""
+
     store: GatedStore
 
-    def _open_store(self, run_id: str) -> RunStore:
-        return GatedStore(self.client, run_id)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, store_factory=GatedStore, **kwargs)
 
 
 def test_saved_content_is_the_state_at_save_time(tmp_path: Path, experiment: str) -> None:

@@ -30,12 +30,12 @@ from demo_store import DEMO_ITERATIONS, DemoServer, demo_server
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
-from tracked_ckpt.catalog import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_PRUNED
 from tracked_ckpt.cli import cli
 from tracked_ckpt.maintenance import open_catalog, parse, plan_prune
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest, hash_file
 from tracked_ckpt.policies import KeepLast
 from tracked_ckpt.progress import Progress
+from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_PRUNED
 from tracked_ckpt.store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 3.0, 40: 4.0, 50: 2.0}  # the best is step 20, the latest step 50

@@ -19,10 +19,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
-from tracked_ckpt.catalog import TAG_LATEST_STEP
 from tracked_ckpt.errors import SaveError
 from tracked_ckpt.local import STAGING
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest, verify_file
+from tracked_ckpt.runtags import TAG_LATEST_STEP
 
 
 @pytest.fixture

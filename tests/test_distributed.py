@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     exp = f"dist-{uuid.uuid4().hex[:8]}"
     common = ["--steps", "6", "--save-every", "2", "--experiment", exp]
     out_a = launch(2, *common, "--save-dir", "a", "--async-save", "--dump", "a.pt", "--dump-saves", "saves-a", cwd=root)
-    crash = {"TRACKED_CKPT_FAULT": "dcp_uploaded:1@3"}  # rank 1, third save: after its upload, before the manifest
+    crash = {"TRACKED_CKPT_FAULT": "dcp_written:1@3"}  # rank 1, third save: its shard written, nothing committed
     out_b = launch(2, *common, "--save-dir", "b", "--dump-saves", "saves", cwd=root, env=crash, expect_rc=1)
     killed = run_id_of(out_b)
     assert re.search(r"exitcode\s*:\s*-9", out_b), out_b[-3000:]  # rank 1 died by SIGKILL, inside save()
@@ -128,11 +129,11 @@ def test_killed_fsdp_run_resumed_at_2_ranks_equals_the_uninterrupted_run(runs: R
     catalog = RunCatalog(RunStore(MlflowClient(), runs.killed))
     found = catalog.scan()
     assert [r.path for r in found] == [
-        f"checkpoints/{n}" for n in ("step-00000002", "step-00000004", "step-00000006.3")
-    ]
+        f"checkpoints/{n}" for n in ("step-00000002", "step-00000004", "step-00000006")
+    ]  # B's killed step-6 save never committed (no manifest, no outbox entry): nothing of it reached MLflow
     assert {r.manifest.format for r in found} == {"dcp"} and {r.manifest.world_size for r in found} == {2}
     assert found[-1].manifest.resumed_from == found[1].path  # C restarted from step 4, the last one B committed
-    # B's interrupted step-6 save (shards up, no manifest) was never resolved, and its name was not reused.
+    # B's interrupted step-6 save was never resolved; C's own step 6 is the one recorded.
     names = {f.name for f in found[0].manifest.files}
     assert names == {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-0.json", "rng-1.json"}
 
@@ -288,47 +289,59 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import SaveError, StoreError
+from tracked_ckpt.store import RunStore
+
+class FlakyStore(RunStore):
+    mode = "ok"  # "reset": uploads fail as a dropped connection does (transient); "refuse": a 403 (for good)
+
+    def upload(self, local_file, artifact_dir):
+        if FlakyStore.mode != "ok":
+            e = StoreError("injected: " + ("403 permission denied" if FlakyStore.mode == "refuse" else "reset"))
+            e.transient = FlakyStore.mode == "reset"
+            raise e
+        super().upload(local_file, artifact_dir)
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = fully_shard(torch.nn.Linear(32, 32))
-mgr = CheckpointManager("ckpt", experiment=sys.argv[1])
-real_upload = mgr.store.upload
-fail = {}  # (save number, rank, file prefix) that fails, as MLflow would
-
-def upload(local_file, artifact_dir):
-    if fail.get("rank") == rank and local_file.name.startswith(fail["prefix"]):
-        raise StoreError("injected: the artifact store refused " + local_file.name)
-    real_upload(local_file, artifact_dir)
-
-mgr.store.upload = upload
+mgr = CheckpointManager("ckpt", experiment=sys.argv[1], store_factory=FlakyStore, publish_timeout=5)
 outcomes = []
-for step, f in ((1, {"rank": 1, "prefix": "__1_"}), (2, {"rank": 0, "prefix": "MANIFEST"}), (3, {})):
-    fail.clear(); fail.update(f)
+# 1: rank 1's disk fails while writing (TRACKED_CKPT_FAULT); 2: uploads fail transiently; 3: all well;
+# 4: the server refuses for good (403).
+for step, mode in ((1, "ok"), (2, "reset"), (3, "ok"), (4, "refuse")):
+    if step == 4:
+        assert mgr.sync(timeout=60)  # a collective: the outage of step 2 is over on every rank
+    FlakyStore.mode = mode
     try:
         outcomes.append(mgr.save(model, None, {"step": step}))
     except SaveError as e:
         outcomes.append("SaveError: " + str(e))
+FlakyStore.mode = "ok"
+drained = mgr.sync(timeout=60)
 # One file per rank: two ranks printing to one pipe can interleave within a line.
 with open(f"outcome-{rank}.json", "w") as f:
-    json.dump({"run_id": mgr.run_id, "outcomes": outcomes}, f)
+    json.dump({"run_id": mgr.run_id, "outcomes": outcomes, "drained": drained}, f)
 mgr.close()
 """
 
 
-def test_a_failing_rank_fails_the_save_on_every_rank_and_the_next_save_works(tmp_path: Path, experiment: str) -> None:
+def test_a_failing_rank_fails_the_save_everywhere_and_a_failing_server_loses_nothing(
+    tmp_path: Path, experiment: str
+) -> None:
     (tmp_path / "job.py").write_text(FAULTY_JOB)
-    launch(2, experiment, cwd=tmp_path, target=("job.py",))
+    launch(2, experiment, cwd=tmp_path, target=("job.py",), env={"TRACKED_CKPT_FAULT": "dcp_written:1@1!"})
     results = {rank: json.loads((tmp_path / f"outcome-{rank}.json").read_text()) for rank in (0, 1)}
     for rank in (0, 1):
-        first, second, third = results[rank]["outcomes"]
-        assert first.startswith("SaveError") and "rank 1" in first and "__1_0.distcp" in first
-        assert second.startswith("SaveError") and "MANIFEST.json" in second
-        assert third.startswith("runs:/")
+        first, second, third, fourth = results[rank]["outcomes"]
+        assert first.startswith("SaveError") and "rank 1" in first and "injected I/O error" in first
+        assert second.startswith("runs:/") and third.startswith("runs:/")  # committed locally, queued, recorded
+        assert fourth.startswith("SaveError") and "403" in fourth and "committed locally" in fourth
+    assert results[0]["drained"]
     catalog = RunCatalog(RunStore(MlflowClient(), results[0]["run_id"]))
-    assert [r.manifest.step for r in catalog.scan()] == [3]  # the failed saves never became checkpoints
+    # The failed write never became a checkpoint; the transient failure and the refusal lost nothing.
+    assert [r.manifest.step for r in catalog.scan()] == [2, 3, 4]
     latest = catalog.latest()
-    assert latest is not None and latest.manifest.step == 3
+    assert latest is not None and latest.manifest.step == 4
 
 
 def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(runs: Runs, tmp_path: Path) -> None:
@@ -339,4 +352,125 @@ def test_a_checkpoint_that_does_not_fit_is_refused_and_changes_nothing(runs: Run
     with pytest.raises(CheckpointMismatchError, match=r"does not fit.*0\.weight"):
         mgr.load(model, opt, which=4)  # step 2 of this run is the one the flipped-byte test damaged
     assert_same(before, model.state_dict(), "model untouched")
+    mgr.close()
+
+
+# ------------------------------------------------------------------------ outage and preemption under torchrun
+
+OUTAGE_JOB = """
+import json, os, pathlib, sys, time
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from tracked_ckpt import CheckpointManager, EveryNSteps
+
+def wait_for(name):
+    while not pathlib.Path(name).exists():
+        time.sleep(0.05)
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = fully_shard(torch.nn.Linear(64, 64))
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+mgr = CheckpointManager("ck", experiment=sys.argv[1], publish_timeout=float(sys.argv[2]), save_on_sigterm=True,
+                        save_policy=EveryNSteps(1))
+timings = {}
+
+def train_and_save(step):
+    loss = model(torch.randn(8, 64)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    t0 = time.monotonic()
+    mgr.save(model, opt, {"step": step, "loss": float(loss)})
+    timings[step] = time.monotonic() - t0
+
+train_and_save(1)
+if rank == 0:
+    pathlib.Path("phase-up").touch()
+wait_for("outage-on")
+for step in (2, 3, 4):
+    train_and_save(step)
+dist.barrier()
+if rank == 0:
+    pathlib.Path("phase-outage").touch()
+wait_for("outage-off")
+t0 = time.monotonic()
+while rank == 0 and mgr.outbox.pending(mgr.run_id) and time.monotonic() - t0 < 60:
+    time.sleep(0.05)
+drained = time.monotonic() - t0
+with open(f"outcome-{rank}.json", "w") as f:
+    json.dump({"run_id": mgr.run_id, "timings": timings, "drained": drained}, f)
+dist.barrier()
+if rank == 0:
+    pathlib.Path("phase-drained").touch()
+step = 4
+while True:  # train until preempted: SIGTERM makes every rank save once more and exit 143
+    step += 1
+    time.sleep(0.05)
+    loss = model(torch.randn(8, 64)).pow(2).mean()
+    opt.zero_grad(); loss.backward(); opt.step()
+    if mgr.should_save(step):
+        pathlib.Path(f"final-{rank}").write_text(str(step))
+        try:
+            mgr.save(model, opt, {"step": step, "loss": float(loss)})
+        except SystemExit as e:
+            pathlib.Path(f"exit-{rank}").write_text(str(e.code))
+            raise
+"""
+
+
+def test_torchrun_outage_blocks_no_rank_and_sigterm_on_every_rank_saves_once(
+    mlflow_server: str, tmp_path: Path, experiment: str
+) -> None:
+    from fault_proxy import FaultProxy
+
+    proxy = FaultProxy(mlflow_server)
+    (tmp_path / "job.py").write_text(OUTAGE_JOB.replace("EveryNSteps(1)", "EveryNSteps(1000)"))
+    budget = 4.0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "job.py",
+           experiment, str(budget)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}  # MLflow's defaults
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": proxy.url})
+    job = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(name: str, timeout: float = LAUNCH_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not (tmp_path / name).exists():
+            if job.poll() is not None or time.monotonic() > deadline:
+                job.kill()
+                raise AssertionError(f"job never reached {name}:\n{job.communicate()[0][-4000:]}")
+            time.sleep(0.05)
+
+    try:
+        until("phase-up")
+        proxy.set_mode("hang")
+        (tmp_path / "outage-on").touch()
+        until("phase-outage")
+        proxy.set_mode("pass")
+        (tmp_path / "outage-off").touch()
+        until("phase-drained")
+        job.send_signal(signal.SIGTERM)  # the torchrun agent forwards it to every rank, as on preemption
+        out, _ = job.communicate(timeout=LAUNCH_TIMEOUT_S)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        proxy.close()
+    results = {rank: json.loads((tmp_path / f"outcome-{rank}.json").read_text()) for rank in (0, 1)}
+    for rank in (0, 1):
+        t = {int(k): v for k, v in results[rank]["timings"].items()}
+        assert t[2] < budget + 2, (rank, t)  # the first save of the outage waits the budget at most
+        assert t[3] < t[1] + 1.5 and t[4] < t[1] + 1.5, (rank, t)  # later ones: their local commit only
+    assert results[0]["drained"] < 12, results[0]
+    run_id = results[0]["run_id"]
+    finals = {(tmp_path / f"final-{rank}").read_text() for rank in (0, 1)}
+    assert len(finals) == 1, finals  # both ranks agreed on the step of the final save
+    final = int(finals.pop())
+    assert {(tmp_path / f"exit-{rank}").read_text() for rank in (0, 1)} == {"143"}, out[-3000:]
+    catalog = RunCatalog(RunStore(MlflowClient(mlflow_server), run_id))
+    found = catalog.scan()
+    assert [r.manifest.step for r in found] == [1, 2, 3, 4, final]
+    assert MlflowClient(mlflow_server).get_run(run_id).info.status == "KILLED"
+    # A relaunch at another world size (1) resumes from the final sharded checkpoint.
+    model = torch.nn.Linear(64, 64)
+    mgr = CheckpointManager(tmp_path / "ck", run_id=run_id, tracking_uri=mlflow_server)
+    assert mgr.load(model, torch.optim.AdamW(model.parameters(), lr=1e-3))["step"] == final
     mgr.close()

@@ -20,7 +20,6 @@ from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager, KeepLast
-from tracked_ckpt.catalog import TAG_BEST, TAG_LATEST, TAG_LATEST_STEP
 from tracked_ckpt.errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
@@ -31,6 +30,7 @@ from tracked_ckpt.errors import (
     UnsafeCheckpointError,
 )
 from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
+from tracked_ckpt.runtags import TAG_BEST, TAG_LATEST, TAG_LATEST_STEP
 
 
 def artifact(mgr: CheckpointManager, ref: str, name: str) -> Path:

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 import tracked_ckpt
-from tracked_ckpt.catalog import TAG_BEST, TAG_BEST_STEP, TAG_BEST_VALUE, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP
+from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_BEST_VALUE, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP
 from tracked_ckpt.views import CHECKPOINT_COLUMNS, RUN_COLUMNS
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analyze_checkpoints.ipynb"

@@ -13,6 +13,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -23,9 +24,10 @@ from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager, KeepLast
-from tracked_ckpt.catalog import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, RunCatalog
+from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
+from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP
 from tracked_ckpt.store import Entry, RunStore
 
 # Paths a checkpoint folder or file name may never be: each tries to step out of the run or to hide.
@@ -54,8 +56,8 @@ LEGIT = re.compile(r"^checkpoints(/step-\d{8}(\.\d+)?(/[A-Za-z0-9_][A-Za-z0-9_.-
 class RecordingStore(RunStore):
     """The real store, recording every artifact path it is asked to touch; can add entries to listings."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        super().__init__(client, run_id)
+    def __init__(self, client: MlflowClient, run_id: str, **kwargs: Any) -> None:
+        super().__init__(client, run_id, **kwargs)
         self.touched: list[str] = []
         self.extra: list[Entry] = []
         self.remote = False  # True: behave like a non-local artifact store (list, download) on the same files
@@ -85,10 +87,12 @@ class RecordingStore(RunStore):
 
 
 class RecordingManager(CheckpointManager):
+    """The real manager with the store injected through its seam."""
+
     store: RecordingStore
 
-    def _open_store(self, run_id: str) -> RunStore:
-        return RecordingStore(self.client, run_id)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, store_factory=RecordingStore, **kwargs)
 
 
 def saved(tmp_path: Path, experiment: str, steps: tuple[int, ...] = (1, 2)) -> tuple[RecordingManager, list[str]]:
@@ -203,7 +207,7 @@ def test_hostile_artifact_listing_entries_are_ignored_or_refused(
     class HostileStore(RunStore):
         def __init__(self, client: MlflowClient, run_id: str) -> None:
             super().__init__(client, run_id)
-            self.repo = HostileRepo(self.artifact_uri)
+            self._repo = HostileRepo(self.artifact_uri)
 
         @property
         def local_dir(self) -> Path | None:

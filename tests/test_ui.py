@@ -18,7 +18,7 @@ from demo_store import DemoServer, demo_server
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
-from tracked_ckpt.catalog import TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
+from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 CHROMIUM = "/usr/bin/chromium"

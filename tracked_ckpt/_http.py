@@ -62,10 +62,14 @@ _policy: contextvars.ContextVar[CallPolicy | None] = contextvars.ContextVar("tra
 
 
 @contextlib.contextmanager
-def bounded(policy: CallPolicy = CALL) -> Iterator[CallPolicy]:
-    """MLflow HTTP calls made in this block (on this thread) follow ``policy``, lowered by the user's environment."""
+def bounded(policy: CallPolicy | None = None) -> Iterator[CallPolicy]:
+    """MLflow HTTP calls made in this block (on this thread) follow ``policy``, lowered by the user's environment.
+
+    Without ``policy``: the enclosing block's policy if there is one (a PROBE stays a probe), else ``CALL``.
+    """
     install()
-    effective = policy.effective()
+    outer = _policy.get()
+    effective = outer if policy is None and outer is not None else (policy or CALL).effective()
     token = _policy.set(effective)
     try:
         yield effective
@@ -74,9 +78,17 @@ def bounded(policy: CallPolicy = CALL) -> Iterator[CallPolicy]:
 
 
 def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` bound to the caller's context: worker threads (a ThreadPoolExecutor) keep the caller's policy."""
-    ctx = contextvars.copy_context()
-    return functools.partial(ctx.run, fn)
+    """``fn`` carrying the caller's policy: worker threads (a ThreadPoolExecutor) keep the caller's budget."""
+    policy = _policy.get()
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        token = _policy.set(policy)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _policy.reset(token)
+
+    return run
 
 
 # Modules that import ``http_request`` by name (``from mlflow.utils.rest_utils import http_request``).
@@ -120,5 +132,5 @@ def install() -> None:
     # Every loaded module holding the original by name (including MLflow modules imported before this call).
     for module in list(sys.modules.values()):
         if module is not None and getattr(module, "http_request", None) is original:
-            module.http_request = http_request
+            setattr(module, "http_request", http_request)  # noqa: B010
     _installed = True

@@ -58,33 +58,36 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
 
     Returns {run_id: number still queued} — all zeros when everything was recorded. The tracking URI
     defaults to the one ``save_dir`` was used with (from its pointer file), then MLflow's own resolution.
+    The run's status is left alone: sync records checkpoints, it does not end or restart a run.
     """
-    from mlflow.exceptions import MlflowException
-
+    from .lease import DirLock, Lease
     from .local import LocalDir
-    from .maintenance import monitor_of
-    from .manager import CheckpointManager
     from .outbox import Outbox
+    from .recorder import RunRecorder
+    from .runtags import monitor_of
 
-    root = Path(save_dir)
-    pointer = LocalDir(root).read_pointer() or {}
-    uri = tracking_uri or pointer.get("tracking_uri") or None
+    root = Path(save_dir).expanduser().resolve()
+    local = LocalDir(root)
+    uri = tracking_uri or (local.read_pointer() or {}).get("tracking_uri") or None
     left: dict[str, int] = {}
-    class Syncer(CheckpointManager):
-        """Drains the outbox as the run's own manager would, but leaves the run's status alone."""
-
-        def _find_run(self, run_id: str | None, experiment: str | None, run_name: str | None) -> tuple[str, str]:
-            self._owns_run_status = False
-            assert run_id is not None
-            return run_id, "sync"
-
-    for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
-        try:
-            # Keep the run's own definition of "best": the summary tags are recomputed on publish.
-            tags = MlflowClient(tracking_uri=uri).get_run(run_id).data.tags
-            metric, mode = monitor_of(tags)
-            Syncer(root, run_id=run_id, tracking_uri=uri, publish_timeout=timeout, monitor=metric, mode=mode).close()
-        except (StoreError, MlflowException) as e:  # still unreachable: everything stays queued, for the next try
-            log.warning("run %s: %s", run_id, e)
-        left[run_id] = len(Outbox(root).pending(run_id))
+    lock = DirLock(root)  # a trainer still writing this save_dir holds it: RunLockedError names it
+    try:
+        for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
+            try:
+                store = RunStore(MlflowClient(tracking_uri=uri), run_id)
+                lease = Lease(store, root)
+                lease.acquire(store.tags_at_open)
+                # The run's own definition of "best": the summary tags are recomputed on publish.
+                metric, mode = monitor_of(store.tags_at_open)
+                recorder = RunRecorder(store, local, monitor=metric, mode=mode, retention=None, publish_timeout=timeout)
+                try:
+                    recorder.recover()
+                finally:
+                    recorder.stop()
+                    lease.release()
+            except StoreError as e:  # still unreachable: everything stays queued, for the next try
+                log.warning("run %s: %s", run_id, e)
+            left[run_id] = len(Outbox(root).pending(run_id))
+    finally:
+        lock.release()
     return left

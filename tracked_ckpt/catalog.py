@@ -23,20 +23,11 @@ from typing import IO, Literal
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
 from .policies import CheckpointInfo, Mode, best_of
+from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-TAG_LATEST = "tracked_ckpt.latest"
-TAG_LATEST_STEP = "tracked_ckpt.latest_step"
-TAG_BEST = "tracked_ckpt.best"
-TAG_BEST_STEP = "tracked_ckpt.best_step"
-TAG_MONITOR = "tracked_ckpt.monitor"  # "<metric>:<mode>", what TAG_BEST was chosen by
-TAG_BEST_VALUE = "tracked_ckpt.best_value"
-TAG_COUNT = "tracked_ckpt.count"
-TAG_BYTES = "tracked_ckpt.bytes"
-TAG_PRUNED = "tracked_ckpt.pruned_last"
-TAG_SAVE_DIR = "tracked_ckpt.save_dir"
 
 Which = Literal["latest", "best"] | int
 

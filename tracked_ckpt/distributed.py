@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ._faults import fault_point
 from ._version import __version__
-from .catalog import Resolved, RunCatalog, info_of, ref_for
+from .catalog import Resolved, RunCatalog, ref_for
 from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from .errors import (
     CheckpointCorruptError,
@@ -53,7 +53,8 @@ from .errors import (
 )
 from .local import STAGING
 from .manager import CheckpointManager
-from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, FileEntry, Manifest, fsync_dir, hash_file, write_file
+from .manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
+from .recorder import fields_of
 from .state import Stateful, TrainingState, split_metadata
 from .store import RunStore
 
@@ -112,39 +113,45 @@ class DistributedCheckpointManager(CheckpointManager):
         self._bg = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-dcp")
         self._inflight: Future[str] | None = None
         self._dcp_async = bool(kwargs.get("async_save", False))
+        # async_save is DCP's own here, so the base class saves nothing in the background; SIGTERM is handled
+        # below on every rank, not by the base class on rank 0 alone.
+        base = {k: v for k, v in kwargs.items() if k not in ("async_save", "save_on_sigterm")}
         if self.rank == 0:
-            run_id = self._on_rank0(lambda: self._init_rank0(save_dir, kwargs))
+            run_id = self._on_rank0(lambda: self._init_rank0(save_dir, base))
         else:
             run_id = self._on_rank0(lambda: "")
-            self._init_follower(run_id, save_dir, kwargs)
+            self._init_follower(run_id, save_dir, base)
+        if kwargs.get("save_on_sigterm", False):
+            self._install_sigterm()
 
     def _init_rank0(self, save_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> str:
-        # async_save is handled here (DCP's own async path), so the base class saves nothing in the background.
-        super().__init__(save_dir, **{k: v for k, v in kwargs.items() if k != "async_save"})
+        super().__init__(save_dir, **kwargs)
         return self.run_id
 
     def _init_follower(self, run_id: str, save_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> None:
-        """Ranks > 0 read the run (to upload their shards and answer get_latest_checkpoint) but never decide."""
+        """Ranks > 0 never decide nor record: they write their shards; they read the run only to load."""
         from mlflow.tracking import MlflowClient
 
         from .local import LocalDir
         from .policies import check_mode
+        from .recorder import RunRecorder
 
         self.mode = check_mode(kwargs.get("mode", "max"))
         self.monitor = kwargs.get("monitor", "reward")
         self.resume = kwargs.get("resume", "auto")
         self.save_policy, self.retention = kwargs.get("save_policy"), kwargs.get("retention")
         self.save_rng = kwargs.get("save_rng", True)
+        self.publish_timeout = float(kwargs.get("publish_timeout", 30.0))
         self.save_dir = Path(save_dir).expanduser().resolve()
         self.local = LocalDir(self.save_dir)
         self.client = MlflowClient(tracking_uri=kwargs.get("tracking_uri"))
-        self.store = RunStore(self.client, run_id)
+        self.store = kwargs.get("store_factory", RunStore)(self.client, run_id, connect=False)  # connects if it loads
         self._server = self.store.server
         self._closed, self._owns_run_status = False, False
-        self._resumed_from = None
-        self._preempted = False  # SIGTERM handling is rank 0's (see docs/distributed.md)
-        self.catalog = RunCatalog(self.store)
-        self._index, self._taken = {}, set()
+        self._preempted = False
+        # A recorder that never publishes (no thread): its local index answers should_save-free reads.
+        self.recorder = RunRecorder(self.store, self.local, monitor=self.monitor, mode=self.mode, retention=None,
+                                    publish_timeout=self.publish_timeout, start=False)  # fmt: skip
 
     # ---------------------------------------------------------------------------------- collectives
 
@@ -172,9 +179,18 @@ class DistributedCheckpointManager(CheckpointManager):
         if first is not None:
             raise err if err is not None else first
 
+    def _any_preempted(self) -> bool:
+        """True on every rank once SIGTERM reached any rank (torchrun sends it to each, not at the same instant)."""
+        flags: list[Any] = [False] * self.world_size
+        dist.all_gather_object(flags, self._preempted, group=self._ctl)
+        self._preempted = any(flags)
+        return self._preempted
+
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
-        """Rank 0's answer on every rank (a time-based policy would otherwise disagree between ranks)."""
+        """Rank 0's answer on every rank (a time-based policy would otherwise disagree); True on all after SIGTERM."""
         if self.save_policy is None:
+            return True
+        if self._sigterm_installed and self._any_preempted():
             return True
         with self._lock:
             return self._on_rank0(lambda: CheckpointManager.should_save(self, step, metrics))
@@ -192,14 +208,14 @@ class DistributedCheckpointManager(CheckpointManager):
         extra: Mapping[str, Stateful] | None = None,
         step: int | None = None,
     ) -> str:
-        """Every rank writes its shard; rank 0 records the checkpoint once all ranks have uploaded theirs."""
+        """Every rank writes its shard durably; rank 0 commits locally (manifest last) and queues the record."""
         self._check_open()
         self.wait()
         meta = split_metadata(metadata)
         state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
         if not state.parts():
             raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
-        plan = self._on_rank0(lambda: self._plan(meta.metrics, meta.values, meta.epoch, meta.step, step))
+        plan = self._on_rank0(lambda: self._plan(meta, step))
         t0 = time.perf_counter()
         staging = self.save_dir / STAGING / plan.token
         staging.mkdir(parents=True, exist_ok=True)
@@ -210,7 +226,9 @@ class DistributedCheckpointManager(CheckpointManager):
                 dcp_save(sd, checkpoint_id=staging, process_group=self._io)
             except CheckpointException as e:
                 raise SaveError(f"DCP save of step {plan.step} failed: {e}") from None
-            return self._finish(plan, staging, rng, t0)
+            ref = self._finish(plan, staging, rng, t0)
+            self._exit_if_preempted(plan.step)
+            return ref
         try:
             written = dcp_async_save(sd, checkpoint_id=staging, process_group=self._io)
         except CheckpointException as e:
@@ -224,30 +242,21 @@ class DistributedCheckpointManager(CheckpointManager):
             return self._finish(plan, staging, rng, t0)
 
         self._inflight = self._bg.submit(job)
+        if self._preempted:  # the final save: finish it, then exit as a synchronous save does
+            self.wait()
+            self._exit_if_preempted(plan.step)
         return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{plan.name}")
 
-    def _plan(
-        self, metrics: dict[str, float], values: dict[str, Any], epoch: int | None, meta_step: int | None, step: Any
-    ) -> _Plan:
+    def _plan(self, meta: Any, step: int | None) -> _Plan:
         with self._lock:
-            seq = (max(c.seq for c in self._index.values()) if self._index else 0) + 1
-            step = step if step is not None else meta_step if meta_step is not None else seq
-            name = self._folder_name(step, seq)
-            self._taken.add(name)
-        fields = {
-            "step": step,
-            "seq": seq,
-            "created": time.time(),
-            "metrics": metrics,
-            "metadata": values,
-            "epoch": epoch,
-            "resumed_from": self._resumed_from,
-        }
-        return _Plan(name, seq, step, uuid.uuid4().hex, fields)
+            seq = self._next_seq
+            self._next_seq += 1
+            step = step if step is not None else meta.step if meta.step is not None else seq
+            name = self.recorder.reserve(step, seq)
+        return _Plan(name, seq, step, uuid.uuid4().hex, fields_of(step, seq, meta, self.recorder.resumed_from))
 
     def _finish(self, plan: _Plan, staging: Path, rng: dict[str, Any] | None, t0: float) -> str:
-        """Hash and upload this rank's files; rank 0 then writes and uploads the manifest and publishes."""
-        path = f"{ARTIFACT_PREFIX}/{plan.name}"
+        """Hash this rank's files; rank 0 then commits the folder locally and hands it to the recorder."""
         mine: list[FileEntry] = []
         err: BaseException | None = None
         try:
@@ -259,23 +268,38 @@ class DistributedCheckpointManager(CheckpointManager):
             for n in sorted(names):
                 size, digest = hash_file(staging / n)
                 mine.append(FileEntry(n, size, digest))
-            for f in mine:
-                self.store.upload(staging / f.name, path)
-            fault_point(f"dcp_uploaded:{self.rank}")  # tests: a rank dies with its shard up, the manifest not
-        except (OSError, StoreError) as e:
-            err = SaveError(f"rank {self.rank} could not write or upload its shard of step {plan.step}: {e}")
+            fault_point(f"dcp_written:{self.rank}")  # tests: a rank dies with its shard written, nothing committed
+        except OSError as e:
+            err = SaveError(f"rank {self.rank} could not write its shard of step {plan.step}: {e}")
         everyone: list[Any] = [None] * self.world_size
         dist.all_gather_object(everyone, (mine, None if err is None else _portable(err, self.rank)), group=self._io)
         failed = next((e for _, e in everyone if e is not None), None)
-        ref = self._on_rank0(lambda: self._commit_rank0(plan, staging, everyone, failed, t0), group=self._io)
+        # Shards that rank 0 cannot see (a node-local save_dir on another node) are uploaded by their rank now.
+        absent = self._on_rank0(lambda: self._absent_ranks(staging, everyone, failed), group=self._io)
+        upload_err: BaseException | None = None
+        if self.rank in absent:
+            try:
+                self.store.connect() if not self.store.connected else None
+                for f in mine:
+                    self.store.upload(staging / f.name, f"{ARTIFACT_PREFIX}/{plan.name}")
+            except StoreError as e:
+                upload_err = SaveError(f"rank {self.rank} could not upload its shard of step {plan.step}: {e}")
+        self._agree(upload_err, group=self._io)
+        ref = self._on_rank0(lambda: self._commit_rank0(plan, staging, everyone, t0), group=self._io)
         if self.rank != 0:
-            shutil.rmtree(staging, ignore_errors=True)  # a node-local staging copy; rank 0's became the cache
+            shutil.rmtree(staging, ignore_errors=True)  # a node-local staging copy; rank 0's is the committed one
         return ref
 
-    def _commit_rank0(self, plan: _Plan, staging: Path, everyone: list[Any], failed: Any, t0: float) -> str:
+    def _absent_ranks(self, staging: Path, everyone: list[Any], failed: Any) -> list[int]:
         if failed is not None:
             shutil.rmtree(staging, ignore_errors=True)
             raise failed
+        return [
+            rank for rank, (entries, _) in enumerate(everyone)
+            if any(not (staging / f.name).is_file() or (staging / f.name).stat().st_size != f.size for f in entries)
+        ]  # fmt: skip
+
+    def _commit_rank0(self, plan: _Plan, staging: Path, everyone: list[Any], t0: float) -> str:
         path = f"{ARTIFACT_PREFIX}/{plan.name}"
         files = tuple(sorted((f for entries, _ in everyone for f in entries), key=lambda f: f.name))
         manifest = Manifest(
@@ -287,34 +311,24 @@ class DistributedCheckpointManager(CheckpointManager):
             world_size=self.world_size,
             **plan.fields,
         )
-        write_file(staging / MANIFEST_NAME, manifest.to_json().encode())
-        fsync_dir(staging)
-        try:
-            self.store.upload(staging / MANIFEST_NAME, path)  # the commit marker, after every rank's files
-            with self._lock:
-                self._index = {**self._index, path: info_of(manifest, path)}
-            self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags())
-        except StoreError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SaveError(
-                f"step {plan.step}: the shards are uploaded but the checkpoint could not be recorded: {e}"
-            ) from e
+        queue = self.recorder.queue(plan.name, plan.step, plan.seq, plan.fields["created"])
         final = self.local.folder(self.run_id, plan.name)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(staging, final)
+        try:
+            self.local.commit(staging, final, manifest, queue)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SaveError(f"step {plan.step}: could not commit the sharded checkpoint in {self.save_dir}: {e}") from e
+        recorded = self.recorder.record(plan.step, plan.seq, final)
         self._last_save_time = time.time()
-        log.info(
-            "saved step %d as %s (%d ranks, %.1f MB) in %.2f s",
-            plan.step,
-            path,
-            self.world_size,
-            manifest.size / 1e6,
-            time.perf_counter() - t0,
-        )
-        with self._lock:
-            self._apply_retention()
+        log.info("saved step %d as %s (%d ranks, %.1f MB) in %.2f s%s", plan.step, path, self.world_size,
+                 manifest.size / 1e6, time.perf_counter() - t0,
+                 "" if recorded else "; queued for MLflow (see outbox)")  # fmt: skip
         return ref_for(self.run_id, path)
+
+    def sync(self, timeout: float | None = None) -> bool:
+        """Rank 0 waits until its outbox is recorded in MLflow; every rank gets the answer (a collective)."""
+        self.wait()
+        return self._on_rank0(lambda: CheckpointManager.sync(self, timeout))
 
     @property
     def saving(self) -> bool:
@@ -322,10 +336,31 @@ class DistributedCheckpointManager(CheckpointManager):
         return self._inflight is not None and not self._inflight.done()
 
     def wait(self) -> None:
-        """Block until the save in flight (if any) is recorded; raise its error on this rank if it failed."""
+        """Block until the save in flight (if any) is committed; raise its error on this rank if it failed."""
         pending, self._inflight = self._inflight, None
         if pending is not None:
             pending.result()
+
+    # ------------------------------------------------------------------------------------ preemption
+
+    @property
+    def _sigterm_installed(self) -> bool:
+        return bool(vars(self).get("_sigterm", False))
+
+    def _install_sigterm(self) -> None:
+        self._sigterm = True
+        super()._install_sigterm()
+
+    def _exit_if_preempted(self, step: int) -> None:
+        """After a save, every rank agrees whether SIGTERM arrived anywhere; then all exit 143 together."""
+        if self._sigterm_installed and self._any_preempted():
+            log.warning("rank %d: final checkpoint of step %d saved after SIGTERM; exiting with status 143",
+                        self.rank, step)  # fmt: skip
+            self.close("KILLED")
+            raise SystemExit(143)
+
+    def _exit_after_preemption(self, step: int) -> None:
+        """The base class's exit (inside a single-process commit) does not apply: see _exit_if_preempted."""
 
     # -------------------------------------------------------------------------------------- loading
 
@@ -349,7 +384,7 @@ class DistributedCheckpointManager(CheckpointManager):
         if checkpoint_path is not None:
             run_id, r = self._on_rank0(lambda: self._resolve_and_unwrap(str(checkpoint_path)))
         else:
-            run_id, r = self._on_rank0(lambda: (self.run_id, self.catalog.resolve(which, self.monitor, self.mode)))
+            run_id, r = self._on_rank0(lambda: (self.run_id, self._resolve_which(which)))
         return self._load_one(run_id, r, state)
 
     def _resolve_and_unwrap(self, ref: str) -> tuple[str, Resolved]:
@@ -357,7 +392,7 @@ class DistributedCheckpointManager(CheckpointManager):
         return catalog.run_id, r
 
     def _load_latest(self, state: TrainingState) -> dict[str, Any]:
-        candidates: Iterator[Resolved] = self.catalog.candidates_latest_first() if self.rank == 0 else iter(())
+        candidates: Iterator[Resolved] = self._latest_first() if self.rank == 0 else iter(())
         first_error: BaseException | None = None
         while True:
             r = self._on_rank0(lambda: next(candidates, None))
@@ -398,7 +433,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 self._agree(err)  # every rank verified its copy before any rank enters dcp.load
                 load_dcp_folder(folder, r.manifest, state, where, self._ctl, self.rank)
         if run_id == self.run_id:
-            self._resumed_from = r.path
+            self.recorder.resumed_from = r.path
         log.info("rank %d restored %s in %.2f s", self.rank, where, time.perf_counter() - t0)
         return dict(r.manifest.metadata)
 

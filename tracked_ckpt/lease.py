@@ -130,7 +130,13 @@ class Lease:
             except StoreError as e:  # an outage: the outbox reports it; the lease simply ages
                 log.debug("lease heartbeat failed: %s", e)
 
-    def release(self) -> None:
+    def stop(self) -> None:
+        """Stop the heartbeat; the tag stays and expires (the server is unreachable, or another process took over)."""
         self._stop.set()
-        with contextlib.suppress(Exception):
-            self.store.client.delete_tag(self.store.run_id, TAG_LEASE)
+
+    def release(self) -> None:
+        self.stop()
+        if self._thread is None:
+            return  # never acquired (an offline start that never reached the server)
+        with contextlib.suppress(StoreError):
+            self.store.delete_tag(TAG_LEASE)

@@ -13,6 +13,7 @@ import pickle
 import re
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -78,15 +79,15 @@ def load_resolved(
 
 
 def load_latest_verified(
-    catalog: RunCatalog, state: TrainingState, cache_for: Any = None
+    catalog: RunCatalog, state: TrainingState, cache_for: Any = None, candidates: Iterable[Resolved] | None = None
 ) -> tuple[Resolved, dict[str, Any]] | None:
     """Load the newest checkpoint that verifies, falling back (with a warning) past corrupt ones.
 
-    Returns None only when the run has no committed checkpoint; if every one fails verification, the
-    newest one's error is raised (never a silent fresh start).
+    ``candidates`` (newest first) default to the catalog's. Returns None only when the run has no committed
+    checkpoint; if every one fails verification, the newest one's error is raised (never a silent fresh start).
     """
     first_error: Exception | None = None
-    for r in catalog.candidates_latest_first():
+    for r in catalog.candidates_latest_first() if candidates is None else candidates:
         try:
             return r, load_resolved(catalog, r, state, cache_for(r) if cache_for else None)
         except (CheckpointCorruptError, CheckpointNotFoundError) as e:

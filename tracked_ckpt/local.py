@@ -102,17 +102,7 @@ class LocalDir:
                 torch_version=torch.__version__,
                 **fields,
             )
-            fault_point("manifest")
-            write_file(staging / MANIFEST_NAME, manifest.to_json().encode())  # the commit marker, last
-            fsync_dir(staging)
-            if before_commit is not None:
-                before_commit()
-            fault_point("rename")
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # a leftover of a crashed save under the same name: never the committed one
-                shutil.rmtree(final)
-            os.rename(staging, final)
-            fsync_dir(final.parent)
+            self.commit(staging, final, manifest, before_commit)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise _save_error(e, fields.get("step"), self.root, payload) from e
@@ -120,6 +110,25 @@ class LocalDir:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return final, manifest
+
+    def commit(
+        self, staging: Path, final: Path, manifest: Manifest, before_commit: Callable[[], None] | None = None
+    ) -> None:
+        """Write the manifest into ``staging`` (the commit marker, last), queue, then rename it to ``final``.
+
+        Every other file in ``staging`` must be durable already. Shared by single-process and sharded saves.
+        """
+        fault_point("manifest")
+        write_file(staging / MANIFEST_NAME, manifest.to_json().encode())
+        fsync_dir(staging)
+        if before_commit is not None:
+            before_commit()
+        fault_point("rename")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # a leftover of a crashed save under the same name: never the committed one
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
 
     def remove(self, run_id: str, name: str) -> None:
         shutil.rmtree(self.folder(run_id, name), ignore_errors=True)

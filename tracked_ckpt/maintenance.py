@@ -18,31 +18,20 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from mlflow.tracking import MlflowClient
 
-from .catalog import (
-    TAG_BEST,
-    TAG_BYTES,
-    TAG_COUNT,
-    TAG_LATEST,
-    TAG_MONITOR,
-    TAG_PRUNED,
-    Resolved,
-    RunCatalog,
-    Which,
-    open_in_place,
-)
+from .catalog import Resolved, RunCatalog, Which, open_in_place
 from .catalog import parse_ref as parse_runs_uri
 from .catalog import ref_for as runs_uri
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
-from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, check_mode, plan_deletions
+from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
 from .progress import Progress, watch_file
+from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, pruned_value, summary_tags
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -83,13 +72,6 @@ def parse(text: str) -> Ref:
 def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
     """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable."""
     return RunCatalog(RunStore(MlflowClient(tracking_uri=tracking_uri), run_id))
-
-
-def monitor_of(tags: Mapping[str, str], metric: str | None = None, mode: str | None = None) -> tuple[str, Mode]:
-    """The metric and direction that define "best" for a run: the arguments, else its monitor tag, else reward:max."""
-    tag_metric, _, tag_mode = tags.get(TAG_MONITOR, "reward:max").rpartition(":")
-    chosen_mode = mode or (tag_mode if tag_mode in ("max", "min") else "max")
-    return metric or tag_metric or "reward", check_mode(chosen_mode)
 
 
 def resolve(catalog: RunCatalog, ref: Ref, metric: str | None = None, mode: str | None = None) -> Resolved:
@@ -224,13 +206,7 @@ def apply_prune(catalog: RunCatalog, plan: PrunePlan) -> None:
     finally:
         if deleted:
             left = plan.keep + [c for c in plan.delete if c not in deleted]
-            catalog.store.set_tags(
-                {
-                    TAG_COUNT: str(len(left)),
-                    TAG_BYTES: str(sum(c.size for c in left)),
-                    TAG_PRUNED: ", ".join(f"step {c.step}" for c in deleted)[:500],
-                }
-            )
+            catalog.store.set_tags({**summary_tags(left, plan.metric, plan.mode), TAG_PRUNED: pruned_value(deleted)})
 
 
 # -------------------------------------------------------------------------------------------------- pull

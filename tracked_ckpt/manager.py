@@ -22,63 +22,35 @@ pointer file in ``save_dir``, and the run tagged with this ``save_dir``; otherwi
 from __future__ import annotations
 
 import atexit
-import contextlib
-import io
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from ._faults import fault_point
-from .catalog import (
-    TAG_BEST,
-    TAG_BEST_STEP,
-    TAG_BEST_VALUE,
-    TAG_BYTES,
-    TAG_COUNT,
-    TAG_LATEST,
-    TAG_LATEST_STEP,
-    TAG_MONITOR,
-    TAG_PRUNED,
-    Resolved,
-    RunCatalog,
-    Which,
-    info_of,
-    parse_ref,
-    ref_for,
-)
-from .errors import CheckpointNotFoundError, ConfigError, SaveError, StoreError
+from .catalog import Resolved, RunCatalog, Which, parse_ref, ref_for
+from .errors import CheckpointNotFoundError, ConfigError, StoreError
 from .lease import DirLock, Lease
 from .loading import load_latest_verified, load_resolved
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
-from .outbox import Outbox, Pending, PermanentStoreError, Publisher
-from .policies import (
-    CheckpointInfo,
-    RetentionPolicy,
-    SaveContext,
-    SavePolicy,
-    best_of,
-    check_mode,
-    plan_deletions,
-)
-from .runs import find_run
+from .policies import CheckpointInfo, RetentionPolicy, SaveContext, SavePolicy, best_of, check_mode
+from .recorder import RunRecorder, fields_of
+from .runs import FoundRun, find_run, known_locally
+from .runtags import NOTE_MARK, TAG_BEST, TAG_LATEST, TAG_MONITOR, TAG_NOTE, monitor_value
 from .snapshot import BackgroundSaver, StagingBuffers
 from .state import Stateful, TrainingState, gather, split_metadata
-from .store import RunStore, describe_mlflow_error, redact
+from .store import RunStore, redact
 
+StoreFactory = Callable[..., RunStore]  # (client, run_id, *, connect=True) -> RunStore
 log = logging.getLogger(__name__)
 
 Resume = Literal["auto", "never", "must"]
-TAG_NOTE = "mlflow.note.content"
-_NOTE_MARK = "<!-- tracked_ckpt -->"
 
 
 class CheckpointManager:
@@ -134,6 +106,7 @@ class CheckpointManager:
         publish_timeout: float = 30.0,
         save_on_sigterm: bool = False,
         lease_timeout: float = 60.0,
+        store_factory: StoreFactory = RunStore,
     ) -> None:
         if resume not in ("auto", "never", "must"):
             raise ConfigError(f"resume={resume!r}: pass 'auto', 'never' or 'must'")
@@ -143,64 +116,43 @@ class CheckpointManager:
             raise ConfigError(f"save_policy={save_policy!r} has no should_save(ctx); use e.g. EveryNSteps(100)")
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise ConfigError(f"retention={retention!r} has no keep(...); use e.g. KeepLast(3)")
+        if not publish_timeout >= 0:
+            raise ConfigError(f"publish_timeout={publish_timeout!r}: pass a number of seconds >= 0")
         self.mode = check_mode(mode)
         self.monitor = monitor
         self.resume = resume
         self.save_policy = save_policy
         self.retention = retention
         self.save_rng = save_rng
+        self.publish_timeout = float(publish_timeout)
         self.save_dir = Path(save_dir).expanduser().resolve()
         self.local = LocalDir(self.save_dir)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self._server = redact(str(self.client.tracking_uri))
+        self._store_factory = store_factory
         self._closed = False
         self._owns_run_status = True
-        self._warned_no_delete = False
-        self._resumed_from: str | None = None
         self._started = time.time()
         self._last_save_time: float | None = None
         self._saver = BackgroundSaver() if async_save else None
         self._buffers = StagingBuffers()
         self._pending: CheckpointInfo | None = None  # the async save in flight, until it is recorded
-        if not publish_timeout >= 0:
-            raise ConfigError(f"publish_timeout={publish_timeout!r}: pass a number of seconds >= 0")
-        self.publish_timeout = float(publish_timeout)
-        self.outbox = Outbox(self.save_dir)
-        self._dir_lock = DirLock(self.save_dir)
         self._preempted = False
-
+        self._dir_lock = DirLock(self.save_dir)
+        self._lease_timeout = lease_timeout
         try:
-            run_id, how = self._find_run(run_id, experiment, run_name)
-            self.store = self._open_store(run_id)
-            # The save_dir lock is held already, so a holder that wrote through this save_dir is gone.
-            beat = max(1.0, lease_timeout / 4)
-            self._lease = Lease(self.store, self.save_dir, interval=beat, timeout=lease_timeout)
-            self._lease.acquire(self.store.tags_at_open)
-            self.catalog = RunCatalog(self.store)
-            self._index: dict[str, CheckpointInfo] = {}  # committed checkpoints of the run, by path
-            self._taken: set[str] = set()  # every folder name in use, committed or not
-            self._publisher = Publisher(self.outbox, run_id, self._publish_pending, self._server)
-            if how != "new":
-                self._recover()
-            queued = self.outbox.pending(run_id)
-            self._taken |= {p.name for p in queued}
-            self._next_seq = max([c.seq for c in self._index.values()] + [p.seq for p in queued], default=0) + 1
-            others = {p.run_id for p in self.outbox.pending()} - {run_id}
-            if others:
-                log.warning("%s holds queued checkpoints of other runs %s: `tracked-ckpt sync %s` uploads them",
-                            self.outbox.dir, sorted(others), self.save_dir)  # fmt: skip
-            if resume == "must" and not self._index:
+            self._open(run_id, experiment, run_name)
+            if resume == "must" and not self.recorder.index:
                 raise CheckpointNotFoundError(
-                    f"resume='must' but run {run_id} ({how}) has no committed checkpoint at {self._server}; "
-                    "check run_id / save_dir, or use resume='auto' to start from scratch"
+                    f"resume='must' but run {self.run_id} ({self._how}) has no committed checkpoint at {self._server}"
+                    " (nor in save_dir); check run_id / save_dir, or use resume='auto' to start from scratch"
                 )
-            self.local.write_pointer(run_id, self._server, self.store.experiment_id)
+            self._next_seq = self.recorder.next_seq()
             self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
-            self._attach(how)
             if save_on_sigterm:
                 self._install_sigterm()
             atexit.register(self._close_at_exit)
-            log.info("run %s (%s) at %s, save_dir %s", run_id, how, self._server, self.save_dir)
+            log.info("run %s (%s) at %s, save_dir %s", self.run_id, self._how, self._server, self.save_dir)
         except BaseException:
             self._abandon()  # e.g. resume="must" with no checkpoint: leave no lock, lease or thread behind
             raise
@@ -211,74 +163,95 @@ class CheckpointManager:
     def run_id(self) -> str:
         return self.store.run_id
 
-    def _find_run(self, run_id: str | None, experiment: str | None, run_name: str | None) -> tuple[str, str]:
-        found = find_run(
-            self.client, self._server, self.local, run_id=run_id, experiment=experiment, run_name=run_name,
-            new_only=self.resume == "never",
+    @property
+    def outbox(self) -> Any:
+        """The durable queue of checkpoints committed locally and not yet recorded in MLflow."""
+        return self.recorder.outbox
+
+    @property
+    def catalog(self) -> RunCatalog:
+        return self.recorder.catalog
+
+    def _open(self, run_id: str | None, experiment: str | None, run_name: str | None) -> None:
+        """Find the run and attach to it; when the server is unreachable, start from save_dir and record later."""
+        try:
+            found = find_run(self.client, self._server, self.local, run_id=run_id, experiment=experiment,
+                             run_name=run_name, new_only=self.resume == "never")  # fmt: skip
+        except StoreError as e:
+            if not e.transient:
+                raise
+            self._open_offline(known_locally(self.client, self._server, self.local, run_id, e), e)
+            return
+        self._owns_run_status, self._how = found.owns_status, found.how
+        try:
+            self._open_online(found)
+        except StoreError as e:
+            if not e.transient:
+                raise
+            self._release_partial()
+            self._open_offline(found, e)
+
+    def _open_online(self, found: FoundRun) -> None:
+        self.store = self._store_factory(self.client, found.run_id)
+        # The save_dir lock is held already, so a holder that wrote through this save_dir is gone.
+        self._lease = Lease(self.store, self.save_dir, interval=max(1.0, self._lease_timeout / 4),
+                            timeout=self._lease_timeout)  # fmt: skip
+        self._lease.acquire(self.store.tags_at_open)
+        self.recorder = self._recorder()
+        if found.how != "new":
+            self.recorder.recover()
+        others = {p.run_id for p in self.recorder.outbox.pending()} - {found.run_id}
+        if others:
+            log.warning("%s holds queued checkpoints of other runs %s: `tracked-ckpt sync %s` uploads them",
+                        self.recorder.outbox.dir, sorted(others), self.save_dir)  # fmt: skip
+        self.local.write_pointer(found.run_id, self._server, self.store.experiment_id)
+        self._attach()
+
+    def _open_offline(self, found: FoundRun, cause: StoreError) -> None:
+        """The server is unreachable: resume from the verified local copies; the rest waits for the server."""
+        self._owns_run_status, self._how = found.owns_status, f"{found.how}, offline"
+        self.store = self._store_factory(self.client, found.run_id, connect=False)
+        self._lease = Lease(self.store, self.save_dir, interval=max(1.0, self._lease_timeout / 4),
+                            timeout=self._lease_timeout)  # fmt: skip
+        self.recorder = self._recorder(on_connect=self._attach_late)
+        self.recorder.recover_offline()
+        self.recorder.publisher.note_outage()
+        log.warning(
+            "MLflow at %s is unreachable (%s): resuming run %s from the %d checkpoint(s) committed in %s. Saves are "
+            "committed locally and queued; they, the run's status and its note are recorded once the server answers",
+            self._server, cause, found.run_id, len(self.recorder.index), self.save_dir,
         )  # fmt: skip
-        self._owns_run_status = found.owns_status
-        return found.run_id, found.how
 
-    def _open_store(self, run_id: str) -> RunStore:
-        return RunStore(self.client, run_id)
+    def _recorder(self, on_connect: Callable[[], None] | None = None) -> RunRecorder:
+        return RunRecorder(self.store, self.local, monitor=self.monitor, mode=self.mode, retention=self.retention,
+                           publish_timeout=self.publish_timeout, on_connect=on_connect)  # fmt: skip
 
-    def _recover(self) -> None:
-        """Index the run's committed checkpoints; re-publish tags that lag behind a committed manifest."""
-        tags = self.store.tags_at_open
-        found = self.catalog.scan()
-        self._taken = {p.rpartition("/")[2] for p in self.catalog.listed}
-        self._index = {r.path: r.info for r in found}
-        queued = self.outbox.pending(self.run_id)
-        if queued:  # checkpoints committed locally by an earlier process and never recorded: record them now
-            log.info("recording %d queued checkpoint(s) of run %s from %s", len(queued), self.run_id, self.outbox.dir)
-            if self._publisher.drained(self.publish_timeout):
-                found = self.catalog.scan()
-        self._clean_leftovers(found)
-        if found and tags.get(TAG_LATEST) != found[-1].path:
-            log.warning(
-                "run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
-                self.run_id,
-                tags.get(TAG_LATEST),
-                found[-1].path,
-            )
-            self.store.set_tags(self._summary_tags())
+    def _attach_late(self) -> None:
+        """The server answered after an offline start (publisher thread): what _open_online does first."""
+        self._lease.acquire(self.store.tags_at_open)
+        self.local.write_pointer(self.run_id, self._server, self.store.experiment_id)
+        self._attach()
 
-    def _clean_leftovers(self, found: list[Resolved]) -> None:
-        """Remove what dead saves left behind: uncommitted artifact folders, local copies retention had deleted.
+    def _attach(self) -> None:
+        if not self._how.startswith("new") and self._owns_run_status:
+            self.store.set_status("RUNNING")
+        note = self.store.tags_at_open.get(TAG_NOTE)
+        if note is None or note.startswith(NOTE_MARK):
+            self.store.set_tags({TAG_NOTE: self._note(), TAG_MONITOR: monitor_value(self.monitor, self.mode)})
 
-        Only the lease holder runs this, so nothing here can be another live writer's save in progress.
-        """
-        # A folder whose manifest exists but does not parse (torn, or written by a newer tracked_ckpt) is kept.
-        committed = {r.path.rpartition("/")[2] for r in found} | {p.rpartition("/")[2] for p in self.catalog.unreadable}
-        queued = {p.name for p in self.outbox.pending(self.run_id)}
-        for name in sorted(self._taken - committed - queued):
-            log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
-                     self.run_id)  # fmt: skip
-            try:
-                self.store.delete(f"{ARTIFACT_PREFIX}/{name}")
-            except StoreError as e:
-                log.warning("could not remove uncommitted artifact folder %s: %s", name, e)
-        local_run = self.save_dir / self.run_id
-        if local_run.is_dir():
-            for d in local_run.iterdir():
-                if d.name not in committed and d.name not in queued:
-                    self.local.remove(self.run_id, d.name)
-
-    def _attach(self, how: str) -> None:
-        tags = self.store.tags_at_open
-        if how != "new" and self._owns_run_status:
-            try:
-                self.client.update_run(self.run_id, status="RUNNING")
-            except MlflowException as e:
-                raise describe_mlflow_error(e, f"mark run {self.run_id} running", self._server) from e
-        note = tags.get(TAG_NOTE)
-        if note is None or note.startswith(_NOTE_MARK):
-            self.store.set_tags({TAG_NOTE: self._note(), TAG_MONITOR: f"{self.monitor}:{self.mode}"})
+    def _release_partial(self) -> None:
+        """Undo an online attach that the server broke off half-way (before going offline)."""
+        recorder: RunRecorder | None = vars(self).pop("recorder", None)
+        lease: Lease | None = vars(self).pop("_lease", None)
+        if recorder is not None:
+            recorder.stop()
+        if lease is not None:
+            lease.stop()
 
     def _note(self) -> str:
         r = self.run_id
         return (
-            f"{_NOTE_MARK}\n### Checkpoints (tracked_ckpt)\n"
+            f"{NOTE_MARK}\n### Checkpoints (tracked_ckpt)\n"
             f"Checkpoints of this run are the artifact folders under `{ARTIFACT_PREFIX}/`; the tags "
             f"`{TAG_LATEST}` and `{TAG_BEST}` name the latest and the best (by `{self.monitor}`, {self.mode}).\n\n"
             f"**Resume this run** from Python:\n\n```python\nfrom tracked_ckpt import CheckpointManager\n"
@@ -296,7 +269,7 @@ class CheckpointManager:
         if self.save_policy is None or self._preempted:
             return True
         pending = self._pending  # an async save in flight counts as saved; read before the index
-        known = list(self._index.values()) + ([pending] if pending is not None else [])
+        known = list(self.recorder.index.values()) + ([pending] if pending is not None else [])
         latest = max(known, key=lambda c: c.seq, default=None)
         best = best_of(known, self.monitor, self.mode)
         ctx = SaveContext(
@@ -334,38 +307,26 @@ class CheckpointManager:
             raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
         t0 = time.perf_counter()
         self.wait()  # at most one save in flight: its buffers are reused, its result names this one's seq
-        latest = self._latest_info()
+        latest_step = self._latest_step()
         seq = self._next_seq
         self._next_seq += 1
         step = step if step is not None else meta.step if meta.step is not None else seq
         payload, rng_json = gather(state, rng=self.save_rng)
-        name = self._folder_name(step, seq)
-        fields = {
-            "step": step,
-            "seq": seq,
-            "created": time.time(),
-            "metrics": meta.metrics,
-            "metadata": meta.values,
-            "epoch": meta.epoch,
-            "resumed_from": self._resumed_from,
-        }
+        name = self.recorder.reserve(step, seq)
+        fields = fields_of(step, seq, meta, self.recorder.resumed_from)
         path = f"{ARTIFACT_PREFIX}/{name}"
-        self._taken.add(name)
         if self._saver is None:
-            self._commit(path, payload, rng_json, fields, latest, t0)
+            self._commit(name, payload, rng_json, fields, latest_step, t0)
             return ref_for(self.run_id, path)
         payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
         self._pending = CheckpointInfo(path, step, seq, time.time(), meta.metrics)
         self._last_save_time = time.time()
-        log.debug(
-            "step %d copied to host memory in %.3f s; saving it in the background",
-            step,
-            time.perf_counter() - t0,
-        )
+        log.debug("step %d copied to host memory in %.3f s; saving it in the background", step,
+                  time.perf_counter() - t0)  # fmt: skip
 
         def job() -> None:
             try:
-                self._commit(path, payload, rng_json, fields, latest, t0)
+                self._commit(name, payload, rng_json, fields, latest_step, t0)
             finally:
                 self._pending = None  # recorded in the index by now, or failed (wait() reports it)
 
@@ -375,119 +336,34 @@ class CheckpointManager:
             self._exit_after_preemption(step)
         return ref_for(self.run_id, path)
 
+    def _latest_step(self) -> int | None:
+        index = self.recorder.index
+        return max(index.values(), key=lambda c: c.seq).step if index else None
+
     def _commit(
         self,
-        path: str,
+        name: str,
         payload: Mapping[str, Any],
         rng_json: Mapping[str, Any],
         fields: Mapping[str, Any],
-        latest: CheckpointInfo | None,
+        latest_step: int | None,
         t0: float,
     ) -> None:
-        """Commit locally, record in MLflow, apply retention: what ``async_save`` runs on the worker thread."""
-        step = fields["step"]
-        pending = Pending(self.run_id, fields["seq"], path.rpartition("/")[2], step, int(fields["created"] * 1000))
-
-        def queue() -> None:
-            self.outbox.add(pending)
-            fault_point("outbox")
-
-        folder, manifest = self.local.write(self.run_id, pending.name, payload, rng_json, fields, before_commit=queue)
-        self._publisher.kick()
-        try:
-            recorded = self._publisher.wait_for(pending.seq, self.publish_timeout)
-        except PermanentStoreError as e:
-            raise SaveError(
-                f"checkpoint of step {step} is committed locally at {folder} but MLflow run {self.run_id} refused "
-                f"it: {e}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.save_dir}` retries"
-            ) from e
-        if not recorded:
-            self._publisher.note_timeout(step, self.publish_timeout)
+        """Commit locally, then hand to the recorder: what ``async_save`` runs on the worker thread."""
+        step, seq = fields["step"], fields["seq"]
+        queue = self.recorder.queue(name, step, seq, fields["created"])
+        folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, before_commit=queue)
+        recorded = self.recorder.record(step, seq, folder)
         self._last_save_time = time.time()
         log.info(
-            "saved step %d to %s (%.1f MB) in %.2f s%s",
-            step,
-            ref_for(self.run_id, path),
-            manifest.size / 1e6,
-            time.perf_counter() - t0,
-            "" if recorded else f"; MLflow did not answer within {self.publish_timeout:.0f} s: queued in the outbox",
-        )
-        if latest is not None and step < latest.step:
-            log.info(
-                "step %d is below the previous latest step %d: this checkpoint is now the latest", step, latest.step
-            )
+            "saved step %d to %s (%.1f MB) in %.2f s%s", step, ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}"),
+            manifest.size / 1e6, time.perf_counter() - t0, "" if recorded else "; queued for MLflow (see outbox)",
+        )  # fmt: skip
+        if latest_step is not None and step < latest_step:
+            log.info("step %d is below the previous latest step %d: this checkpoint is now the latest", step,
+                     latest_step)  # fmt: skip
         if self._preempted and self._saver is None:  # async: save() exits on the training thread instead
             self._exit_after_preemption(step)
-
-    def _folder_name(self, step: int, seq: int) -> str:
-        name = f"step-{step:08d}"
-        # Never overwrite an artifact: a step saved twice (or a crashed save's leftovers) gets a new folder.
-        return name if name not in self._taken else f"{name}.{seq}"
-
-    def _publish_pending(self, p: Pending) -> None:
-        """Record one locally committed checkpoint in MLflow, then apply retention (the publisher thread)."""
-        folder = self.local.folder(p.run_id, p.name)
-        try:
-            manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
-        except FileNotFoundError:
-            log.warning("queued checkpoint %s of step %d has no local folder any more (its save died before the "
-                        "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
-            return
-        self._publish(f"{ARTIFACT_PREFIX}/{p.name}", folder, manifest, p.timestamp_ms)
-        self._apply_retention()
-
-    def _publish(self, path: str, folder: Path, manifest: Manifest, timestamp_ms: int | None = None) -> None:
-        for f in manifest.files:
-            self.store.upload(folder / f.name, path)
-        self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
-        # Replaced, never mutated: with async_save the training thread reads it (should_save) meanwhile.
-        self._index = {**self._index, path: info_of(manifest, path)}
-        fault_point("tags")
-        self.store.publish(manifest.step, dict(manifest.metrics), self._summary_tags(), timestamp_ms)
-
-    def _summary_tags(self) -> dict[str, str]:
-        """Tags that show the run's checkpoints at a glance in the MLflow UI (and serve list_runs)."""
-        latest = self._latest_info()
-        tags = {
-            TAG_COUNT: str(len(self._index)),
-            TAG_BYTES: str(sum(c.size for c in self._index.values())),
-            TAG_MONITOR: f"{self.monitor}:{self.mode}",
-        }
-        if latest is not None:
-            tags[TAG_LATEST], tags[TAG_LATEST_STEP] = latest.path, str(latest.step)
-        best = best_of(list(self._index.values()), self.monitor, self.mode)
-        if best is not None:
-            tags[TAG_BEST], tags[TAG_BEST_STEP] = best.path, str(best.step)
-            tags[TAG_BEST_VALUE] = repr(best.metrics[self.monitor])
-        return tags
-
-    def _latest_info(self) -> CheckpointInfo | None:
-        return max(self._index.values(), key=lambda c: c.seq) if self._index else None
-
-    def _apply_retention(self) -> None:
-        protected = {self._resumed_from} if self._resumed_from else set()
-        doomed = plan_deletions(
-            list(self._index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
-        )
-        for c in doomed:
-            t0 = time.perf_counter()
-            try:
-                self.store.delete(c.path)
-            except StoreError as e:
-                if not self._warned_no_delete:
-                    log.warning(
-                        "retention could not delete %s from the artifact store (%s); it is deleted locally only. "
-                        "This warning is shown once per manager",
-                        c.path,
-                        e,
-                    )
-                    self._warned_no_delete = True
-            self.local.remove(self.run_id, c.path.rpartition("/")[2])
-            self._index = {p: c2 for p, c2 in self._index.items() if p != c.path}
-            log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
-        if doomed:
-            pruned = ", ".join(f"step {c.step}" for c in doomed)[:500]
-            self.store.set_tags({**self._summary_tags(), TAG_PRUNED: pruned})
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -514,7 +390,9 @@ class CheckpointManager:
             catalog, r = self._resolve_ref(str(checkpoint_path))
             metadata = load_resolved(catalog, r, state, self._cache_for(catalog, r))
         elif which == "latest":
-            got = load_latest_verified(self.catalog, state, lambda r: self._cache_for(self.catalog, r))
+            got = load_latest_verified(
+                self.catalog, state, lambda r: self._cache_for(self.catalog, r), self._latest_first()
+            )
             if got is None:
                 if self.resume == "must":
                     raise CheckpointNotFoundError(f"resume='must' but run {self.run_id} has no committed checkpoint")
@@ -522,11 +400,53 @@ class CheckpointManager:
                 return {}
             r, metadata = got
         else:
-            catalog, r = self.catalog, self.catalog.resolve(which, self.monitor, self.mode)
+            catalog, r = self.catalog, self._resolve_which(which)
             metadata = load_resolved(catalog, r, state, self._cache_for(catalog, r))
         if r.manifest.run_id == self.run_id:
-            self._resumed_from = r.path
+            self.recorder.resumed_from = r.path
         return metadata
+
+    def _latest_first(self) -> Iterator[Resolved]:
+        """Candidates for "latest", newest first: never older than a checkpoint committed in save_dir.
+
+        Checkpoints still queued (committed locally, not yet recorded) come before MLflow's latest when newer;
+        with the server unreachable, the local copies are all there is.
+        """
+        if not self.store.connected:
+            yield from reversed(self.recorder.local_committed())
+            return
+        queued = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
+        local = [r for r in reversed(self.recorder.local_committed()) if r.path in queued]
+        try:
+            remote = self.catalog.candidates_latest_first()
+            first = next(remote, None)
+        except StoreError as e:
+            if not e.transient:
+                raise
+            log.warning("MLflow at %s is unreachable (%s): resolving 'latest' from the copies in %s", self._server, e,
+                        self.save_dir)  # fmt: skip
+            yield from reversed(self.recorder.local_committed())
+            return
+        yield from (r for r in local if first is None or r.manifest.seq > first.manifest.seq)
+        if first is not None:
+            yield first
+            yield from remote
+
+    def _resolve_which(self, which: Which) -> Resolved:
+        if self.store.connected:
+            return self.catalog.resolve(which, self.monitor, self.mode)
+        local = self.recorder.local_committed()  # offline: the copies in save_dir
+        if which == "best":
+            chosen = best_of([r.info for r in local], self.monitor, self.mode)
+            hit = next((r for r in local if chosen is not None and r.path == chosen.path), None)
+        else:
+            hit = next((r for r in reversed(local) if r.manifest.step == which), None)
+        if hit is None:
+            raise CheckpointNotFoundError(
+                f"run {self.run_id}: MLflow at {self._server} is unreachable and {self.save_dir} holds no committed "
+                f"checkpoint ({which}); retry once the server answers"
+            )
+        return hit
 
     def _resolve_ref(self, ref: str) -> tuple[RunCatalog, Resolved]:
         if ref.startswith("runs:/"):
@@ -545,8 +465,15 @@ class CheckpointManager:
                     f"{MANIFEST_NAME}; pass what save() returned or get_latest_checkpoint() gives"
                 )
             run_id, path = local.run_id, f"{ARTIFACT_PREFIX}/{Path(ref).name}"
+        if run_id == self.run_id:
+            mine = next((r for r in self.recorder.local_committed() if r.path == path), None)
+            if mine is not None and (not self.store.connected or self._is_queued(path)):
+                return self.catalog, mine  # not in MLflow yet (queued): the verified local copy
         catalog = self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.client, run_id))
         return catalog, Resolved(path, catalog.manifest(path))
+
+    def _is_queued(self, path: str) -> bool:
+        return any(f"{ARTIFACT_PREFIX}/{p.name}" == path for p in self.outbox.pending(self.run_id))
 
     def _cache_for(self, catalog: RunCatalog, r: Resolved) -> Path | None:
         folder = self.local.folder(catalog.run_id, r.path.rpartition("/")[2])
@@ -555,21 +482,30 @@ class CheckpointManager:
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
         self.wait()
-        r = self.catalog.latest()
+        r = next(self._latest_first(), None)
         return ref_for(self.run_id, r.path) if r else None
 
     def get_best_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the best checkpoint by ``monitor``/``mode``, or None."""
         self.wait()
-        r = self.catalog.best(self.monitor, self.mode)
-        return ref_for(self.run_id, r.path) if r else None
+        try:
+            r = self._resolve_which("best")
+        except CheckpointNotFoundError:
+            return None
+        return ref_for(self.run_id, r.path)
 
     def checkpoints(self) -> Any:
         """A pandas DataFrame, one row per committed checkpoint of this run (see ``list_checkpoints``)."""
         from .views import checkpoints_frame
 
         self.wait()
-        return checkpoints_frame(self.run_id, self.catalog.scan(), self.monitor, self.mode)
+        found = self.catalog.scan() if self.store.connected else []
+        recorded = {r.path for r in found}
+        local = [r for r in self.recorder.local_committed() if r.path not in recorded]
+        queued = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
+        extra = [r for r in local if r.path in queued or not self.store.connected]
+        rows = sorted(found + extra, key=lambda r: r.manifest.seq)
+        return checkpoints_frame(self.run_id, rows, self.monitor, self.mode)
 
     # --------------------------------------------------------------------------------------- lifecycle
 
@@ -584,7 +520,7 @@ class CheckpointManager:
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until every checkpoint queued in the outbox is recorded in MLflow; False after ``timeout``."""
         self.wait()
-        return self._publisher.drained(self.publish_timeout if timeout is None else timeout)
+        return self.recorder.drain(self.publish_timeout if timeout is None else timeout)
 
     def close(self, status: str = "FINISHED") -> None:
         """Finish the save in flight, mark the run ended (unless it is the user's own ``mlflow.start_run()``).
@@ -597,8 +533,9 @@ class CheckpointManager:
         failure = self._saver.close() if self._saver is not None else None  # drain the save in flight
         self._buffers.clear()
         atexit.unregister(self._close_at_exit)
-        drained = self._publisher.drained(self.publish_timeout)
-        self._publisher.stop()
+        drained = self.recorder.drain(self.publish_timeout)
+        connected = self.recorder.attached
+        self.recorder.stop()
         if not drained:
             log.warning("MLflow at %s did not record every checkpoint in time: they stay queued in %s and are "
                         "uploaded by the next process on this run or `tracked-ckpt sync %s`",
@@ -607,20 +544,27 @@ class CheckpointManager:
         final = "FAILED" if failure is not None else status
 
         def finish() -> None:
-            _finish_run(self.client, self.run_id, self._owns_run_status, final)
+            if self._owns_run_status:
+                try:
+                    self.store.set_status(final)
+                except StoreError as e:  # at interpreter exit, a failure to mark the run must not mask the outcome
+                    log.debug("could not mark run %s %s: %s", self.run_id, final, e)
             self._lease.release()
 
-        _bounded(finish, 1.0 if not drained else max(1.0, self.publish_timeout))
+        if connected:  # after an offline start that never reached the server, there is nothing to mark
+            _bounded(finish, 1.0 if not drained else max(1.0, self.publish_timeout))
+        else:
+            self._lease.stop()
         self._dir_lock.release()
         if failure is not None:
             raise failure
 
     def _abandon(self) -> None:
         """Undo a half-finished __init__."""
-        publisher: Publisher | None = vars(self).get("_publisher")
+        recorder: RunRecorder | None = vars(self).get("recorder")
         lease: Lease | None = vars(self).get("_lease")
-        if publisher is not None:
-            publisher.stop()
+        if recorder is not None:
+            recorder.stop()
         if lease is not None:
             _bounded(lease.release, 2.0)
         self._dir_lock.release()
@@ -682,15 +626,3 @@ def _bounded(fn: Any, timeout: float) -> None:
     t = threading.Thread(target=fn, daemon=True, name="tracked_ckpt-close")
     t.start()
     t.join(timeout)
-
-
-def _finish_run(client: MlflowClient, run_id: str, owns: bool, status: str = "FINISHED") -> None:
-    if not owns:
-        return
-    # MLflow prints the run's URL here, with the tracking URI's user:password@ if it has one: not that.
-    quiet = contextlib.redirect_stdout(io.StringIO()) if "@" in str(client.tracking_uri) else contextlib.nullcontext()
-    try:
-        with quiet:
-            client.set_terminated(run_id, status=status)
-    except Exception as e:  # at interpreter exit, a failure to mark the run must not mask the real outcome
-        log.debug("could not mark run %s %s: %s", run_id, status, e)

@@ -5,8 +5,13 @@ Every checkpoint is queued here (fsynced) *before* its local commit, so a checkp
 thread retries), in the next process (drained when a manager attaches to the run) or through
 ``tracked-ckpt sync``. Replays do not duplicate anything: artifacts are re-uploaded under the same names
 with the same bytes, and metrics are logged with the timestamp fixed at commit time, which MLflow stores
-once. The training thread waits for the publisher at most ``publish_timeout`` seconds, so a down or hung
-tracking server never blocks training longer than that (MLflow's own retries can stall a call for minutes).
+once.
+
+The publisher knows when the server is down. A call that fails (refused, 5xx, or no answer within its own
+budget, see ``_http``) starts an *outage*: from then on a save does not wait for MLflow at all, and the
+publisher probes the server with one short call every 1, 2, 4, 4, ... seconds; the first probe that answers
+ends the outage and the backlog is recorded in order. A save waits for its record at most
+``publish_timeout`` seconds, and only while the server is believed up.
 """
 
 from __future__ import annotations
@@ -81,8 +86,15 @@ class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
 
+PROBE_INTERVALS = (1.0, 2.0, 4.0)  # seconds between probes during an outage (then the last, repeated)
+
+
 class Publisher:
-    """One daemon thread that drains the outbox in order; callers wait for it with a time budget."""
+    """Drains the outbox in order on one daemon thread; callers wait for it with a time budget.
+
+    ``drain_once()`` is the whole of one pass (probe if in an outage, then publish what is queued): tests call it
+    inline, without the thread (``start=False``), to make outage scenarios deterministic.
+    """
 
     def __init__(
         self,
@@ -90,21 +102,35 @@ class Publisher:
         run_id: str,
         publish: Callable[[Pending], None],
         server: str,
-        retry_interval: float = 5.0,
+        *,
+        probe: Callable[[], None] | None = None,
+        on_connect: Callable[[], None] | None = None,
+        start: bool = True,
     ) -> None:
         self.outbox = outbox
         self.run_id = run_id
         self._publish = publish
+        self._probe = probe
+        self._on_connect = on_connect  # run once, before the first publish, when the server first answers
         self._server = server
-        self._retry_interval = retry_interval
         self._cond = threading.Condition()
         self._wake = False
         self._stopped = False
         self._done: set[int] = set()  # seqs published by this publisher
         self._failed: dict[int, StoreError] = {}  # seqs that failed permanently (not retried until woken)
         self._in_outage = False
-        self._thread = threading.Thread(target=self._run, name=f"tracked_ckpt-publisher-{run_id[:8]}", daemon=True)
-        self._thread.start()
+        self._probes_failed = 0  # consecutive failed probes of the current outage
+        self._passes = 0  # completed drain_once() passes
+        self._refusal: PermanentStoreError | None = None  # the last refusal, until a save reports it
+        self._warned = False  # one warning per outage
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._run, name=f"tracked_ckpt-publisher-{run_id[:8]}", daemon=True)
+            self._thread.start()
+
+    @property
+    def in_outage(self) -> bool:
+        return self._in_outage
 
     def kick(self) -> None:
         with self._cond:
@@ -112,7 +138,7 @@ class Publisher:
             self._cond.notify_all()
 
     def wait_for(self, seq: int, timeout: float) -> bool:
-        """True once ``seq`` is recorded in MLflow; False after ``timeout`` (it stays queued).
+        """True once ``seq`` is recorded in MLflow; False after ``timeout``, or at once during an outage.
 
         Raises the PermanentStoreError of an entry that the server refused for good.
         """
@@ -122,30 +148,55 @@ class Publisher:
                 if seq in self._failed:
                     raise self._failed.pop(seq)
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or self._in_outage:
                     return False
                 self._cond.wait(left)
             return True
 
-    def note_timeout(self, step: int, timeout: float) -> None:
-        """A save gave up waiting: warn once per outage (a hung server never raises, it only stalls)."""
+    def take_refusal(self) -> PermanentStoreError | None:
+        """A refusal found in the background (no save was waiting), once: the next save reports it."""
         with self._cond:
-            if self._in_outage:
-                return
+            refusal, self._refusal = self._refusal, None
+        return refusal
+
+    def note_outage(self) -> None:
+        """The server was found unreachable elsewhere (an offline start, already reported): probe, do not wait."""
+        with self._cond:
+            self._in_outage, self._warned = True, True
+            self._cond.notify_all()
+
+    def note_timeout(self, step: int, timeout: float) -> None:
+        """A save gave up waiting: the server hangs (or is slow); later saves do not wait until it answers."""
+        with self._cond:
             self._in_outage = True
+        self._warn(f"did not answer within {timeout:.0f} s", step)
+
+    def _warn(self, what: str, step: int | None) -> None:
+        with self._cond:
+            if self._warned:
+                return
+            self._warned = True
+        which = f"checkpoint step {step} is" if step is not None else "checkpoints are"
         log.warning(
-            "MLflow at %s did not answer within %.0f s: checkpoint step %d is committed locally and queued in %s; "
-            "training goes on and the upload is retried. This warning is shown once per outage",
-            self._server, timeout, step, self.outbox.dir,
+            "MLflow at %s %s: %s committed locally and queued in %s; training goes on without waiting for MLflow, "
+            "and the queue is recorded once the server answers. This warning is shown once per outage",
+            self._server, what, which, self.outbox.dir,
         )  # fmt: skip
 
     def drained(self, timeout: float) -> bool:
-        """Wait until nothing of this run is queued (or ``timeout``); True when empty."""
+        """Wait until nothing of this run is queued (or ``timeout``); True when empty.
+
+        During an outage this gives up as soon as one probe has failed: waiting longer records nothing.
+        """
         deadline = time.monotonic() + timeout
+        with self._cond:
+            probes_at_start, passes_at_start = self._probes_failed, self._passes
         self.kick()
         while self.outbox.pending(self.run_id):
             with self._cond:
-                if self._failed or time.monotonic() >= deadline:
+                if time.monotonic() >= deadline or (self._failed and self._passes > passes_at_start):
+                    return False
+                if self._in_outage and self._probes_failed > probes_at_start:
                     return False
                 self._cond.wait(min(0.05, max(0.0, deadline - time.monotonic())))
         return True
@@ -158,47 +209,79 @@ class Publisher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._wake and not self._stopped:
-                    self._cond.wait(self._retry_interval if self._in_outage else None)
-                    if self._in_outage:
-                        break  # time to retry
+                if not self._wake and not self._stopped:
+                    interval = PROBE_INTERVALS[min(self._probes_failed, len(PROBE_INTERVALS) - 1)]
+                    self._cond.wait(interval if self._in_outage else None)
                 if self._stopped:
                     return
                 self._wake = False
-            self._drain()
+            self.drain_once()
 
-    def _drain(self) -> None:
+    def drain_once(self) -> bool:
+        """One pass: probe during an outage, connect once, publish the queue in order. True when it is empty."""
+        try:
+            return self._pass()
+        finally:
+            with self._cond:
+                self._passes += 1
+                self._cond.notify_all()
+
+    def _pass(self) -> bool:
+        with self._cond:
+            self._failed.clear()  # each pass retries everything; a refusal that persists is reported again
+        if self._in_outage and self._probe is not None:
+            try:
+                self._probe()
+            except StoreError as e:
+                with self._cond:
+                    self._probes_failed += 1
+                    self._cond.notify_all()
+                log.debug("MLflow at %s still unreachable: %s", self._server, e)
+                return False
+        if self._on_connect is not None:
+            try:
+                self._on_connect()
+            except StoreError as e:
+                self._fail(e, None)
+                return False
+            self._on_connect = None
         for p in self.outbox.pending(self.run_id):
             if self._stopped:
-                return
+                return False
             try:
                 self._publish(p)
             except StoreError as e:
-                if not e.transient:
-                    log.error(
-                        "MLflow refused checkpoint step %d (%s); it stays queued in %s", p.step, e, self.outbox.dir
-                    )
-                    with self._cond:  # every queued save waits behind this one: report it to each
-                        for q in self.outbox.pending(self.run_id):
-                            self._failed[q.seq] = PermanentStoreError(str(e))
-                        self._cond.notify_all()
-                    return
-                if not self._in_outage:
-                    log.warning(
-                        "MLflow at %s is unreachable (%s): checkpoint step %d is committed locally and queued in %s; "
-                        "retrying every %.0f s. This warning is shown once per outage",
-                        self._server, e, p.step, self.outbox.dir, self._retry_interval,
-                    )  # fmt: skip
-                self._in_outage = True
-                return
+                self._fail(e, p)
+                return False
             except Exception:  # never let the publisher die silently: the entry stays queued
                 log.exception("publishing checkpoint step %d failed; it stays queued in %s", p.step, self.outbox.dir)
-                self._in_outage = True
-                return
+                self._fail(StoreError("unexpected error (logged above)"), p)
+                return False
             self.outbox.done(p)
             if self._in_outage:
-                log.warning("MLflow at %s is reachable again: queued checkpoint step %d recorded", self._server, p.step)
-                self._in_outage = False
+                log.warning("MLflow at %s is reachable again: recording the queued checkpoints (step %d recorded)",
+                            self._server, p.step)  # fmt: skip
             with self._cond:
+                self._in_outage, self._probes_failed, self._warned, self._refusal = False, 0, False, None
                 self._done.add(p.seq)
                 self._cond.notify_all()
+        if self._in_outage:  # nothing was queued, but the probe answered: the outage is over
+            with self._cond:
+                self._in_outage, self._probes_failed, self._warned = False, 0, False
+                self._cond.notify_all()
+        return True
+
+    def _fail(self, e: StoreError, p: Pending | None) -> None:
+        if not e.transient:
+            what = f"checkpoint step {p.step}" if p is not None else f"attaching to run {self.run_id}"
+            log.error("MLflow refused %s (%s); it stays queued in %s", what, e, self.outbox.dir)
+            with self._cond:  # every queued save waits behind this one: report it to each
+                for q in self.outbox.pending(self.run_id):
+                    self._failed[q.seq] = PermanentStoreError(str(e))
+                self._refusal = PermanentStoreError(str(e))
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._in_outage = True
+            self._cond.notify_all()  # savers waiting for their record stop waiting now
+        self._warn(f"is unreachable ({e})", p.step if p is not None else None)

@@ -3,6 +3,9 @@
 Order: ``run_id=``, ``MLFLOW_RUN_ID`` (MLflow's own convention), the user's active ``mlflow.start_run()`` on the
 same tracking URI, the pointer file in ``save_dir``, the newest run tagged with this ``save_dir`` (so a deleted
 ``save_dir`` still resumes), else a new run. ``resume="never"`` skips straight to a new run.
+
+With the server unreachable, ``known_locally`` answers from what needs no server (the same order, minus the
+search by tag): a job can then resume from its ``save_dir``, but no new run can be created.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .catalog import TAG_SAVE_DIR
-from .errors import ConfigError
+from . import _http
+from .errors import ConfigError, StoreError
 from .local import LocalDir
-from .store import describe_mlflow_error
+from .runtags import TAG_SAVE_DIR
+from .store import describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,50 @@ class FoundRun:
 
 
 def find_run(
+    client: MlflowClient,
+    server: str,
+    local: LocalDir,
+    *,
+    run_id: str | None,
+    experiment: str | None,
+    run_name: str | None,
+    new_only: bool,
+) -> FoundRun:
+    """The run to write (see the module doc); StoreError (transient) when the server does not answer."""
+    with _http.bounded():
+        try:
+            return _find_run(client, server, local, run_id=run_id, experiment=experiment, run_name=run_name,
+                             new_only=new_only)  # fmt: skip
+        except OSError as e:  # requests' connection errors outside MlflowException
+            if isinstance(e, StoreError):
+                raise
+            raise describe_mlflow_error(e, "reach the tracking server", server) from e
+
+
+def known_locally(
+    client: MlflowClient, server: str, local: LocalDir, run_id: str | None, cause: StoreError
+) -> FoundRun:
+    """The run named without asking the server (argument, MLFLOW_RUN_ID, active run, pointer), else StoreError."""
+    if run_id is not None:
+        return FoundRun(run_id, "run_id argument", True)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
+    active = _active_fluent_run_id(client.tracking_uri)
+    if active is not None:
+        return FoundRun(active, "active mlflow run", False)
+    pointer = local.read_pointer()
+    if pointer is not None and pointer.get("tracking_uri") == server:
+        return FoundRun(pointer["run_id"], f"pointer in {local.root}", True)
+    err = StoreError(
+        f"MLflow at {server} is unreachable ({cause}) and {local.root} names no run to resume (no {local.root.name}/"
+        "tracked_ckpt.json for this server, no run_id= or MLFLOW_RUN_ID): a new run cannot be created offline. "
+        "Check that the tracking server is up, or pass the run ID to resume"
+    )
+    err.transient = cause.transient
+    raise err
+
+
+def _find_run(
     client: MlflowClient,
     server: str,
     local: LocalDir,
@@ -82,7 +130,9 @@ def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
 def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
     try:
         return bool(client.get_run(run_id).info.lifecycle_stage == "active")
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise describe_mlflow_error(e, f"get run {run_id}", redact(str(client.tracking_uri))) from e
         log.warning("the run %s named in %s no longer exists; looking further", run_id, local.root)
         return False
 

@@ -1,13 +1,17 @@
 """The storage seam: everything tracked_ckpt asks of MLflow about one run.
 
 ``RunStore`` wraps an explicit ``MlflowClient`` and the run's artifact repository (never MLflow's global
-active run or tracking URI). Paths are artifact paths relative to the run, as ``str``. Tests inject faults by
-subclassing it, so this is the only place that talks to MLflow for a run.
+active run or tracking URI). Paths are artifact paths relative to the run, as ``str``. Every call runs under
+tracked_ckpt's own HTTP budget (``_http.bounded``), never MLflow's minutes of retries. A store can be made
+without asking the server anything (``connect=False``): it connects on first use, so a job whose server is down
+can start from its local copies and record later. Tests inject faults by subclassing it and passing the class as
+``CheckpointManager(store_factory=...)``: this is the only place that talks to MLflow for a run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import re
@@ -24,7 +28,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from . import transfer
+from . import _http, transfer
 from ._faults import fault_point
 from .errors import CheckpointCorruptError, RunNotFoundError, StoreError
 from .manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
@@ -75,23 +79,64 @@ def redact(uri: str) -> str:
 class RunStore:
     """Artifacts, metrics and tags of one MLflow run."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, *, connect: bool = True) -> None:
         self.client = client
         self.run_id = run_id
         self.server = redact(str(client.tracking_uri))
-        run = self._call(lambda: client.get_run(run_id), f"get run {run_id}")
+        self.tags_at_open: dict[str, str] = {}  # saves a get_run for callers that just opened it
+        self._repo: Any = None
+        self._experiment_id: str | None = None
+        self._artifact_uri: str | None = None
+        if connect:
+            self.connect()
+
+    def connect(self) -> None:
+        """Read the run (its tags, experiment and artifact location); RunNotFoundError if it is gone."""
+        run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
         if run.info.lifecycle_stage == "deleted":
             raise RunNotFoundError(
-                f"run {run_id} at {self.server} is deleted; restore it in the MLflow UI or `mlflow gc` it"
+                f"run {self.run_id} at {self.server} is deleted; restore it in the MLflow UI or `mlflow gc` it"
             )
-        self.tags_at_open: dict[str, str] = dict(run.data.tags)  # saves a get_run for callers that just opened it
-        self.experiment_id: str = run.info.experiment_id
-        self.artifact_uri: str = run.info.artifact_uri
-        self.repo: Any = get_artifact_repository(self.artifact_uri, tracking_uri=client.tracking_uri)
+        self.tags_at_open = dict(run.data.tags)
+        self._experiment_id = run.info.experiment_id
+        self._artifact_uri = run.info.artifact_uri
+        self._repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.client.tracking_uri)
+
+    @property
+    def connected(self) -> bool:
+        return self._repo is not None
+
+    @property
+    def repo(self) -> Any:
+        if self._repo is None:
+            self.connect()
+        return self._repo
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self.connect()
+        return str(self._experiment_id)
+
+    @property
+    def artifact_uri(self) -> str:
+        if self._artifact_uri is None:
+            self.connect()
+        return str(self._artifact_uri)
+
+    def probe(self) -> None:
+        """One short call ("is the server back?"): StoreError unless the tracking server answers at once."""
+        with _http.bounded(_http.PROBE):
+            run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
+        if self._repo is None:
+            self._experiment_id, self._artifact_uri = run.info.experiment_id, run.info.artifact_uri
+            self._repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.client.tracking_uri)
+            self.tags_at_open = dict(run.data.tags)
 
     def _call(self, fn: Any, action: str) -> Any:
         try:
-            return fn()
+            with _http.bounded():  # inside an explicit PROBE block, that stricter policy stays (see probe)
+                return fn()
         except MlflowException as e:
             if e.error_code == "RESOURCE_DOES_NOT_EXIST" and "get run" in action:
                 raise RunNotFoundError(
@@ -190,6 +235,19 @@ class RunStore:
             lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()]),
             "set run tags",
         )
+
+    def delete_tag(self, key: str) -> None:
+        self._call(lambda: self.client.delete_tag(self.run_id, key), f"delete run tag {key}")
+
+    def set_status(self, status: str) -> None:
+        """Mark the run RUNNING (a resume) or ended (FINISHED, FAILED, KILLED)."""
+        if status == "RUNNING":
+            self._call(lambda: self.client.update_run(self.run_id, status="RUNNING"), f"mark run {self.run_id} running")
+            return
+        # MLflow prints the run's URL here, with the tracking URI's user:password@ if it has one: not that.
+        quiet = contextlib.redirect_stdout(io.StringIO()) if "@" in str(self.client.tracking_uri) else None
+        with quiet or contextlib.nullcontext():
+            self._call(lambda: self.client.set_terminated(self.run_id, status=status), f"mark run {status}")
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

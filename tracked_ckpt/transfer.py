@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import _http
+
 log = logging.getLogger(__name__)
 
 PARTS = 4  # parallel ranges: 4 was the fastest of 1/2/4/8 against a loopback server on 2 cores
@@ -112,4 +114,4 @@ def _parallel(creds: Any, endpoint: str, fd: int, start: int, total: int, parts:
         _copy(resp, fd, a, b - a, path)
 
     with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="tracked_ckpt-fetch") as pool:
-        list(pool.map(part, ranges))
+        list(pool.map(_http.in_context(part), ranges))  # each part keeps the caller's HTTP budget

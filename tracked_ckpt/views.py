@@ -19,7 +19,10 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from .catalog import (
+from .catalog import Resolved, RunCatalog, ref_for
+from .errors import ConfigError
+from .policies import Mode, best_of
+from .runtags import (
     TAG_BEST,
     TAG_BEST_STEP,
     TAG_BEST_VALUE,
@@ -28,13 +31,8 @@ from .catalog import (
     TAG_LATEST,
     TAG_LATEST_STEP,
     TAG_MONITOR,
-    Resolved,
-    RunCatalog,
-    ref_for,
+    monitor_of,
 )
-from .errors import ConfigError
-from .maintenance import monitor_of
-from .policies import Mode, best_of
 from .store import RunStore, describe_mlflow_error, redact
 
 CHECKPOINT_COLUMNS = [

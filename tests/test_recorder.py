@@ -1,0 +1,102 @@
+"""The recording pipeline against the real sqlite store; the server's outages come from a subclass of RunStore.
+
+``FlakyStore`` is the real store whose calls fail (transiently, as a refused connection does) while ``down``, or
+whose uploads alone fail while ``uploads_down``: injected through ``CheckpointManager(store_factory=...)``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import assert_same_state, make_training, train_steps
+from mlflow.tracking import MlflowClient
+
+from tracked_ckpt import CheckpointManager
+from tracked_ckpt.errors import StoreError
+from tracked_ckpt.store import RunStore
+
+
+class FlakyStore(RunStore):
+    down = False
+    uploads_down = False
+
+    def _call(self, fn: Any, action: str) -> Any:
+        if FlakyStore.down:
+            raise StoreError(f"injected: connection refused ({action})")
+        return super()._call(fn, action)
+
+    def upload(self, local_file: Path, artifact_dir: str) -> None:
+        if FlakyStore.down or FlakyStore.uploads_down:
+            raise StoreError(f"injected: connection refused (upload {local_file.name})")
+        super().upload(local_file, artifact_dir)
+
+
+@pytest.fixture(autouse=True)
+def server_up() -> Any:
+    FlakyStore.down = FlakyStore.uploads_down = False
+    yield
+    FlakyStore.down = FlakyStore.uploads_down = False
+
+
+def reward_steps(run_id: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient().get_metric_history(run_id, "reward"))
+
+
+def test_an_offline_start_resumes_from_save_dir_and_attaches_when_the_server_answers(
+    tmp_path: Path, experiment: str
+) -> None:
+    model, opt, sched = make_training()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
+        for step in (1, 2):
+            train_steps(model, opt, sched, 1)
+            mgr.save(model, opt, {"step": step, "reward": float(step)}, scheduler=sched)
+        run_id = mgr.run_id
+    FlakyStore.down = True
+    fresh, fresh_opt, fresh_sched = make_training(seed=3)
+    mgr = CheckpointManager(tmp_path / "ck", run_id=run_id, store_factory=FlakyStore, publish_timeout=5)
+    assert not mgr.recorder.attached and "offline" in mgr._how
+    assert mgr.load(fresh, fresh_opt, scheduler=fresh_sched)["step"] == 2
+    assert_same_state(fresh, model)
+    assert mgr.get_best_checkpoint() == f"runs:/{run_id}/checkpoints/step-00000002"
+    t0 = time.monotonic()
+    mgr.save(fresh, fresh_opt, {"step": 3, "reward": 3.0}, scheduler=fresh_sched)
+    assert time.monotonic() - t0 < 3  # the pipeline knows the server is down: no wait
+    assert mgr.get_latest_checkpoint() == f"runs:/{run_id}/checkpoints/step-00000003"
+    assert list(mgr.checkpoints()["step"]) == [1, 2, 3]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"  # nothing reached the store yet
+    FlakyStore.down = False
+    assert mgr.sync(timeout=20) and mgr.recorder.attached
+    run = MlflowClient().get_run(run_id)
+    assert run.info.status == "RUNNING" and "tracked_ckpt.lease" in run.data.tags
+    assert run.data.tags["tracked_ckpt.latest_step"] == "3" and run.data.tags["tracked_ckpt.count"] == "3"
+    mgr.close()
+    assert reward_steps(run_id) == [1, 2, 3]
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
+def test_latest_is_never_older_than_a_checkpoint_committed_locally(tmp_path: Path, experiment: str) -> None:
+    model, opt, sched = make_training()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, store_factory=FlakyStore,
+                           publish_timeout=2) as mgr:  # fmt: skip
+        mgr.save(model, opt, {"step": 1, "reward": 1.0})
+        FlakyStore.uploads_down = True  # the tags still read: MLflow's latest is step 1, the queue holds step 2
+        train_steps(model, opt, sched, 2)
+        mgr.save(model, opt, {"step": 2, "reward": 2.0})
+        assert MlflowClient().get_run(mgr.run_id).data.tags["tracked_ckpt.latest_step"] == "1"
+        assert mgr.get_latest_checkpoint() == f"runs:/{mgr.run_id}/checkpoints/step-00000002"
+        fresh, fresh_opt, _ = make_training(seed=4)
+        assert mgr.load(fresh, fresh_opt)["step"] == 2
+        assert_same_state(fresh, model)
+        FlakyStore.uploads_down = False
+        assert mgr.sync(timeout=20)
+    assert reward_steps(mgr.run_id) == [1, 2]
+
+
+def test_a_relaunch_without_a_local_record_fails_naming_the_server(tmp_path: Path) -> None:
+    FlakyStore.down = True
+    # The run lookup itself talks to the store through MlflowClient: an unreachable URI plays the outage there.
+    with pytest.raises(StoreError, match=r"a new run cannot be created offline"):
+        CheckpointManager(tmp_path / "none", tracking_uri="http://127.0.0.1:9", store_factory=FlakyStore)

@@ -1,0 +1,268 @@
+"""The recording half of a save: everything a run's checkpoints owe MLflow, in one place.
+
+Every kind of save goes through ``RunRecorder``: the single-process save, the sharded DCP save (rank 0's) and
+``tracked-ckpt sync``. A save first commits locally (``commit_local``: files fsynced, outbox entry, rename), then
+``record`` hands it to the publisher thread, which uploads the files, the manifest last (the commit marker in
+MLflow), logs metrics and summary tags in one ``log_batch`` and applies retention. The recorder owns the run's
+checkpoint index (what is committed, by path), the folder names in use, and recovery when it attaches to a run
+that an earlier process left behind.
+
+It can start *offline* (the server unreachable when the job starts): the index then comes from the verified
+local copies in ``save_dir``, saves queue, and the deferred work (the lease, the run's RUNNING status and note,
+the scan of what MLflow already has) runs on the publisher thread when the server first answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ._faults import fault_point
+from .catalog import Resolved, RunCatalog, info_of
+from .errors import CheckpointCorruptError, SaveError, StoreError
+from .local import LocalDir
+from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
+from .outbox import Outbox, Pending, PermanentStoreError, Publisher
+from .policies import CheckpointInfo, Mode, RetentionPolicy, plan_deletions
+from .runtags import TAG_LATEST, TAG_PRUNED, pruned_value, summary_tags
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+
+class RunRecorder:
+    """Index, outbox, publisher, summary tags, retention and recovery of one run's checkpoints."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        local: LocalDir,
+        *,
+        monitor: str,
+        mode: Mode,
+        retention: RetentionPolicy | None,
+        publish_timeout: float,
+        on_connect: Callable[[], None] | None = None,
+        start: bool = True,
+    ) -> None:
+        self.store = store
+        self.local = local
+        self.monitor, self.mode = monitor, mode
+        self.retention = retention
+        self.publish_timeout = publish_timeout
+        self.outbox = Outbox(local.root)
+        self.catalog = RunCatalog(store)
+        self.index: dict[str, CheckpointInfo] = {}  # committed checkpoints, by path; replaced, never mutated
+        self.taken: set[str] = set()  # every folder name in use, committed or not
+        self.resumed_from: str | None = None  # retention never deletes the checkpoint the run resumed from
+        self._warned_no_delete = False
+        self._deferred = on_connect
+        self.publisher = Publisher(
+            self.outbox, store.run_id, self._publish_pending, store.server, probe=store.probe,
+            on_connect=self._connect if on_connect is not None else None, start=start,
+        )  # fmt: skip
+
+    @property
+    def run_id(self) -> str:
+        return self.store.run_id
+
+    @property
+    def attached(self) -> bool:
+        """False after an offline start until the server first answers (and the deferred work is done)."""
+        return self._deferred is None
+
+    # ------------------------------------------------------------------------------------- attaching
+
+    def recover(self) -> None:
+        """Index the run's committed checkpoints (MLflow's and the local queue); repair lagging summary tags."""
+        found = self.catalog.scan()
+        self.taken = {p.rpartition("/")[2] for p in self.catalog.listed}
+        self.index = {r.path: r.info for r in found}
+        queued = self.outbox.pending(self.run_id)
+        if queued:  # committed locally by an earlier process and never recorded: record them now
+            log.info("recording %d queued checkpoint(s) of run %s from %s", len(queued), self.run_id, self.outbox.dir)
+            if self.publisher.drained(self.publish_timeout):
+                found = self.catalog.scan()
+                self.index = {r.path: r.info for r in found}
+        self._clean_leftovers(found)
+        self.taken |= {p.name for p in self.outbox.pending(self.run_id)}
+        tags = self.store.tags_at_open
+        if found and tags.get(TAG_LATEST) != found[-1].path and not self.outbox.pending(self.run_id):
+            log.warning("run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
+                        self.run_id, tags.get(TAG_LATEST), found[-1].path)  # fmt: skip
+            self.store.set_tags(self.summary_tags())
+
+    def recover_offline(self) -> None:
+        """Index the verified local copies in ``save_dir`` (the server is unreachable)."""
+        self.index = {r.path: r.info for r in self.local_committed()}
+        root = self.local.root / self.run_id
+        self.taken = {d.name for d in root.iterdir()} if root.is_dir() else set()
+        self.taken |= {p.name for p in self.outbox.pending(self.run_id)}
+
+    def _connect(self) -> None:
+        """The server answers for the first time (publisher thread): the work an offline start deferred."""
+        assert self._deferred is not None
+        self.store.connect()
+        self._deferred()  # the manager's part: lease, RUNNING status, run-page note
+        local = self.index
+        found = self.catalog.scan()
+        self.taken |= {p.rpartition("/")[2] for p in self.catalog.listed}
+        queued = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
+        # MLflow's committed checkpoints, plus local ones that are only queued (published one by one next).
+        merged = {r.path: r.info for r in found}
+        self.index = {**merged, **{p: c for p, c in local.items() if p in queued and p not in merged}}
+        self._deferred = None
+        log.info("MLflow at %s answers: run %s attached (%d checkpoints recorded, %d queued)",
+                 self.store.server, self.run_id, len(merged), len(queued))  # fmt: skip
+
+    def _clean_leftovers(self, found: list[Resolved]) -> None:
+        """Remove what dead saves left behind: uncommitted artifact folders, local copies retention had deleted.
+
+        Only the lease holder runs this, so nothing here can be another live writer's save in progress.
+        """
+        # A folder whose manifest exists but does not parse (torn, or written by a newer tracked_ckpt) is kept.
+        committed = {r.path.rpartition("/")[2] for r in found} | {p.rpartition("/")[2] for p in self.catalog.unreadable}
+        queued = {p.name for p in self.outbox.pending(self.run_id)}
+        for name in sorted(self.taken - committed - queued):
+            log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
+                     self.run_id)  # fmt: skip
+            try:
+                self.store.delete(f"{ARTIFACT_PREFIX}/{name}")
+            except StoreError as e:
+                log.warning("could not remove uncommitted artifact folder %s: %s", name, e)
+        local_run = self.local.root / self.run_id
+        if local_run.is_dir():
+            for d in local_run.iterdir():
+                if d.name not in committed and d.name not in queued:
+                    self.local.remove(self.run_id, d.name)
+
+    def next_seq(self) -> int:
+        queued = self.outbox.pending(self.run_id)
+        return max([c.seq for c in self.index.values()] + [p.seq for p in queued], default=0) + 1
+
+    # ---------------------------------------------------------------------------------------- saving
+
+    def reserve(self, step: int, seq: int) -> str:
+        """A folder name for a new checkpoint; never one in use (a step saved twice gets ``.<seq>``)."""
+        name = f"step-{step:08d}"
+        name = name if name not in self.taken else f"{name}.{seq}"
+        self.taken.add(name)
+        return name
+
+    def queue(self, name: str, step: int, seq: int, created: float) -> Callable[[], None]:
+        """The step that runs between the durable staging and the rename that commits locally."""
+        pending = Pending(self.run_id, seq, name, step, int(created * 1000))
+
+        def add() -> None:
+            self.outbox.add(pending)
+            fault_point("outbox")
+
+        return add
+
+    def record(self, step: int, seq: int, folder: Path) -> bool:
+        """Hand a locally committed checkpoint to the publisher; wait for its record within the budget.
+
+        True once recorded; False when it stays queued (outage, hang). SaveError if MLflow refused it for good.
+        """
+        self.publisher.kick()
+        try:
+            recorded = self.publisher.wait_for(seq, self.publish_timeout)
+            refusal = self.publisher.take_refusal()  # found in the background, while no save was waiting
+        except PermanentStoreError as e:
+            self.publisher.take_refusal()
+            refusal = e
+        if refusal is not None:
+            raise SaveError(
+                f"checkpoint of step {step} is committed locally at {folder} but MLflow run {self.run_id} refuses "
+                f"the queue: {refusal}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.local.root}` "
+                "retries once that is fixed"
+            ) from refusal
+        if not recorded and not self.publisher.in_outage:
+            self.publisher.note_timeout(step, self.publish_timeout)
+        return recorded
+
+    # ------------------------------------------------------------------------ publishing (publisher thread)
+
+    def _publish_pending(self, p: Pending) -> None:
+        """Record one locally committed checkpoint in MLflow, then apply retention."""
+        folder = self.local.folder(p.run_id, p.name)
+        try:
+            manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
+        except FileNotFoundError:
+            log.warning("queued checkpoint %s of step %d has no local folder any more (its save died before the "
+                        "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
+            return
+        path = f"{ARTIFACT_PREFIX}/{p.name}"
+        for f in manifest.files:
+            self.store.upload(folder / f.name, path)
+        self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
+        # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
+        self.index = {**self.index, path: info_of(manifest, path)}
+        fault_point("tags")
+        self.store.publish(manifest.step, dict(manifest.metrics), self.summary_tags(), p.timestamp_ms)
+        self.apply_retention()
+
+    def summary_tags(self) -> dict[str, str]:
+        return summary_tags(self.index.values(), self.monitor, self.mode)
+
+    def apply_retention(self) -> None:
+        protected = {self.resumed_from} if self.resumed_from else set()
+        doomed = plan_deletions(
+            list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
+        )
+        for c in doomed:
+            t0 = time.perf_counter()
+            try:
+                self.store.delete(c.path)
+            except StoreError as e:
+                if e.transient:
+                    raise  # an outage: retention runs again after the next record
+                if not self._warned_no_delete:
+                    log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
+                                "only. This warning is shown once per manager", c.path, e)  # fmt: skip
+                    self._warned_no_delete = True
+            self.local.remove(self.run_id, c.path.rpartition("/")[2])
+            self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
+            log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
+        if doomed:
+            self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
+
+    # --------------------------------------------------------------------------------------- reading
+
+    def local_committed(self) -> list[Resolved]:
+        """The run's committed local copies (manifest present and readable), in commit order; no network."""
+        root = self.local.root / self.run_id
+        found = []
+        for d in sorted(root.iterdir()) if root.is_dir() else []:
+            try:
+                m = Manifest.from_json((d / MANIFEST_NAME).read_bytes(), str(d / MANIFEST_NAME))
+            except (OSError, CheckpointCorruptError):
+                continue
+            if m.run_id == self.run_id:
+                found.append(Resolved(f"{ARTIFACT_PREFIX}/{d.name}", m))
+        return sorted(found, key=lambda r: r.manifest.seq)
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def drain(self, timeout: float) -> bool:
+        return self.publisher.drained(timeout)
+
+    def stop(self) -> None:
+        self.publisher.stop()
+
+
+def fields_of(step: int, seq: int, meta: Any, resumed_from: str | None) -> dict[str, Any]:
+    """The manifest fields every kind of save records."""
+    return {
+        "step": step,
+        "seq": seq,
+        "created": time.time(),
+        "metrics": dict(meta.metrics),
+        "metadata": dict(meta.values),
+        "epoch": meta.epoch,
+        "resumed_from": resumed_from,
+    }
+

@@ -1,0 +1,67 @@
+"""The run-tag layout: which tags tracked_ckpt writes on a run, and how the summary ones are computed.
+
+Tags are what the MLflow UI shows at a glance and what ``list_runs`` reads in one query; they are hints for
+the read side (catalog.py verifies every one against a manifest), never the record itself::
+
+    tracked_ckpt.latest / latest_step        the newest committed checkpoint folder and its step
+    tracked_ckpt.best / best_step / best_value  the best one by the monitored metric
+    tracked_ckpt.monitor                     "<metric>:<mode>", what "best" was chosen by
+    tracked_ckpt.count / bytes               committed checkpoints kept, and their size
+    tracked_ckpt.pruned_last                 what retention deleted last
+    tracked_ckpt.save_dir                    the save_dir a new run was made for (so a relaunch finds it)
+    tracked_ckpt.lease                       the writer's heartbeat (lease.py)
+    mlflow.note.content                      the run page's description: how to resume (written by tracked_ckpt
+                                             only while it starts with NOTE_MARK, so a user's own note stays)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .policies import CheckpointInfo, Mode, best_of, check_mode
+
+TAG_LATEST = "tracked_ckpt.latest"
+TAG_LATEST_STEP = "tracked_ckpt.latest_step"
+TAG_BEST = "tracked_ckpt.best"
+TAG_BEST_STEP = "tracked_ckpt.best_step"
+TAG_MONITOR = "tracked_ckpt.monitor"
+TAG_BEST_VALUE = "tracked_ckpt.best_value"
+TAG_COUNT = "tracked_ckpt.count"
+TAG_BYTES = "tracked_ckpt.bytes"
+TAG_PRUNED = "tracked_ckpt.pruned_last"
+TAG_SAVE_DIR = "tracked_ckpt.save_dir"
+TAG_NOTE = "mlflow.note.content"
+NOTE_MARK = "<!-- tracked_ckpt -->"
+
+
+def monitor_value(metric: str, mode: Mode) -> str:
+    return f"{metric}:{mode}"
+
+
+def monitor_of(tags: Mapping[str, str], metric: str | None = None, mode: str | None = None) -> tuple[str, Mode]:
+    """The metric and direction that define "best" for a run: the arguments, else its monitor tag, else reward:max."""
+    tag_metric, _, tag_mode = tags.get(TAG_MONITOR, "reward:max").rpartition(":")
+    chosen_mode = mode or (tag_mode if tag_mode in ("max", "min") else "max")
+    return metric or tag_metric or "reward", check_mode(chosen_mode)
+
+
+def summary_tags(index: Iterable[CheckpointInfo], metric: str, mode: Mode) -> dict[str, str]:
+    """The summary tags of a run whose committed checkpoints are ``index``."""
+    infos = list(index)
+    tags = {
+        TAG_COUNT: str(len(infos)),
+        TAG_BYTES: str(sum(c.size for c in infos)),
+        TAG_MONITOR: monitor_value(metric, mode),
+    }
+    latest = max(infos, key=lambda c: c.seq, default=None)
+    if latest is not None:
+        tags[TAG_LATEST], tags[TAG_LATEST_STEP] = latest.path, str(latest.step)
+    best = best_of(infos, metric, mode)
+    if best is not None:
+        tags[TAG_BEST], tags[TAG_BEST_STEP] = best.path, str(best.step)
+        tags[TAG_BEST_VALUE] = repr(best.metrics[metric])
+    return tags
+
+
+def pruned_value(deleted: Iterable[CheckpointInfo]) -> str:
+    return ", ".join(f"step {c.step}" for c in deleted)[:500]
