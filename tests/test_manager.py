@@ -494,7 +494,7 @@ def test_user_facing_example_in_docstring_runs(tmp_path: Path, experiment: str) 
     """The worked example in the CheckpointManager module docstring, executed as written."""
     import tracked_ckpt.manager as m
 
-    example = textwrap.dedent(m.__doc__.split("::", 1)[1].split("The run is found")[0])  # type: ignore[union-attr]
+    example = textwrap.dedent(m.__doc__.split("::", 1)[1].split("Which run, and")[0])  # type: ignore[union-attr]
     model, optimizer, _ = make_training()
     namespace = {"model": model, "optimizer": optimizer, "total_steps": 250, "epoch": 0,
                  "train_one_step": lambda m, o: 1.0, "experiment": experiment}  # fmt: skip

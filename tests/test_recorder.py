@@ -57,7 +57,7 @@ def test_an_offline_start_resumes_from_save_dir_and_attaches_when_the_server_ans
     FlakyStore.down = True
     fresh, fresh_opt, fresh_sched = make_training(seed=3)
     mgr = CheckpointManager(tmp_path / "ck", run_id=run_id, store_factory=FlakyStore, publish_timeout=5)
-    assert not mgr.recorder.attached and "offline" in mgr._how
+    assert not mgr.recorder.attached and "offline" in mgr._session.how
     assert mgr.load(fresh, fresh_opt, scheduler=fresh_sched)["step"] == 2
     assert_same_state(fresh, model)
     assert mgr.get_best_checkpoint() == f"runs:/{run_id}/checkpoints/step-00000002"

@@ -12,10 +12,11 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from .catalog import RunCatalog, Which
+from .catalog import RunCatalog
 from .errors import CheckpointNotFoundError, StoreError
 from .loading import load_latest_verified, load_resolved
 from .policies import check_mode
+from .refs import Which
 from .state import Stateful, TrainingState
 from .store import RunStore
 
@@ -45,7 +46,7 @@ def load(
     state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
     cache = Path(cache_dir) if cache_dir is not None else None
     if which == "latest":
-        got = load_latest_verified(catalog, state, lambda r: cache)
+        got = load_latest_verified(catalog, state, cache)
         if got is None:
             raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
         return got[1]

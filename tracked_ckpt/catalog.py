@@ -11,43 +11,22 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import re
 import stat
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO
 
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
 from .policies import CheckpointInfo, Mode, best_of
+from .refs import Which, ref_for
 from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
 from .store import RunStore
 
 log = logging.getLogger(__name__)
-
-
-Which = Literal["latest", "best"] | int
-
-
-def ref_for(run_id: str, path: str) -> str:
-    return f"runs:/{run_id}/{path}"
-
-
-_REF = re.compile(r"^runs:/([0-9A-Za-z_-]+)/(.+?)/?$")
-
-
-def parse_ref(ref: str) -> tuple[str, str]:
-    """Split ``runs:/<run_id>/checkpoints/<name>`` into (run_id, path); validates the path."""
-    m = _REF.match(ref)
-    if not m:
-        raise ConfigError(
-            f"{ref!r} is not a checkpoint reference; pass the 'runs:/<run_id>/checkpoints/<name>' string "
-            "that save() returned, or a run ID with which='latest' | 'best' | <step>"
-        )
-    return m.group(1), check_checkpoint_path(m.group(2))
 
 
 def info_of(m: Manifest, path: str) -> CheckpointInfo:

@@ -459,7 +459,7 @@ def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
 
 
 def _uri_of(catalog: RunCatalog, r: Resolved) -> str:
-    from .catalog import ref_for
+    from .refs import ref_for
 
     return ref_for(catalog.run_id, r.path)
 

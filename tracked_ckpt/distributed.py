@@ -41,22 +41,22 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from ._faults import fault_point
 from ._version import __version__
-from .catalog import Resolved, RunCatalog, ref_for
+from .catalog import Resolved, RunCatalog
 from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from .errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
-    ConfigError,
     SaveError,
     StoreError,
 )
 from .local import STAGING
 from .manager import CheckpointManager
 from .manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
-from .recorder import fields_of
-from .state import Stateful, TrainingState, split_metadata
-from .store import RunStore
+from .preemption import EXIT_STATUS, SigtermFlag
+from .refs import ref_for
+from .session import Options, RunSession
+from .state import Stateful, TrainingState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,7 +122,7 @@ class DistributedCheckpointManager(CheckpointManager):
             run_id = self._on_rank0(lambda: "")
             self._init_follower(run_id, save_dir, base)
         if kwargs.get("save_on_sigterm", False):
-            self._install_sigterm()
+            self._sigterm.install()
 
     def _init_rank0(self, save_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> str:
         super().__init__(save_dir, **kwargs)
@@ -133,25 +133,21 @@ class DistributedCheckpointManager(CheckpointManager):
         from mlflow.tracking import MlflowClient
 
         from .local import LocalDir
-        from .policies import check_mode
         from .recorder import RunRecorder
 
-        self.mode = check_mode(kwargs.get("mode", "max"))
-        self.monitor = kwargs.get("monitor", "reward")
-        self.resume = kwargs.get("resume", "auto")
-        self.save_policy, self.retention = kwargs.get("save_policy"), kwargs.get("retention")
-        self.save_rng = kwargs.get("save_rng", True)
-        self.publish_timeout = float(kwargs.get("publish_timeout", 30.0))
+        self.options = o = Options.pick(kwargs)
         self.save_dir = Path(save_dir).expanduser().resolve()
         self.local = LocalDir(self.save_dir)
         self.client = MlflowClient(tracking_uri=kwargs.get("tracking_uri"))
-        self.store = kwargs.get("store_factory", RunStore)(self.client, run_id, connect=False)  # connects if it loads
+        self._session = RunSession(self.client, self.local, o)
+        self._session.owns_status = False
+        self._session.store = o.store_factory(self.client, run_id, connect=False)  # connects only to download
         self._server = self.store.server
-        self._closed, self._owns_run_status = False, False
-        self._preempted = False
-        # A recorder that never publishes (no thread): its local index answers should_save-free reads.
-        self.recorder = RunRecorder(self.store, self.local, monitor=self.monitor, mode=self.mode, retention=None,
-                                    publish_timeout=self.publish_timeout, start=False)  # fmt: skip
+        self._closed = False
+        self._sigterm = SigtermFlag()
+        # A recorder that never publishes (no thread): rank 0 records; this one serves reads of the local copies.
+        self._session.recorder = RunRecorder(self.store, self.local, monitor=o.monitor, mode=o.mode, retention=None,
+                                             publish_timeout=o.publish_timeout, start=False)  # fmt: skip
 
     # ---------------------------------------------------------------------------------- collectives
 
@@ -182,15 +178,15 @@ class DistributedCheckpointManager(CheckpointManager):
     def _any_preempted(self) -> bool:
         """True on every rank once SIGTERM reached any rank (torchrun sends it to each, not at the same instant)."""
         flags: list[Any] = [False] * self.world_size
-        dist.all_gather_object(flags, self._preempted, group=self._ctl)
-        self._preempted = any(flags)
-        return self._preempted
+        dist.all_gather_object(flags, self._sigterm.raised, group=self._ctl)
+        self._sigterm.raised = any(flags)
+        return self._sigterm.raised
 
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
         """Rank 0's answer on every rank (a time-based policy would otherwise disagree); True on all after SIGTERM."""
-        if self.save_policy is None:
+        if self.options.save_policy is None:
             return True
-        if self._sigterm_installed and self._any_preempted():
+        if self._sigterm.installed and self._any_preempted():
             return True
         with self._lock:
             return self._on_rank0(lambda: CheckpointManager.should_save(self, step, metrics))
@@ -209,17 +205,12 @@ class DistributedCheckpointManager(CheckpointManager):
         step: int | None = None,
     ) -> str:
         """Every rank writes its shard durably; rank 0 commits locally (manifest last) and queues the record."""
-        self._check_open()
-        self.wait()
-        meta = split_metadata(metadata)
-        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
-        if not state.parts():
-            raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
-        plan = self._on_rank0(lambda: self._plan(meta, step))
+        meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra)
+        plan = self._on_rank0(lambda: self._plan_sharded(meta, step))
         t0 = time.perf_counter()
         staging = self.save_dir / STAGING / plan.token
         staging.mkdir(parents=True, exist_ok=True)
-        rng = rng_json() if self.save_rng else None
+        rng = rng_json() if self.options.save_rng else None
         sd = dcp_state(state)
         if not self._dcp_async:
             try:
@@ -242,18 +233,15 @@ class DistributedCheckpointManager(CheckpointManager):
             return self._finish(plan, staging, rng, t0)
 
         self._inflight = self._bg.submit(job)
-        if self._preempted:  # the final save: finish it, then exit as a synchronous save does
+        if self._sigterm.raised:  # the final save: finish it, then exit as a synchronous save does
             self.wait()
             self._exit_if_preempted(plan.step)
         return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{plan.name}")
 
-    def _plan(self, meta: Any, step: int | None) -> _Plan:
+    def _plan_sharded(self, meta: Any, step: int | None) -> _Plan:
         with self._lock:
-            seq = self._next_seq
-            self._next_seq += 1
-            step = step if step is not None else meta.step if meta.step is not None else seq
-            name = self.recorder.reserve(step, seq)
-        return _Plan(name, seq, step, uuid.uuid4().hex, fields_of(step, seq, meta, self.recorder.resumed_from))
+            name, fields = self.recorder.plan(meta, step)
+        return _Plan(name, fields["seq"], fields["step"], uuid.uuid4().hex, fields)
 
     def _finish(self, plan: _Plan, staging: Path, rng: dict[str, Any] | None, t0: float) -> str:
         """Hash this rank's files; rank 0 then commits the folder locally and hands it to the recorder."""
@@ -311,18 +299,8 @@ class DistributedCheckpointManager(CheckpointManager):
             world_size=self.world_size,
             **plan.fields,
         )
-        queue = self.recorder.queue(plan.name, plan.step, plan.seq, plan.fields["created"])
-        final = self.local.folder(self.run_id, plan.name)
-        try:
-            self.local.commit(staging, final, manifest, queue)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SaveError(f"step {plan.step}: could not commit the sharded checkpoint in {self.save_dir}: {e}") from e
-        recorded = self.recorder.record(plan.step, plan.seq, final)
+        self.recorder.commit_folder(staging, plan.name, manifest, t0)
         self._last_save_time = time.time()
-        log.info("saved step %d as %s (%d ranks, %.1f MB) in %.2f s%s", plan.step, path, self.world_size,
-                 manifest.size / 1e6, time.perf_counter() - t0,
-                 "" if recorded else "; queued for MLflow (see outbox)")  # fmt: skip
         return ref_for(self.run_id, path)
 
     def sync(self, timeout: float | None = None) -> bool:
@@ -343,75 +321,30 @@ class DistributedCheckpointManager(CheckpointManager):
 
     # ------------------------------------------------------------------------------------ preemption
 
-    @property
-    def _sigterm_installed(self) -> bool:
-        return bool(vars(self).get("_sigterm", False))
-
-    def _install_sigterm(self) -> None:
-        self._sigterm = True
-        super()._install_sigterm()
-
     def _exit_if_preempted(self, step: int) -> None:
         """After a save, every rank agrees whether SIGTERM arrived anywhere; then all exit 143 together."""
-        if self._sigterm_installed and self._any_preempted():
+        if self._sigterm.installed and self._any_preempted():
             log.warning("rank %d: final checkpoint of step %d saved after SIGTERM; exiting with status 143",
                         self.rank, step)  # fmt: skip
             self.close("KILLED")
-            raise SystemExit(143)
+            raise SystemExit(EXIT_STATUS)
 
     def _exit_after_preemption(self, step: int) -> None:
         """The base class's exit (inside a single-process commit) does not apply: see _exit_if_preempted."""
 
     # -------------------------------------------------------------------------------------- loading
 
-    def load(
-        self,
-        model: Stateful | None = None,
-        optimizer: Stateful | None = None,
-        checkpoint_path: str | os.PathLike[str] | None = None,
-        *,
-        which: Any = "latest",
-        scheduler: Stateful | None = None,
-        scaler: Stateful | None = None,
-        extra: Mapping[str, Stateful] | None = None,
-    ) -> dict[str, Any]:
-        """Rank 0 resolves through MLflow and broadcasts; every rank verifies, then all restore via DCP."""
-        self._check_open()
-        self.wait()
-        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
-        if checkpoint_path is None and which == "latest":
-            return self._load_latest(state)
-        if checkpoint_path is not None:
-            run_id, r = self._on_rank0(lambda: self._resolve_and_unwrap(str(checkpoint_path)))
-        else:
-            run_id, r = self._on_rank0(lambda: (self.run_id, self._resolve_which(which)))
-        return self._load_one(run_id, r, state)
+    def _decide(self, fn: Callable[[], T]) -> T:
+        return self._on_rank0(fn)
 
-    def _resolve_and_unwrap(self, ref: str) -> tuple[str, Resolved]:
-        catalog, r = self._resolve_ref(ref)
-        return catalog.run_id, r
-
-    def _load_latest(self, state: TrainingState) -> dict[str, Any]:
-        candidates: Iterator[Resolved] = self._latest_first() if self.rank == 0 else iter(())
-        first_error: BaseException | None = None
-        while True:
-            r = self._on_rank0(lambda: next(candidates, None))
-            if r is None:
-                break
-            try:
-                return self._load_one(self.run_id, r, state)
-            except (CheckpointCorruptError, CheckpointNotFoundError) as e:
-                first_error = first_error or e
-                log.warning("%s; falling back to the previous checkpoint", e)
-        if first_error is not None:
-            raise first_error
-        if self.resume == "must":
-            raise CheckpointNotFoundError(f"resume='must' but run {self.run_id} has no committed checkpoint")
-        log.info("no checkpoint in run %s yet: starting from scratch", self.run_id)
-        return {}
+    def _latest_candidates(self) -> Iterator[Resolved]:
+        """Rank 0's candidates, one at a time, on every rank (a corrupt one makes all ranks move to the next)."""
+        candidates: Iterator[Resolved] = self.recorder.latest_first() if self.rank == 0 else iter(())
+        while (r := self._on_rank0(lambda: next(candidates, None))) is not None:
+            yield r
 
     def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
-        catalog = self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.client, run_id))
+        catalog = self.recorder.catalog_of(run_id)
         where = f"checkpoint {ref_for(run_id, r.path)} (step {r.manifest.step})"
         t0 = time.perf_counter()
         if r.manifest.format != "dcp":  # a single-process checkpoint: every rank loads the whole of it
@@ -419,7 +352,7 @@ class DistributedCheckpointManager(CheckpointManager):
 
             err: BaseException | None = None
             try:
-                load_resolved(catalog, r, state, self._cache_for(catalog, r))
+                load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
             except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as e:
                 err = e
             self._agree(err)
@@ -427,13 +360,11 @@ class DistributedCheckpointManager(CheckpointManager):
             with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
                 folder, err = Path(tmp), None
                 try:
-                    folder = catalog.fetch_verified(r, Path(tmp), self._cache_for(catalog, r))
+                    folder = catalog.fetch_verified(r, Path(tmp), self.recorder.cache_for(catalog, r))
                 except (CheckpointCorruptError, CheckpointNotFoundError) as e:
                     err = e
                 self._agree(err)  # every rank verified its copy before any rank enters dcp.load
                 load_dcp_folder(folder, r.manifest, state, where, self._ctl, self.rank)
-        if run_id == self.run_id:
-            self.recorder.resumed_from = r.path
         log.info("rank %d restored %s in %.2f s", self.rank, where, time.perf_counter() - t0)
         return dict(r.manifest.metadata)
 

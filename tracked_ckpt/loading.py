@@ -13,14 +13,15 @@ import pickle
 import re
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .catalog import Resolved, RunCatalog, ref_for
+from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from .refs import ref_for
 from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
 
 log = logging.getLogger(__name__)
@@ -78,21 +79,28 @@ def load_resolved(
     return dict(r.manifest.metadata)
 
 
-def load_latest_verified(
-    catalog: RunCatalog, state: TrainingState, cache_for: Any = None, candidates: Iterable[Resolved] | None = None
+def first_that_loads(
+    candidates: Iterable[Resolved], load_one: Callable[[Resolved], dict[str, Any]]
 ) -> tuple[Resolved, dict[str, Any]] | None:
-    """Load the newest checkpoint that verifies, falling back (with a warning) past corrupt ones.
+    """Load the first of ``candidates`` (newest first) that verifies, falling back (with a warning) past corrupt ones.
 
-    ``candidates`` (newest first) default to the catalog's. Returns None only when the run has no committed
-    checkpoint; if every one fails verification, the newest one's error is raised (never a silent fresh start).
+    Returns None only when there is no candidate; if every one fails verification, the newest one's error is
+    raised (never a silent fresh start).
     """
     first_error: Exception | None = None
-    for r in catalog.candidates_latest_first() if candidates is None else candidates:
+    for r in candidates:
         try:
-            return r, load_resolved(catalog, r, state, cache_for(r) if cache_for else None)
+            return r, load_one(r)
         except (CheckpointCorruptError, CheckpointNotFoundError) as e:
             first_error = first_error or e
             log.warning("%s; falling back to the previous checkpoint", e)
     if first_error is not None:
         raise first_error
     return None
+
+
+def load_latest_verified(
+    catalog: RunCatalog, state: TrainingState, cache_dir: Path | None = None
+) -> tuple[Resolved, dict[str, Any]] | None:
+    """The newest checkpoint of ``catalog``'s run that verifies, restored into ``state`` (see first_that_loads)."""
+    return first_that_loads(catalog.candidates_latest_first(), lambda r: load_resolved(catalog, r, state, cache_dir))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -24,50 +23,19 @@ from typing import Literal
 
 from mlflow.tracking import MlflowClient
 
-from .catalog import Resolved, RunCatalog, Which, open_in_place
-from .catalog import parse_ref as parse_runs_uri
-from .catalog import ref_for as runs_uri
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
+from .catalog import Resolved, RunCatalog, open_in_place
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
 from .progress import Progress, watch_file
+from .refs import Ref
+from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
+from .refs import ref_for as runs_uri
 from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, pruned_value, summary_tags
 from .store import RunStore
 
 log = logging.getLogger(__name__)
-
-_RUN_ID = r"[0-9A-Za-z_-]+"
-_SELECTOR = re.compile(rf"^({_RUN_ID})(?:@(latest|best|-?\d+))?$")
 _CHUNK = 8 << 20
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A parsed checkpoint reference: a run plus either ``which`` or an exact folder ``path``."""
-
-    run_id: str
-    which: Which = "latest"
-    path: str | None = None
-    explicit: bool = True  # False for a bare RUN_ID (verify then checks every checkpoint of the run)
-
-
-def parse(text: str) -> Ref:
-    """Parse ``RUN_ID``, ``RUN_ID@latest|best|STEP`` or ``runs:/RUN_ID/checkpoints/NAME``."""
-    if text.startswith("runs:/"):
-        run_id, path = parse_runs_uri(text)
-        return Ref(run_id, path=path)
-    m = _SELECTOR.match(text)
-    if not m:
-        raise ConfigError(
-            f"{text!r} is not a checkpoint reference; use RUN_ID, RUN_ID@latest, RUN_ID@best, RUN_ID@STEP "
-            "(e.g. RUN_ID@120) or runs:/RUN_ID/checkpoints/NAME"
-        )
-    run_id, sel = m.group(1), m.group(2)
-    if sel is None:
-        return Ref(run_id, explicit=False)
-    which: Which = sel if sel in ("latest", "best") else int(sel)  # type: ignore[assignment]
-    return Ref(run_id, which=which)
-
 
 def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
     """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable."""

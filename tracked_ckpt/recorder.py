@@ -15,19 +15,22 @@ the scan of what MLflow already has) runs on the publisher thread when the serve
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from ._faults import fault_point
 from .catalog import Resolved, RunCatalog, info_of
-from .errors import CheckpointCorruptError, SaveError, StoreError
+from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .outbox import Outbox, Pending, PermanentStoreError, Publisher
-from .policies import CheckpointInfo, Mode, RetentionPolicy, plan_deletions
+from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
+from .refs import Which, parse_path, ref_for
 from .runtags import TAG_LATEST, TAG_PRUNED, pruned_value, summary_tags
+from .state import Metadata
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,7 @@ class RunRecorder:
         self.taken: set[str] = set()  # every folder name in use, committed or not
         self.resumed_from: str | None = None  # retention never deletes the checkpoint the run resumed from
         self._warned_no_delete = False
+        self._next_seq: int | None = None  # from the index and the queue at the first save
         self._deferred = on_connect
         self.publisher = Publisher(
             self.outbox, store.run_id, self._publish_pending, store.server, probe=store.probe,
@@ -139,28 +143,80 @@ class RunRecorder:
                 if d.name not in committed and d.name not in queued:
                     self.local.remove(self.run_id, d.name)
 
+    def save_context(
+        self, step: int, metrics: Mapping[str, float] | None, pending: CheckpointInfo | None, last_time: float
+    ) -> SaveContext:
+        """What a save policy decides on: the index (plus the async save in flight), the time of the last save."""
+        known = list(self.index.values()) + ([pending] if pending is not None else [])
+        latest = max(known, key=lambda c: c.seq, default=None)
+        best = best_of(known, self.monitor, self.mode)
+        return SaveContext(
+            step=step, now=time.time(), metrics=dict(metrics or {}), last_step=latest.step if latest else None,
+            last_time=last_time, best_value=best.metrics.get(self.monitor) if best else None, metric=self.monitor,
+            mode=self.mode,
+        )  # fmt: skip
+
     def next_seq(self) -> int:
         queued = self.outbox.pending(self.run_id)
         return max([c.seq for c in self.index.values()] + [p.seq for p in queued], default=0) + 1
 
     # ---------------------------------------------------------------------------------------- saving
 
-    def reserve(self, step: int, seq: int) -> str:
-        """A folder name for a new checkpoint; never one in use (a step saved twice gets ``.<seq>``)."""
+    def plan(self, meta: Metadata, step: int | None) -> tuple[str, dict[str, Any]]:
+        """The next checkpoint's folder name and manifest fields (its step defaults to metadata's, else its seq).
+
+        A folder name is never reused: a step saved twice (or a dead save's leftovers) gets ``step-N.<seq>``.
+        """
+        if self._next_seq is None:
+            self._next_seq = self.next_seq()
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        step = step if step is not None else meta.step if meta.step is not None else seq
         name = f"step-{step:08d}"
         name = name if name not in self.taken else f"{name}.{seq}"
         self.taken.add(name)
-        return name
+        return name, fields_of(step, seq, meta, self.resumed_from)
 
-    def queue(self, name: str, step: int, seq: int, created: float) -> Callable[[], None]:
+    def _queue(self, name: str, fields: Mapping[str, Any]) -> Callable[[], None]:
         """The step that runs between the durable staging and the rename that commits locally."""
-        pending = Pending(self.run_id, seq, name, step, int(created * 1000))
+        pending = Pending(self.run_id, fields["seq"], name, fields["step"], int(fields["created"] * 1000))
 
         def add() -> None:
             self.outbox.add(pending)
             fault_point("outbox")
 
         return add
+
+    def commit(
+        self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any], fields: Mapping[str, Any], t0: float
+    ) -> None:
+        """A single-process save: serialize, commit locally (queued first), record."""
+        latest = self._latest_step()
+        folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, self._queue(name, fields))
+        self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
+
+    def commit_folder(self, staging: Path, name: str, manifest: Manifest, t0: float) -> None:
+        """A sharded save whose files are durable in ``staging``: manifest, queue, rename, record."""
+        latest = self._latest_step()
+        final = self.local.folder(self.run_id, name)
+        fields = {"seq": manifest.seq, "step": manifest.step, "created": manifest.created}
+        try:
+            self.local.commit(staging, final, manifest, self._queue(name, fields))
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SaveError(f"step {manifest.step}: could not commit the checkpoint in {self.local.root}: {e}") from e
+        self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
+
+    def _latest_step(self) -> int | None:
+        return max(self.index.values(), key=lambda c: c.seq).step if self.index else None
+
+    def _saved(self, m: Manifest, name: str, recorded: bool, latest: int | None, t0: float) -> None:
+        ranks = f", {m.world_size} ranks" if m.format == "dcp" else ""
+        queued = "" if recorded else "; queued for MLflow (see outbox)"
+        ref = ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}")
+        log.info("saved step %d to %s (%.1f MB%s) in %.2f s%s", m.step, ref, m.size / 1e6, ranks,
+                 time.perf_counter() - t0, queued)  # fmt: skip
+        if latest is not None and m.step < latest:
+            log.info("step %d is below the previous latest step %d: this checkpoint is now the latest", m.step, latest)
 
     def record(self, step: int, seq: int, folder: Path) -> bool:
         """Hand a locally committed checkpoint to the publisher; wait for its record within the budget.
@@ -245,6 +301,78 @@ class RunRecorder:
                 found.append(Resolved(f"{ARTIFACT_PREFIX}/{d.name}", m))
         return sorted(found, key=lambda r: r.manifest.seq)
 
+    def queued(self) -> list[Resolved]:
+        """Checkpoints committed locally and not yet recorded in MLflow, in commit order."""
+        waiting = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
+        return [r for r in self.local_committed() if r.path in waiting]
+
+    def latest_first(self) -> Iterator[Resolved]:
+        """Candidates for "latest", newest first: never older than a checkpoint committed in save_dir.
+
+        Queued checkpoints (committed locally, not yet recorded) come before MLflow's latest when newer; with the
+        server unreachable, the local copies are all there is.
+        """
+        if not self.store.connected:
+            yield from reversed(self.local_committed())
+            return
+        queued = self.queued()
+        try:
+            remote = self.catalog.candidates_latest_first()
+            first = next(remote, None)
+        except StoreError as e:
+            if not e.transient:
+                raise
+            log.warning("MLflow at %s is unreachable (%s): resolving 'latest' from the copies in %s",
+                        self.store.server, e, self.local.root)  # fmt: skip
+            yield from reversed(self.local_committed())
+            return
+        yield from (r for r in reversed(queued) if first is None or r.manifest.seq > first.manifest.seq)
+        if first is not None:
+            yield first
+            yield from remote
+
+    def resolve(self, which: Which) -> Resolved:
+        """"best" or a step: MLflow's answer, or with the server unreachable the copies in save_dir."""
+        if self.store.connected:
+            return self.catalog.resolve(which, self.monitor, self.mode)
+        local = self.local_committed()
+        if which == "best":
+            chosen = best_of([r.info for r in local], self.monitor, self.mode)
+            hit = next((r for r in local if chosen is not None and r.path == chosen.path), None)
+        else:
+            hit = next((r for r in reversed(local) if r.manifest.step == which), None)
+        if hit is None:
+            raise CheckpointNotFoundError(
+                f"run {self.run_id}: MLflow at {self.store.server} is unreachable and {self.local.root} holds no "
+                f"committed checkpoint ({which}); retry once the server answers"
+            )
+        return hit
+
+    def catalog_of(self, run_id: str) -> RunCatalog:
+        """This run's catalog, or a read-only one of another run on the same server."""
+        return self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.store.client, run_id))
+
+    def resolve_path(self, text: str) -> tuple[str, Resolved]:
+        """A ``checkpoint_path`` (see refs.parse_path); this run's queued checkpoints resolve to their local copy."""
+        run_id, path = parse_path(text, self.run_id)
+        if run_id == self.run_id:
+            mine = next((r for r in self.local_committed() if r.path == path), None)
+            if mine is not None and (not self.store.connected or mine in self.queued()):
+                return run_id, mine
+        return run_id, Resolved(path, self.catalog_of(run_id).manifest(path))
+
+    def cache_for(self, catalog: RunCatalog, r: Resolved) -> Path | None:
+        """The local copy of ``r`` in save_dir, if there is one (verified before use like any download)."""
+        folder = self.local.folder(catalog.run_id, r.path.rpartition("/")[2])
+        return folder if folder.is_dir() else None
+
+    def committed(self) -> list[Resolved]:
+        """Every committed checkpoint: MLflow's, plus those still queued (or only local, while offline)."""
+        found = self.catalog.scan() if self.store.connected else []
+        recorded = {r.path for r in found}
+        extra = self.queued() if self.store.connected else self.local_committed()
+        return sorted(found + [r for r in extra if r.path not in recorded], key=lambda r: r.manifest.seq)
+
     # ------------------------------------------------------------------------------------- lifecycle
 
     def drain(self, timeout: float) -> bool:
@@ -254,7 +382,7 @@ class RunRecorder:
         self.publisher.stop()
 
 
-def fields_of(step: int, seq: int, meta: Any, resumed_from: str | None) -> dict[str, Any]:
+def fields_of(step: int, seq: int, meta: Metadata, resumed_from: str | None) -> dict[str, Any]:
     """The manifest fields every kind of save records."""
     return {
         "step": step,

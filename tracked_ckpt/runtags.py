@@ -65,3 +65,18 @@ def summary_tags(index: Iterable[CheckpointInfo], metric: str, mode: Mode) -> di
 
 def pruned_value(deleted: Iterable[CheckpointInfo]) -> str:
     return ", ".join(f"step {c.step}" for c in deleted)[:500]
+
+
+def run_note(run_id: str, save_dir_name: str, monitor: str, mode: str) -> str:
+    """The run page's description (markdown): what the checkpoints are and how to resume."""
+    return (
+        f"{NOTE_MARK}\n### Checkpoints (tracked_ckpt)\n"
+        f"Checkpoints of this run are the artifact folders under `checkpoints/`; the tags "
+        f"`{TAG_LATEST}` and `{TAG_BEST}` name the latest and the best (by `{monitor}`, {mode}).\n\n"
+        f"**Resume this run** from Python:\n\n```python\nfrom tracked_ckpt import CheckpointManager\n"
+        f'mgr = CheckpointManager("{save_dir_name}", run_id="{run_id}")\n'
+        "metadata = mgr.load(model, optimizer)\n```\n\n"
+        f'or load its best checkpoint: `tracked_ckpt.load("{run_id}", model, which="best")`.\n\n'
+        f"From the shell: `tracked-ckpt ls {run_id}` · `tracked-ckpt pull {run_id} -o ./ckpt` · "
+        f"`MLFLOW_RUN_ID={run_id} python train.py`\n"
+    )

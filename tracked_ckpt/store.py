@@ -54,7 +54,7 @@ def describe_mlflow_error(e: Exception, action: str, server: str) -> StoreError:
     authentication and validation errors cannot.
     """
     code = str(getattr(e, "error_code", "") or "")
-    text = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+    text = _short(str(e).splitlines()[0] if str(e) else type(e).__name__)
     status = _HTTP_STATUS.search(text)
     http = (status.group(1) or status.group(2)) if status else ""
     if code == "PERMISSION_DENIED" or http == "403" or "Permission denied" in text:
@@ -66,6 +66,25 @@ def describe_mlflow_error(e: Exception, action: str, server: str) -> StoreError:
     err = StoreError(f"MLflow at {server} failed to {action}: {text} ({hint})")
     err.transient = not (code in _PERMANENT_CODES or http in ("400", "401", "403") or "Permission denied" in text)
     return err
+
+
+_NETWORK = (
+    (re.compile(r"Read timed out|timed out|Timeout", re.I), "no answer in time"),
+    (re.compile(r"too many (\d{3}) error responses", re.I), "HTTP {0} (the server is failing)"),
+    (re.compile(r"Connection refused|NewConnectionError|Failed to establish", re.I), "connection refused"),
+    (re.compile(r"RemoteDisconnected|Connection aborted|Connection reset|ConnectionResetError", re.I),
+     "connection dropped"),
+)
+
+
+def _short(text: str) -> str:
+    """One short clause for a network failure (MLflow's own text runs to hundreds of characters), else the text."""
+    if "Max retries exceeded" in text or "failed with exception" in text or "timed out" in text:
+        for pattern, said in _NETWORK:
+            m = pattern.search(text)
+            if m:
+                return said.format(*m.groups())
+    return text if len(text) <= 300 else text[:297].rsplit(" ", 1)[0] + " ..."
 
 
 def redact(uri: str) -> str:

@@ -19,9 +19,10 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from .catalog import Resolved, RunCatalog, ref_for
+from .catalog import Resolved, RunCatalog
 from .errors import ConfigError
 from .policies import Mode, best_of
+from .refs import ref_for
 from .runtags import (
     TAG_BEST,
     TAG_BEST_STEP,
