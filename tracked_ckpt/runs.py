@@ -16,11 +16,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .catalog import TAG_SAVE_DIR
-from .errors import ConfigError
+from .errors import ConfigError, ExperimentNotFoundError
 from .local import LocalDir
 from .store import describe_mlflow_error
 
 log = logging.getLogger(__name__)
+
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow UI to pick its view
+KIND_TRAINING = "custom_model_development"  # its "Model training" view (the other: "genai_development")
 
 
 @dataclass(frozen=True)
@@ -65,18 +68,53 @@ def find_run(
 
 def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
     """The experiment's ID (created if missing); default: MLFLOW_EXPERIMENT_ID/NAME, else "Default"."""
-    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    env_id, name = _default_experiment(name)
+    if env_id is not None:
+        return env_id
     try:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            return str(client.create_experiment(name))
+            # The MLflow UI opens an experiment in its training view, not the GenAI one, by this tag. Only
+            # experiments created here get it: one the user made keeps whatever kind they gave it.
+            return str(client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING}))
         if exp.lifecycle_stage == "deleted":
             raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
         return str(exp.experiment_id)
     except MlflowException as e:
         raise describe_mlflow_error(e, f"find or create experiment {name!r}", server) from e
+
+
+def existing_experiment_ids(client: MlflowClient, server: str, name: str | None, *, every: bool = False) -> list[str]:
+    """Read-only twin of ``experiment_id``: the ID of an existing experiment, never creating one.
+
+    Without ``name``: the default of ``experiment_id``, or with ``every`` the IDs of every active experiment.
+    Raises ExperimentNotFoundError for a missing or deleted experiment.
+    """
+    if name is None and every:
+        try:
+            return [str(e.experiment_id) for e in client.search_experiments()]
+        except MlflowException as e:
+            raise describe_mlflow_error(e, "list experiments", server) from e
+    env_id, name = _default_experiment(name)
+    if env_id is not None:
+        return [env_id]
+    try:
+        exp = client.get_experiment_by_name(name)
+    except MlflowException as e:
+        raise describe_mlflow_error(e, f"find experiment {name!r}", server) from e
+    if exp is None or exp.lifecycle_stage != "active":
+        raise ExperimentNotFoundError(
+            f"experiment {name!r} does not exist at {server}; `tracked-ckpt runs` lists the tracked runs of "
+            "every experiment"
+        )
+    return [str(exp.experiment_id)]
+
+
+def _default_experiment(name: str | None) -> tuple[str | None, str]:
+    """(MLFLOW_EXPERIMENT_ID when no name is given, else None; the name to look up)."""
+    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"], ""
+    return None, name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
 
 
 def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
