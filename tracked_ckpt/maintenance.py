@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mlflow.tracking import MlflowClient
-
 from .catalog import (
     TAG_BEST,
     TAG_BYTES,
@@ -43,6 +41,7 @@ from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, check_mode, plan_deletions
 from .progress import Progress, watch_file
+from .reading import read_client
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,11 @@ def parse(text: str) -> Ref:
 
 
 def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
-    """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable."""
-    return RunCatalog(RunStore(MlflowClient(tracking_uri=tracking_uri), run_id))
+    """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable.
+
+    StoreNotFoundError when the tracking store does not exist: maintenance never creates one.
+    """
+    return RunCatalog(RunStore(read_client(tracking_uri), run_id))
 
 
 def monitor_of(tags: Mapping[str, str], metric: str | None = None, mode: str | None = None) -> tuple[str, Mode]:
