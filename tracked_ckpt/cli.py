@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from click.core import ParameterSource
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -202,22 +201,23 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> No
 
 
 def _remember_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    """--tracking-uri before the command name, after it, or from MLFLOW_TRACKING_URI: the command line wins."""
-    given = ctx.get_parameter_source(str(param.name)) is ParameterSource.COMMANDLINE
-    if given or ctx.meta.get(URI_KEY) is None:
+    """--tracking-uri before the command name, after it (which wins), else MLFLOW_TRACKING_URI."""
+    if value is not None:
         ctx.meta[URI_KEY] = value
     return ctx.meta.get(URI_KEY)
 
 
-def _uri_option(*, expose: bool) -> Callable[[F], F]:
+def _uri_option(*, group: bool) -> Callable[[F], F]:
+    # Only the group reads the environment, so that a command's own option is known to be typed (and wins).
     return click.option(
         "--tracking-uri",
         callback=_remember_uri,
-        expose_value=expose,
-        envvar="MLFLOW_TRACKING_URI",
-        show_envvar=True,
+        expose_value=not group,
+        envvar="MLFLOW_TRACKING_URI" if group else None,
+        show_envvar=group,
         metavar="URI",
-        help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder). Before or after the command.",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder). "
+        "Before or after the command name.",
     )
 
 
@@ -225,7 +225,7 @@ def _common(f: F) -> F:
     f = click.option(
         "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines (-vv: debug)."
     )(f)
-    return _uri_option(expose=True)(f)
+    return _uri_option(group=False)(f)
 
 
 def _reads(f: F) -> F:
@@ -256,14 +256,14 @@ FORMAT = click.option(
 @click.group(cls=_Cli, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tracked-ckpt", prog_name="tracked-ckpt")
 @click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines.")
-@_uri_option(expose=False)
+@_uri_option(group=True)
 def cli() -> None:
     """Checkpoints recorded in MLflow runs, from the shell.
 
     Works on the store --tracking-uri or MLFLOW_TRACKING_URI names (a tracking server or a database), else
     on the local default store, sqlite:///mlflow.db with ./mlruns, in the current folder. Reading commands
     never create a store: without one there they exit 7. RUN_ID below is a run ID that `tracked-ckpt runs`
-    prints; the examples work as shown in the folder where `tracked-ckpt demo` ran.
+    prints; the examples work as shown in the folder where the first one ran.
 
     \b
     Examples:
@@ -271,7 +271,7 @@ def cli() -> None:
       tracked-ckpt runs --experiment tracked-ckpt-demo
       tracked-ckpt ls RUN_ID
       tracked-ckpt show RUN_ID@best
-      tracked-ckpt pull RUN_ID@best -o ./best
+      tracked-ckpt pull RUN_ID@10 -o ./step-10
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
       tracked-ckpt --tracking-uri sqlite:///mlflow.db sync ./training_checkpoints
@@ -514,7 +514,7 @@ def show_cmd(ref: str, fmt: str, metric: str | None, mode: str | None, tracking_
     Examples:
       tracked-ckpt show RUN_ID              # the latest
       tracked-ckpt show RUN_ID@best --format json
-      tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000120
+      tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000015   # a path `ls` prints
     """
     from . import maintenance
 
@@ -762,7 +762,7 @@ def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
     \b
     Examples:
       tracked-ckpt sync ./training_checkpoints
-      MLFLOW_TRACKING_URI=http://mlflow:5000 tracked-ckpt sync ./ckpt --timeout 60
+      MLFLOW_TRACKING_URI=sqlite:///mlflow.db tracked-ckpt sync ./training_checkpoints --timeout 60
     """
     from .api import sync
 
