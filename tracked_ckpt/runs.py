@@ -117,6 +117,16 @@ def _default_experiment(name: str | None) -> tuple[str | None, str]:
     return None, name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
 
 
+def ui_link(base_url: str, experiment_id: str, run_id: str, page: str = "") -> str:
+    """A run's page in the MLflow UI (``page``: "", "model-metrics", "artifacts/<path>"), in its training view.
+
+    MLflow 3.17's UI picks its view from the link's ``workflowType``, else from what this browser chose last
+    (GenAI in a fresh one); the experiment's ``mlflow.experimentKind`` tag is not consulted on a run page.
+    """
+    tail = f"/{page.strip('/')}" if page.strip("/") else ""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{tail}?workflowType=machine_learning"
+
+
 def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
     try:
         return bool(client.get_run(run_id).info.lifecycle_stage == "active")
