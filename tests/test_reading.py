@@ -4,6 +4,7 @@ refusing server at once; runs.py's experiment lookups, the creating one and the 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager
+from tracked_ckpt._http import READ
 from tracked_ckpt.errors import ExperimentNotFoundError, StoreError, StoreNotFoundError
 from tracked_ckpt.reading import missing_store, read_client, resolve_uri
 from tracked_ckpt.runs import KIND_TRAINING, TAG_EXPERIMENT_KIND, existing_experiment_ids, experiment_id
@@ -82,6 +84,21 @@ def test_library_reads_give_up_on_a_refusing_server_at_once(monkeypatch: pytest.
         with pytest.raises(StoreError, match="127.0.0.1"):
             call()
         assert time.monotonic() - t0 < 3
+
+
+def test_library_reads_give_up_on_a_hung_server_within_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts connections and never answers: MLflow alone would wait 120 s per try, 8 tries."""
+    for key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST_")]:
+        monkeypatch.delenv(key)
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(8)  # the kernel completes the handshakes; nobody reads or answers
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}"
+        t0 = time.monotonic()
+        with pytest.raises(StoreError, match="127.0.0.1"):
+            tracked_ckpt.list_runs(tracking_uri=url)
+        took = time.monotonic() - t0
+    assert READ.timeout <= took < (READ.max_retries + 1) * READ.timeout + 3
 
 
 def test_experiments_tracked_ckpt_creates_open_in_the_training_view(tmp_path: Path, experiment: str) -> None:

@@ -108,20 +108,29 @@ def classify(e: BaseException, tracking_uri: str | None = None) -> tuple[int, st
 # How a connection failure reads in requests/urllib3 messages (wrapped by MLflow, then by StoreError).
 _CONNECTION_FAILURES = [
     (re.compile(r"Connection refused|ECONNREFUSED|Errno 111"), "connection refused"),
-    (re.compile(r"timed out|Timeout", re.IGNORECASE), "no answer in time"),
+    (re.compile(r"timed out|ReadTimeout|ConnectTimeout"), "no answer in time"),
     (re.compile(r"Name or service not known|nodename nor servname|Failed to resolve|getaddrinfo"), "unknown host"),
-    (re.compile(r"Max retries exceeded|Connection aborted|RemoteDisconnected|ConnectionError"), "connection failed"),
+    (re.compile(r"Max retries exceeded|Connection aborted|RemoteDisconnected|NewConnectionError"), "connection failed"),
 ]
 
 
 def _unreachable(e: BaseException, tracking_uri: str | None) -> str | None:
     """One line for "the server cannot be reached" (naming it and what to check), else None."""
+    from .errors import StoreError
+
+    transport: list[type[BaseException]] = [StoreError, ConnectionError, TimeoutError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("requests.exceptions", "RequestException")):
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            transport.append(found)
+    if not isinstance(e, tuple(transport)):
+        return None
     chain: list[BaseException] = []
     cur: BaseException | None = e
     while cur is not None and len(chain) < 10:
         chain.append(cur)
         cur = cur.__cause__ or cur.__context__
-    text = " ".join(str(c) for c in chain) + " " + " ".join(type(c).__name__ for c in chain)
+    text = " ".join(f"{type(c).__name__} {c}" for c in chain)
     for pattern, reason in _CONNECTION_FAILURES:
         if pattern.search(text):
             return (
