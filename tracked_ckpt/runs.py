@@ -3,6 +3,9 @@
 Order: ``run_id=``, ``MLFLOW_RUN_ID`` (MLflow's own convention), the user's active ``mlflow.start_run()`` on the
 same tracking URI, the pointer file in ``save_dir``, the newest run tagged with this ``save_dir`` (so a deleted
 ``save_dir`` still resumes), else a new run. ``resume="never"`` skips straight to a new run.
+
+Experiments are looked up here too: ``experiment_id`` (creating one if missing, for writers) and
+``existing_experiment_ids`` (read-only, for the views and the CLI); ``ui_link`` is a run's page in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from .store import describe_mlflow_error
 
 log = logging.getLogger(__name__)
 
-TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # read by the MLflow UI to pick its view
-KIND_TRAINING = "custom_model_development"  # its "Model training" view (the other: "genai_development")
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's word for what an experiment is for
+KIND_TRAINING = "custom_model_development"  # model training (the other: "genai_development")
 
 
 @dataclass(frozen=True)
@@ -74,8 +77,9 @@ def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
     try:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            # The MLflow UI opens an experiment in its training view, not the GenAI one, by this tag. Only
-            # experiments created here get it: one the user made keeps whatever kind they gave it.
+            # UIs that read this tag (MLflow 3.x before 3.17's toggle, Databricks) open the experiment in their
+            # training view, not the GenAI one. Only experiments created here get it: one the user made keeps
+            # whatever kind they gave it. (3.17 takes the view from the link: see ui_link.)
             return str(client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING}))
         if exp.lifecycle_stage == "deleted":
             raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
