@@ -11,8 +11,10 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +42,22 @@ from tracked_ckpt.store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 3.0, 40: 4.0, 50: 2.0}  # the best is step 20, the latest step 50
 COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune"]
+RUN = "0123456789abcdef0123456789abcdef"
+# Every command a user may type first, with the arguments it needs (`demo` trains: only its --help here).
+EVERY_COMMAND = [
+    ["runs"],
+    ["ls"],
+    ["ls", RUN],
+    ["show", f"{RUN}@best"],
+    ["pull", RUN],
+    ["verify", RUN],
+    ["prune", RUN, "--keep-last", "1"],
+    ["sync", "."],
+    ["demo", "--help"],
+    ["--help"],
+    ["--version"],
+]
+ISO_UTC_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
 def cli_proc(
@@ -100,6 +118,7 @@ def test_help_lists_commands_examples_and_exit_codes_without_importing_mlflow() 
     assert top.returncode == 0, top.stderr
     assert all(f"  {c} " in top.stdout for c in [*COMMANDS, "demo"])
     assert "3  run (or experiment) not found" in top.stdout and "6  MLflow unreachable" in top.stdout
+    assert "7  no tracking store at the URI" in top.stdout
     for command in COMMANDS:
         p = cli_proc(command, "--help")
         assert p.returncode == 0, p.stderr
@@ -318,22 +337,141 @@ def test_distinct_exit_codes_for_unknown_run_no_checkpoint_and_bad_reference(
     assert invoke("show", empty)[0] == 3
 
 
-def test_an_unreachable_server_exits_6_quickly(monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {
-        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}",
-        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-        "MLFLOW_HTTP_REQUEST_TIMEOUT": "3",
-    }
-    t0 = time.monotonic()
-    p = cli_proc("ls", "0123456789abcdef0123456789abcdef", env=env)
-    assert p.returncode == 6, p.stdout + p.stderr
-    assert env["MLFLOW_TRACKING_URI"] in p.stderr and "Traceback" not in p.stderr
-    assert time.monotonic() - t0 < 60
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    for args in (["runs"], ["pull", "0123456789abcdef0123456789abcdef@best"], ["prune", "x", "--keep-last", "1"]):
+def test_every_read_command_gives_up_on_a_refusing_server_within_seconds(
+    run5: tuple[str, str], tmp_path: Path
+) -> None:
+    """MLflow's own defaults (7 retries, 120 s timeouts) in force: tracked_ckpt's READ policy bounds the wait."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens: connections are refused
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST_")}
+    env["MLFLOW_TRACKING_URI"] = url
+    for args in EVERY_COMMAND[:7]:
+        t0 = time.monotonic()
+        p = subprocess.run(
+            [sys.executable, "-m", "tracked_ckpt", *args], capture_output=True, text=True, env=env, cwd=tmp_path
+        )
+        took = time.monotonic() - t0
+        assert p.returncode == 6, (args, p.stdout + p.stderr)
+        assert took < 10, (args, took)
+        (line,) = p.stderr.splitlines()  # one line: no urllib3 "Retrying ..." warnings, no traceback
+        assert line == (
+            f"tracked-ckpt: error: cannot reach the MLflow tracking server at {url} (connection refused); check "
+            "that it is running and that the URI, port and network are right (--tracking-uri or MLFLOW_TRACKING_URI)"
+        ), args
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_command_creates_a_store_where_there_is_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From an empty folder without MLFLOW_TRACKING_URI: exit 7 naming the store, and not one file written."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    for args in (["runs"], ["pull", RUN]):  # the real entry point, twice
+        p = subprocess.run(
+            [sys.executable, "-m", "tracked_ckpt", *args], capture_output=True, text=True, env=env, cwd=empty
+        )
+        assert p.returncode == 7, p.stdout + p.stderr
+        assert p.stderr == (
+            f"tracked-ckpt: error: no MLflow tracking store at sqlite:///{empty}/mlflow.db ({empty}/mlflow.db does "
+            "not exist; nothing was created). Point at the training's store with --tracking-uri URI (tracking_uri= "
+            "in Python) or MLFLOW_TRACKING_URI, or cd to the folder that holds its mlflow.db\n"
+        )
+    monkeypatch.chdir(empty)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    for args in EVERY_COMMAND:
+        code, out, err = invoke(*args)
+        expected = 0 if args[0] in ("sync", "demo", "--help", "--version") else 7
+        assert code == expected, (args, out, err)
+        assert list(empty.iterdir()) == [], args
+    elsewhere = tmp_path / "elsewhere" / "mlflow.db"
+    for args in (["--tracking-uri", f"sqlite:///{elsewhere}", "ls"], ["runs", "--tracking-uri", f"file://{elsewhere}"]):
         code, _, err = invoke(*args)
-        assert code == 6 and env["MLFLOW_TRACKING_URI"] in err, err
+        assert code == 7 and f"{elsewhere} does not exist" in err, err
+    assert list(tmp_path.iterdir()) == [empty] and list(empty.iterdir()) == []
+
+
+def test_empty_results_name_the_store_that_was_searched(experiment: str, local_store: str) -> None:
+    MlflowClient().create_experiment(experiment)
+    code, out, err = invoke("runs", "--experiment", experiment)
+    assert code == 0 and out == ""
+    assert err == f"no runs with tracked_ckpt checkpoints in experiment {experiment!r} at {local_store}\n"
+    code, out, err = invoke("ls", "-e", experiment, "--format", "json")
+    assert code == 0 and json.loads(out) == []
+    assert err == f"no committed checkpoints in experiment {experiment!r} at {local_store}\n"
+
+
+def test_global_options_go_before_or_after_the_command(run5: tuple[str, str], tmp_path: Path) -> None:
+    run_id, _ = run5
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    p = subprocess.run(
+        [sys.executable, "-m", "tracked_ckpt", "--tracking-uri", uri, "-v", "ls", run_id, "--format", "json"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert p.returncode == 0, p.stderr
+    assert [r["step"] for r in json.loads(p.stdout)] == sorted(REWARDS)
+    missing = f"sqlite:///{tmp_path}/missing.db"
+    assert invoke("ls", run_id, "--tracking-uri", uri)[0] == 0
+    assert invoke("--tracking-uri", missing, "ls", run_id)[0] == 7  # the command line wins over the environment
+    assert invoke("--tracking-uri", missing, "ls", run_id, "--tracking-uri", uri)[0] == 0  # the later one wins
+    assert invoke("--tracking-uri", uri, "ls", run_id, "--tracking-uri", missing)[0] == 7
+    assert invoke("--tracking-uri", missing, "show", run_id)[0] == 7
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_json_output_has_one_shape_per_field_across_commands(run5: tuple[str, str]) -> None:
+    run_id, experiment = run5
+    _, out, _ = invoke("ls", run_id, "--format", "json")
+    rows = {r["step"]: r for r in json.loads(out)}
+    for step, row in rows.items():
+        _, out, _ = invoke("show", f"{run_id}@{step}", "--format", "json")
+        shown = json.loads(out)
+        manifest = Manifest.from_json((artifact_dir(run_id) / row["path"] / MANIFEST_NAME).read_bytes(), "test")
+        assert ISO_UTC_US.match(row["created"]) and shown["created"] == row["created"]
+        micros = round(manifest.created * 1e6)
+        assert row["created"] == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(micros // 10**6)) + (
+            f".{micros % 10**6:06d}Z"
+        )
+        assert shown["size_bytes"] == row["size_bytes"] == manifest.size
+        assert shown["ref"] == row["ref"] and shown["path"] == row["path"]
+        assert row["loss"] == shown["metrics"]["loss"] == 1 / step  # every bit of the float, not 15 digits
+        assert row["reward"] == shown["metrics"]["reward"] == REWARDS[step]
+    _, out, _ = invoke("runs", "-e", experiment, "--format", "json")
+    (run,) = json.loads(out)
+    assert ISO_UTC_US.match(run["start_time"]) and run["start_time"].endswith("000Z")  # MLflow keeps milliseconds
+    _, out, _ = invoke("ls", run_id, "--format", "csv")
+    table = list(csv.DictReader(io.StringIO(out)))
+    assert [r["created"] for r in table] == [rows[s]["created"] for s in sorted(rows)]
+    assert [float(r["loss"]) for r in table] == [1 / s for s in sorted(rows)]
+    assert not any(math.isnan(float(r["loss"])) for r in table)
+
+
+def help_examples(*command: str) -> list[str]:
+    """The example lines of ``tracked-ckpt COMMAND --help``, as printed."""
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    block = result.stdout.split("Examples:\n", 1)[1].split("\n\n", 1)[0]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+def test_every_help_example_runs_as_printed_after_the_demo(tmp_path: Path) -> None:
+    """In a fresh folder, the examples of every --help, in order: the first one runs the demo, the rest read its
+    store (RUN_ID replaced by the demo's run ID); each exits 0. (`demo --help` is the demo's own argparse help.)"""
+    examples = [e for c in [(), *([c] for c in [*COMMANDS, "sync"])] for e in help_examples(*c)]
+    assert examples[0] == "tracked-ckpt demo --iterations 15"
+    assert any("--experiment tracked-ckpt-demo" in e for e in examples)
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the demo's default store
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `python` in an example: this one
+    shell = f'tracked-ckpt() {{ "{sys.executable}" -m tracked_ckpt "$@"; }}\n'
+    run_id = ""
+    for example in examples:
+        if "RUN_ID" in example:
+            assert run_id, example
+        line = example.replace("RUN_ID", run_id)
+        p = subprocess.run(["bash", "-c", shell + line], capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert p.returncode == 0, f"{example}\n{p.stdout}\n{p.stderr}"
+        if not run_id:
+            run_id = re.search(r"new run ([0-9a-f]{32})", p.stdout).group(1)  # type: ignore[union-attr]
+    assert (tmp_path / "best" / "state.pt").is_file() and (tmp_path / "checkpoints.csv").stat().st_size > 0
 
 
 # ----------------------------------------------------------------------------- a real server, a terminal

@@ -1,5 +1,7 @@
 """The MLflow UI tells a run's checkpoint story: a real `mlflow server` over the demo's store, a real headless
 Chromium (Debian's package, driven by Playwright), the run page's Overview, Model metrics and Artifacts tabs.
+Each test is a first visit: a fresh browser profile opens the direct link tracked_ckpt prints and finds its
+part of the story without clicking through views or tabs.
 
 Screenshots go to the test's tmp_path; with TRACKED_CKPT_UPDATE_DOCS=1 they are also copied into docs/
 (docs/ui-run-page.png, docs/ui-run-artifacts.png), which is how the ones in the docs were made.
@@ -18,6 +20,7 @@ from demo_store import DemoServer, demo_server
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
+from tracked_ckpt.runs import KIND_TRAINING, TAG_EXPERIMENT_KIND, ui_link
 from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
@@ -32,35 +35,34 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def page(server: DemoServer) -> Iterator[Any]:
-    """A 1920x1200 page on the demo run, switched from the GenAI view to "Model training", Assistant closed."""
+def browser(server: DemoServer) -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (tests/run.sh installs it)")
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
         )
-        page = browser.new_page(viewport={"width": 1920, "height": 1200})
-        page.set_default_timeout(LOAD_MS)
-        page.goto(run_url(server))
-        page.get_by_text("cartpole-reinforce").first.wait_for()
-        toggle = page.get_by_text("Model training", exact=True)
-        if toggle.count():  # a fresh browser opens the GenAI view; the choice is kept in localStorage
-            toggle.first.click()
-        yield page
+        yield browser
         browser.close()
 
 
-def run_url(server: DemoServer) -> str:
-    return f"{server.url}/#/experiments/{server.store.experiment_id}/runs/{server.store.run_id}"
+def first_visit(browser: Any, server: DemoServer, page: str = "") -> Any:
+    """A fresh profile (no cookies, no localStorage: the UI's GenAI default) on the link tracked_ckpt prints."""
+    context = browser.new_context(viewport={"width": 1920, "height": 1200})
+    tab = context.new_page()
+    tab.set_default_timeout(LOAD_MS)
+    tab.goto(ui_link(server.url, server.store.experiment_id, server.store.run_id, page))
+    tab.get_by_text("cartpole-reinforce").first.wait_for()
+    # The training view, with no click on the "GenAI | Model training" toggle: its side bar lists runs and models.
+    tab.get_by_text("Model registry", exact=True).first.wait_for()
+    assert tab.get_by_text("Evaluation runs", exact=True).count() == 0
+    return tab
 
 
-def open_run(page: Any, server: DemoServer) -> None:
-    page.goto(run_url(server))
-    page.get_by_text("Checkpoints (tracked_ckpt)").first.wait_for()
-    close = page.get_by_role("button", name="Close")
-    if close.count():
-        close.first.click()  # the "MLflow Assistant" panel opens by itself and covers the tags
+def test_the_demo_prints_the_link_the_browser_opens(server: DemoServer) -> None:
+    assert ui_link("http://127.0.0.1:5000", server.store.experiment_id, server.store.run_id) in server.store.stdout
+    tags = MlflowClient(server.store.uri).get_experiment(server.store.experiment_id).tags
+    assert tags[TAG_EXPERIMENT_KIND] == KIND_TRAINING
 
 
 def save_shot(page: Any, tmp_path: Path, name: str) -> Path:
@@ -81,47 +83,45 @@ def visible(page: Any, text: str) -> None:
 
 
 def test_run_overview_shows_the_resume_description_and_the_checkpoint_tags(
-    page: Any, server: DemoServer, tmp_path: Path
+    browser: Any, server: DemoServer, tmp_path: Path
 ) -> None:
-    open_run(page, server)
-    page.get_by_role("button", name="Expand description").click()
+    page = first_visit(browser, server)
     run_id = server.store.run_id
-    page.get_by_text(f'run_id="{run_id}"').first.wait_for()  # the resume snippet of mlflow.note.content
-    page.get_by_text(f"tracked-ckpt pull {run_id} -o ./ckpt", exact=False).first.wait_for()
+    page.get_by_text("Checkpoints (tracked_ckpt)").first.wait_for()  # the description, as the page opens
+    page.get_by_text("Resume this run").first.wait_for()
     tags = MlflowClient(server.store.uri).get_run(run_id).data.tags
     for key in (TAG_LATEST, TAG_LATEST_STEP, TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_MONITOR):
-        visible(page, key)
+        visible(page, key)  # the MLflow Assistant panel may stay open: it does not cover the tags at this width
     body = page.inner_text("body")
-    for key in (TAG_LATEST, TAG_BEST, TAG_BEST_STEP, TAG_COUNT):
-        assert tags[key] in body, key
+    for key in (TAG_LATEST, TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_MONITOR):
+        assert f"{key}\n: {tags[key]}" in body or f"{key}: {tags[key]}" in body, key
     save_shot(page, tmp_path, "ui-run-page.png")
+    page.get_by_role("button", name="Expand description").click()  # the rest of the note: the resume snippet
+    page.get_by_text(f'run_id="{run_id}"').first.wait_for()
+    page.get_by_text(f"tracked-ckpt pull {run_id} -o ./ckpt", exact=False).first.wait_for()
+    page.context.close()
 
 
-def test_model_metrics_tab_charts_step_epoch_and_reward(page: Any, server: DemoServer, tmp_path: Path) -> None:
-    open_run(page, server)
-    page.get_by_text("Model metrics", exact=True).first.click()
+def test_model_metrics_link_charts_step_epoch_and_reward(browser: Any, server: DemoServer, tmp_path: Path) -> None:
+    page = first_visit(browser, server, "model-metrics")
     for metric in ("step", "epoch", "reward", "loss"):
         page.get_by_text(f"cartpole-reinforce ({metric})").first.wait_for()  # one chart per metric
     save_shot(page, tmp_path, "ui-run-metrics.png")
+    page.context.close()
 
 
-def test_artifacts_tab_shows_checkpoint_folders_and_their_manifest(
-    page: Any, server: DemoServer, tmp_path: Path
+def test_artifacts_link_shows_checkpoint_folders_and_the_best_manifest(
+    browser: Any, server: DemoServer, tmp_path: Path
 ) -> None:
-    open_run(page, server)
-    page.get_by_text("Artifacts", exact=True).first.click()
-    page.get_by_text("checkpoints", exact=True).first.click()
     client = MlflowClient(server.store.uri)
+    best = client.get_run(server.store.run_id).data.tags[TAG_BEST]
+    page = first_visit(browser, server, f"artifacts/{best}/MANIFEST.json")
     folders = [f.path.rpartition("/")[2] for f in client.list_artifacts(server.store.run_id, "checkpoints")]
     assert folders == ["step-00000005", "step-00000010", "step-00000015"]
-    for name in folders:
-        page.get_by_text(name, exact=True).first.wait_for()
-    best = client.get_run(server.store.run_id).data.tags[TAG_BEST].rpartition("/")[2]
-    page.get_by_text(best, exact=True).first.click()
     tree = page.get_by_role("tree") if page.get_by_role("tree").count() else page
-    for name in ("state.pt", "rng.json", "MANIFEST.json"):  # a committed checkpoint: data files, then the manifest
+    for name in ("checkpoints", *folders, "state.pt", "rng.json", "MANIFEST.json"):  # the best one, opened
         tree.get_by_text(name, exact=True).first.wait_for()
-    tree.get_by_text("MANIFEST.json", exact=True).first.click()
     page.get_by_text('"blake3"').first.wait_for()  # the manifest, previewed as text
     page.get_by_text(f'"{server.store.run_id}"').first.wait_for()
     save_shot(page, tmp_path, "ui-run-artifacts.png")
+    page.context.close()

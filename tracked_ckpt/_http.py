@@ -57,6 +57,9 @@ class CallPolicy:
 CALL = CallPolicy(max_retries=1, backoff_factor=0.5, timeout=15.0, transfer_timeout=60.0)
 # "Is the server back?": one short attempt, so that a hung server costs a probe at most this long.
 PROBE = CallPolicy(max_retries=0, backoff_factor=0.0, timeout=5.0, transfer_timeout=5.0)
+# Reads for a person waiting at a prompt or in a notebook (ls, show, list_runs, load): a refused server fails
+# at once, a hung one within ~10 s, instead of MLflow's minutes. Downloads keep the long between-bytes timeout.
+READ = CallPolicy(max_retries=1, backoff_factor=0.5, timeout=5.0, transfer_timeout=60.0)
 
 _policy: contextvars.ContextVar[CallPolicy | None] = contextvars.ContextVar("tracked_ckpt_http_policy", default=None)
 

@@ -16,6 +16,7 @@ from .catalog import RunCatalog
 from .errors import CheckpointNotFoundError, StoreError
 from .loading import load_latest_verified, load_resolved
 from .policies import check_mode
+from .reading import read_client, reading
 from .refs import Which
 from .state import Stateful, TrainingState
 from .store import RunStore
@@ -40,18 +41,20 @@ def load(
     """Restore checkpoint ``which`` ("latest", "best" by ``metric``/``mode``, or a step) of run ``run_id``.
 
     Returns the checkpoint's metadata. Raises CheckpointNotFoundError when the run has no such
-    checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit.
+    checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit,
+    StoreNotFoundError when the tracking store does not exist (none is created).
     """
-    catalog = RunCatalog(RunStore(MlflowClient(tracking_uri=tracking_uri), run_id))
-    state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
-    cache = Path(cache_dir) if cache_dir is not None else None
-    if which == "latest":
-        got = load_latest_verified(catalog, state, cache)
-        if got is None:
-            raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
-        return got[1]
-    r = catalog.resolve(which, metric, check_mode(mode))
-    return load_resolved(catalog, r, state, cache)
+    with reading():
+        catalog = RunCatalog(RunStore(read_client(tracking_uri), run_id))
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        cache = Path(cache_dir) if cache_dir is not None else None
+        if which == "latest":
+            got = load_latest_verified(catalog, state, cache)
+            if got is None:
+                raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
+            return got[1]
+        r = catalog.resolve(which, metric, check_mode(mode))
+        return load_resolved(catalog, r, state, cache)
 
 
 def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: float = 300.0) -> dict[str, int]:

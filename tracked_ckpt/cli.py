@@ -6,10 +6,12 @@ imported inside the commands, so ``--help`` answers at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +32,7 @@ EXIT_NOT_FOUND = 3
 EXIT_NO_CHECKPOINT = 4
 EXIT_CORRUPT = 5
 EXIT_UNREACHABLE = 6
+EXIT_NO_STORE = 7
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -40,6 +43,8 @@ Exit codes:
   4  no committed checkpoint matches
   5  verification failed: a file or manifest does not match (corrupt)
   6  MLflow unreachable or refused the request (tracking server, artifact store)
+  7  no tracking store at the URI (a missing mlflow.db): none is created;
+     pass --tracking-uri, set MLFLOW_TRACKING_URI, or cd to the store's folder
 """
 
 REF_HELP = """\b
@@ -53,10 +58,7 @@ REF names one checkpoint:
 
 F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("tracked_ckpt.cli")
-
-
-class ExperimentNotFoundError(LookupError):
-    pass
+URI_KEY = "tracked_ckpt.tracking_uri"  # ctx.meta: the --tracking-uri given before or after the command name
 
 
 # --------------------------------------------------------------------------------------- errors, logging
@@ -68,12 +70,18 @@ def classify(e: BaseException, tracking_uri: str | None = None) -> tuple[int, st
         CheckpointCorruptError,
         CheckpointNotFoundError,
         ConfigError,
+        ExperimentNotFoundError,
         RunNotFoundError,
         StoreError,
+        StoreNotFoundError,
         TrackedCkptError,
     )
 
+    unreachable = _unreachable(e, tracking_uri)
+    if unreachable is not None:
+        return EXIT_UNREACHABLE, unreachable
     table: list[tuple[type[BaseException] | tuple[type[BaseException], ...], int]] = [
+        (StoreNotFoundError, EXIT_NO_STORE),
         ((RunNotFoundError, ExperimentNotFoundError), EXIT_NOT_FOUND),
         (CheckpointNotFoundError, EXIT_NO_CHECKPOINT),
         (CheckpointCorruptError, EXIT_CORRUPT),
@@ -97,15 +105,58 @@ def classify(e: BaseException, tracking_uri: str | None = None) -> tuple[int, st
     return None
 
 
+# How a connection failure reads in requests/urllib3 messages (wrapped by MLflow, then by StoreError).
+_CONNECTION_FAILURES = [
+    (re.compile(r"Connection refused|ECONNREFUSED|Errno 111"), "connection refused"),
+    (re.compile(r"timed out|ReadTimeout|ConnectTimeout"), "no answer in time"),
+    (re.compile(r"Name or service not known|nodename nor servname|Failed to resolve|getaddrinfo"), "unknown host"),
+    (re.compile(r"Max retries exceeded|Connection aborted|RemoteDisconnected|NewConnectionError"), "connection failed"),
+]
+
+
+def _unreachable(e: BaseException, tracking_uri: str | None) -> str | None:
+    """One line for "the server cannot be reached" (naming it and what to check), else None."""
+    from .errors import StoreError
+
+    transport: list[type[BaseException]] = [StoreError, ConnectionError, TimeoutError]
+    for module, name in (("mlflow.exceptions", "MlflowException"), ("requests.exceptions", "RequestException")):
+        found = getattr(sys.modules.get(module), name, None)
+        if found is not None:
+            transport.append(found)
+    if not isinstance(e, tuple(transport)):
+        return None
+    chain: list[BaseException] = []
+    cur: BaseException | None = e
+    while cur is not None and len(chain) < 10:
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    text = " ".join(f"{type(c).__name__} {c}" for c in chain)
+    for pattern, reason in _CONNECTION_FAILURES:
+        if pattern.search(text):
+            return (
+                f"cannot reach the MLflow tracking server at {_uri(tracking_uri)} ({reason}); check that it is running "
+                "and that the URI, port and network are right (--tracking-uri or MLFLOW_TRACKING_URI)"
+            )
+    return None
+
+
 def _first_line(e: BaseException) -> str:
+    from .errors import TrackedCkptError
+
     text = str(e).strip().splitlines()
-    return text[0][:400] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    if isinstance(e, TrackedCkptError) or len(text[0]) <= 400:  # ours are written to be read whole
+        return text[0]
+    return text[0][:400].rsplit(" ", 1)[0] + " ..."
 
 
 def _uri(tracking_uri: str | None) -> str:
+    """The store a command reads, as MLflow resolves it (absolute for the default sqlite:///mlflow.db)."""
+    from .reading import resolve_uri
     from .store import redact
 
-    return redact(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+    return redact(resolve_uri(tracking_uri))
 
 
 class _Cli(click.Group):
@@ -117,7 +168,7 @@ class _Cli(click.Group):
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:
-            known = classify(e, ctx.meta.get("tracked_ckpt.tracking_uri"))
+            known = classify(e, ctx.meta.get(URI_KEY))
             if known is None:
                 raise
             code, message = known
@@ -152,27 +203,51 @@ def _set_verbosity(ctx: click.Context, param: click.Parameter, value: int) -> No
         root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("tracked_ckpt").setLevel(level)
+    # urllib3 warns on every retry ("Retrying (Retry(total=0 ...") before the error says the same in one line.
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if verbosity >= 2 else logging.ERROR)
     if "mlflow" in sys.modules:
         logging.getLogger("mlflow").setLevel(logging.INFO if verbosity >= 2 else logging.ERROR)
 
 
 def _remember_uri(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    ctx.meta["tracked_ckpt.tracking_uri"] = value  # for error messages
-    return value
+    """--tracking-uri before the command name, after it (which wins), else MLFLOW_TRACKING_URI."""
+    if value is not None:
+        ctx.meta[URI_KEY] = value
+    return ctx.meta.get(URI_KEY)
+
+
+def _uri_option(*, group: bool) -> Callable[[F], F]:
+    # Only the group reads the environment, so that a command's own option is known to be typed (and wins).
+    return click.option(
+        "--tracking-uri",
+        callback=_remember_uri,
+        expose_value=not group,
+        envvar="MLFLOW_TRACKING_URI" if group else None,
+        show_envvar=group,
+        metavar="URI",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current folder). "
+        "Before or after the command name.",
+    )
 
 
 def _common(f: F) -> F:
     f = click.option(
         "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines (-vv: debug)."
     )(f)
-    return click.option(
-        "--tracking-uri",
-        callback=_remember_uri,
-        envvar="MLFLOW_TRACKING_URI",
-        show_envvar=True,
-        metavar="URI",
-        help="MLflow tracking URI (default: sqlite:///mlflow.db in the current folder).",
-    )(f)
+    return _uri_option(group=False)(f)
+
+
+def _reads(f: F) -> F:
+    """A command that reads MLflow: bounded retries and timeouts (a refused server fails in a second)."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .reading import reading
+
+        with reading():
+            return f(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _mode_options(f: F) -> F:
@@ -190,21 +265,25 @@ FORMAT = click.option(
 @click.group(cls=_Cli, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tracked-ckpt", prog_name="tracked-ckpt")
 @click.option("-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines.")
+@_uri_option(group=True)
 def cli() -> None:
     """Checkpoints recorded in MLflow runs, from the shell.
 
-    Works on the store MLFLOW_TRACKING_URI names (a tracking server or a database), else on the local
-    default store, sqlite:///mlflow.db with ./mlruns, in the current folder.
+    Works on the store --tracking-uri or MLFLOW_TRACKING_URI names (a tracking server or a database), else
+    on the local default store, sqlite:///mlflow.db with ./mlruns, in the current folder. Reading commands
+    never create a store: without one there they exit 7. RUN_ID below is a run ID that `tracked-ckpt runs`
+    prints; the examples work as shown in the folder where the first one ran.
 
     \b
     Examples:
+      tracked-ckpt demo --iterations 15
       tracked-ckpt runs --experiment tracked-ckpt-demo
       tracked-ckpt ls RUN_ID
       tracked-ckpt show RUN_ID@best
-      tracked-ckpt pull RUN_ID@best -o ./best
+      tracked-ckpt pull RUN_ID@10 -o ./step-10
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
-      tracked-ckpt sync ./training_checkpoints
+      tracked-ckpt --tracking-uri sqlite:///mlflow.db sync ./training_checkpoints
     """
 
 
@@ -224,6 +303,7 @@ def cli() -> None:
 @FORMAT
 @_mode_options
 @_common
+@_reads
 def ls_cmd(
     run_id: str | None, experiment: str | None, fmt: str, metric: str | None, mode: str | None, tracking_uri: str | None
 ) -> None:
@@ -235,31 +315,28 @@ def ls_cmd(
 
     \b
     Examples:
-      tracked-ckpt ls 3f2a9c...                 # one run
-      tracked-ckpt ls --experiment cartpole     # every tracked run of an experiment
-      tracked-ckpt ls 3f2a9c... --format csv > checkpoints.csv
+      tracked-ckpt ls RUN_ID                              # one run
+      tracked-ckpt ls --experiment tracked-ckpt-demo      # every tracked run of an experiment
+      tracked-ckpt ls RUN_ID --format csv > checkpoints.csv
     """
-    import pandas as pd
-
     from .errors import CheckpointNotFoundError
-    from .views import checkpoints_frame, list_checkpoints
+    from .reading import read_client
+    from .views import checkpoints_of, tracked_runs
 
+    client = read_client(tracking_uri)
+    mode_ = mode if mode is None else _check_mode(mode)
     if run_id is not None:
-        df = list_checkpoints(run_id, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
+        df = checkpoints_of(client, [run_id], metric, mode_)
         if df.empty:
-            raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
+            raise CheckpointNotFoundError(f"run {run_id} at {_redacted(client)} has no committed checkpoint")
     else:
-        frames = [
-            list_checkpoints(experiment=name, tracking_uri=tracking_uri, metric=metric, mode=mode)  # type: ignore[arg-type]
-            for name in _experiment_names(experiment, tracking_uri)
-        ]
-        frames = [f for f in frames if not f.empty]  # pandas warns about concatenating empty frames
-        df = pd.concat(frames, ignore_index=True) if frames else checkpoints_frame("", [], "reward", "max")
+        runs = tracked_runs(client, _experiment_ids(client, experiment))
+        df = checkpoints_of(client, [r.info.run_id for r in runs], metric, mode_)
+    if df.empty:
+        click.echo(f"no committed checkpoints {_searched(client, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
-    elif df.empty:
-        click.echo("no committed checkpoints (tracked-ckpt runs lists the tracked runs)", err=True)
-    else:
+    elif not df.empty:
         click.echo(_checkpoints_table(df, with_run=run_id is None))
 
 
@@ -274,6 +351,7 @@ def ls_cmd(
 )
 @FORMAT
 @_common
+@_reads
 def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None:
     """One row per run that has checkpoints: name, status, count, latest step, best metric, bytes.
 
@@ -285,34 +363,35 @@ def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None
       tracked-ckpt runs
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
-    import pandas as pd
+    from .reading import read_client
+    from .views import runs_frame, tracked_runs
 
-    from .views import RUN_COLUMNS, list_runs
-
-    frames = [list_runs(name, tracking_uri=tracking_uri) for name in _experiment_names(experiment, tracking_uri)]
-    frames = [f for f in frames if not f.empty]  # pandas warns about concatenating empty frames
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RUN_COLUMNS)
+    client = read_client(tracking_uri)
+    df = runs_frame(tracked_runs(client, _experiment_ids(client, experiment)))
+    if df.empty:
+        click.echo(f"no runs with tracked_ckpt checkpoints {_searched(client, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
-    elif df.empty:
-        click.echo("no runs with tracked_ckpt checkpoints", err=True)
-    else:
+    elif not df.empty:
         click.echo(_runs_table(df))
 
 
-def _experiment_names(experiment: str | None, tracking_uri: str | None) -> list[str]:
-    from mlflow.tracking import MlflowClient
+def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+    """The experiment named, else every active one (never created: reads look things up)."""
+    from .runs import existing_experiment_ids
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if experiment is not None:
-        found = client.get_experiment_by_name(experiment)
-        if found is None or found.lifecycle_stage != "active":
-            raise ExperimentNotFoundError(
-                f"experiment {experiment!r} does not exist at {_redacted(client)}; `tracked-ckpt runs` lists "
-                "the runs of every experiment"
-            )
-        return [experiment]
-    return [str(e.name) for e in client.search_experiments()]
+    return existing_experiment_ids(client, _redacted(client), experiment, every=True)
+
+
+def _searched(client: Any, experiment: str | None) -> str:
+    where = f"experiment {experiment!r}" if experiment else "any experiment"
+    return f"in {where} at {_redacted(client)}"
+
+
+def _check_mode(mode: str) -> Any:
+    from .policies import check_mode
+
+    return check_mode(mode)
 
 
 def _redacted(client: Any) -> str:
@@ -322,12 +401,38 @@ def _redacted(client: Any) -> str:
 
 
 def _emit_frame(df: pd.DataFrame, fmt: str) -> None:
+    """csv or json with one shape per field: ISO 8601 UTC times (microseconds), floats as repr (exact)."""
     if fmt == "csv":
-        click.echo(df.to_csv(index=False), nl=False)
+        out = df.copy()
+        for col in out.columns:
+            if str(out[col].dtype).startswith("datetime64"):
+                out[col] = out[col].map(_json_value)
+        click.echo(out.to_csv(index=False), nl=False)
     else:
-        # through json: pandas escapes "/" and rounds floats to 10 digits by default
-        records = json.loads(df.to_json(orient="records", date_format="iso", double_precision=15))
+        records = [{k: _json_value(v) for k, v in row.items()} for row in df.to_dict("records")]
         click.echo(json.dumps(records, indent=1))
+
+
+def _json_value(v: Any) -> Any:
+    """A cell as JSON: None for NA/NaN/inf, ISO 8601 for a time, Python int/float/bool/str otherwise."""
+    import pandas as pd
+
+    if isinstance(v, (list, dict, tuple)):
+        return v
+    if _is_na(v):
+        return None
+    if isinstance(v, pd.Timestamp):
+        return iso_utc(v)
+    if hasattr(v, "item"):  # numpy scalars
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def iso_utc(ts: pd.Timestamp) -> str:
+    """``2026-11-29T21:37:16.123456Z``: the one timestamp format of the CLI's csv and json output."""
+    return str(ts.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
 
 def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
@@ -410,6 +515,7 @@ def _age(ts: Any) -> str:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @_mode_options
 @_common
+@_reads
 def show_cmd(ref: str, fmt: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> None:
     """Show a checkpoint's manifest: step, metrics, metadata, files with sizes and BLAKE3 digests.
 
@@ -417,18 +523,29 @@ def show_cmd(ref: str, fmt: str, metric: str | None, mode: str | None, tracking_
     Examples:
       tracked-ckpt show RUN_ID              # the latest
       tracked-ckpt show RUN_ID@best --format json
-      tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000120
+      tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000015   # a path `ls` prints
     """
     from . import maintenance
 
     catalog, r = _resolve(ref, metric, mode, tracking_uri)
     marks = maintenance.markers(catalog, r, metric, mode)
     if fmt == "json":
-        data = json.loads(r.manifest.to_json())
-        data.update(ref=_uri_of(catalog, r), path=r.path, size=r.manifest.size, markers=marks)
-        click.echo(json.dumps(data, indent=1, sort_keys=True))
+        click.echo(json.dumps(_manifest_json(catalog, r, marks), indent=1, sort_keys=True))
         return
     click.echo(_describe(catalog, r, marks))
+
+
+def _manifest_json(catalog: RunCatalog, r: Resolved, marks: list[str]) -> dict[str, Any]:
+    """The manifest with the fields `ls --format json` shares spelled as there (created, size_bytes, metrics)."""
+    import pandas as pd
+
+    from .views import utc_times
+
+    data: dict[str, Any] = json.loads(r.manifest.to_json())
+    data["created"] = iso_utc(utc_times(pd.Series([r.manifest.created]), "s").iloc[0])
+    data["metrics"] = {k: _json_value(v) for k, v in r.manifest.metrics.items()}
+    data.update(ref=_uri_of(catalog, r), path=r.path, size_bytes=r.manifest.size, markers=marks)
+    return data
 
 
 def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
@@ -498,6 +615,7 @@ def _parse(ref: str) -> Any:
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: on a terminal, for large files).")
 @_mode_options
 @_common
+@_reads
 def pull_cmd(
     ref: str,
     out: Path | None,
@@ -538,6 +656,7 @@ def pull_cmd(
 @click.argument("ref", metavar="REF|RUN_ID")
 @_mode_options
 @_common
+@_reads
 def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> None:
     """Check files against their manifest (size and BLAKE3): every checkpoint of RUN_ID, or the one REF names.
 
@@ -585,6 +704,7 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
 @click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
 @_mode_options
 @_common
+@_reads
 def prune_cmd(
     run_id: str,
     keep_last: int | None,
@@ -651,7 +771,7 @@ def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
     \b
     Examples:
       tracked-ckpt sync ./training_checkpoints
-      MLFLOW_TRACKING_URI=http://mlflow:5000 tracked-ckpt sync ./ckpt --timeout 60
+      MLFLOW_TRACKING_URI=sqlite:///mlflow.db tracked-ckpt sync ./training_checkpoints --timeout 60
     """
     from .api import sync
 
@@ -673,7 +793,8 @@ def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def demo_cmd(args: tuple[str, ...]) -> None:
+@click.pass_context
+def demo_cmd(ctx: click.Context, args: tuple[str, ...]) -> None:
     """Run the demo training job (REINFORCE cart-pole) in the current folder; `demo --help` for options.
 
     \b
@@ -683,6 +804,9 @@ def demo_cmd(args: tuple[str, ...]) -> None:
     """
     from .demo import main as demo_main
 
+    uri = ctx.meta.get(URI_KEY)
+    if uri and not any(a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in args):
+        args = ("--tracking-uri", uri, *args)  # given before the command name
     sys.exit(demo_main(list(args)))
 
 

@@ -19,6 +19,7 @@ import time
 import torch
 
 from . import CheckpointManager, EveryNSteps, KeepBest, KeepLast
+from .runs import ui_link
 
 # Classic cart-pole (Barto, Sutton & Anderson 1983), the constants gym uses.
 GRAVITY, CART_MASS, POLE_MASS, HALF_POLE, FORCE, DT = 9.8, 1.0, 0.1, 0.5, 10.0, 0.02
@@ -131,9 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             mgr.checkpoints()[["step", "epoch", "reward", "size_bytes", "is_latest", "is_best"]].to_string(index=False)
         )
         print("\nRun this command again to resume the same run from its latest checkpoint.")
-        print(
-            f"Browse it:  mlflow ui --backend-store-uri {mgr.client.tracking_uri}   (then open http://127.0.0.1:5000)"
-        )
+        print(f"Browse it:  mlflow ui --backend-store-uri {mgr.client.tracking_uri}   then open")
+        print(f"            {ui_link('http://127.0.0.1:5000', mgr.store.experiment_id, mgr.run_id)}")
         print(f"From the shell:  tracked-ckpt ls {mgr.run_id}")
     return 0
 

@@ -5,13 +5,15 @@ Each subclasses a built-in as well, so ``except FileNotFoundError`` in a user's 
     TrackedCkptError
      ├── CheckpointNotFoundError  (FileNotFoundError)  no committed checkpoint matches the request
      ├── RunNotFoundError         (LookupError)        the run ID is unknown or the run was deleted
+     ├── ExperimentNotFoundError  (LookupError)        no active experiment has that name
+     ├── StoreNotFoundError       (FileNotFoundError)  a read found no tracking store at the URI (made none)
      ├── CheckpointCorruptError   (ValueError)         size, digest or manifest check failed before loading
      │    └── UnsafeCheckpointError                    the payload asks for a global outside weights_only
      ├── CheckpointMismatchError  (ValueError)         the checkpoint does not fit the model/optimizer
      ├── InvalidMetadataError     (TypeError)          a metadata value cannot be recorded
      ├── ConfigError              (ValueError)         a CheckpointManager argument is wrong
      ├── StoreError               (OSError)            MLflow (tracking server or artifact store) failed
- ├── RunLockedError           (RuntimeError)       another live process holds the run's lease
+     ├── RunLockedError           (RuntimeError)       another live process holds the run's lease
      └── SaveError                (RuntimeError)       a save (often a background one) failed; names the step
 
 Messages state the value at fault, the situation, and what to do.
@@ -30,6 +32,17 @@ class CheckpointNotFoundError(TrackedCkptError, FileNotFoundError):
 
 class RunNotFoundError(TrackedCkptError, LookupError):
     """The MLflow run does not exist (or was deleted)."""
+
+
+class ExperimentNotFoundError(TrackedCkptError, LookupError):
+    """No active MLflow experiment has the name asked for (reads never create one)."""
+
+
+class StoreNotFoundError(TrackedCkptError, FileNotFoundError):
+    """A read-only call found no tracking store where the URI points (a missing sqlite file or folder).
+
+    MLflow would create an empty store there; reads refuse instead, naming the URI and how to point elsewhere.
+    """
 
 
 class CheckpointCorruptError(TrackedCkptError, ValueError):

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mlflow.tracking import MlflowClient
-
 from .catalog import Resolved, RunCatalog, open_in_place
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
 from .progress import Progress, watch_file
+from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
@@ -38,8 +37,11 @@ log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 
 def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
-    """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable."""
-    return RunCatalog(RunStore(MlflowClient(tracking_uri=tracking_uri), run_id))
+    """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable.
+
+    StoreNotFoundError when the tracking store does not exist: maintenance never creates one.
+    """
+    return RunCatalog(RunStore(read_client(tracking_uri), run_id))
 
 
 def resolve(catalog: RunCatalog, ref: Ref, metric: str | None = None, mode: str | None = None) -> Resolved:

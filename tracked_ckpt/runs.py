@@ -6,6 +6,9 @@ same tracking URI, the pointer file in ``save_dir``, the newest run tagged with 
 
 With the server unreachable, ``known_locally`` answers from what needs no server (the same order, minus the
 search by tag): a job can then resume from its ``save_dir``, but no new run can be created.
+
+Experiments are looked up here too: ``experiment_id`` (creating one if missing, for writers) and
+``existing_experiment_ids`` (read-only, for the views and the CLI); ``ui_link`` is a run's page in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -19,12 +22,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import _http
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, ExperimentNotFoundError, StoreError
 from .local import LocalDir
 from .runtags import TAG_SAVE_DIR
 from .store import describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
+
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's word for what an experiment is for
+KIND_TRAINING = "custom_model_development"  # model training (the other: "genai_development")
 
 
 @dataclass(frozen=True)
@@ -113,18 +119,64 @@ def _find_run(
 
 def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
     """The experiment's ID (created if missing); default: MLFLOW_EXPERIMENT_ID/NAME, else "Default"."""
-    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ["MLFLOW_EXPERIMENT_ID"]
-    name = name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    env_id, name = _default_experiment(name)
+    if env_id is not None:
+        return env_id
     try:
         exp = client.get_experiment_by_name(name)
         if exp is None:
-            return str(client.create_experiment(name))
+            # UIs that read this tag (MLflow 3.x before 3.17's toggle, Databricks) open the experiment in their
+            # training view, not the GenAI one. Only experiments created here get it: one the user made keeps
+            # whatever kind they gave it. (3.17 takes the view from the link: see ui_link.)
+            return str(client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING}))
         if exp.lifecycle_stage == "deleted":
             raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
         return str(exp.experiment_id)
     except MlflowException as e:
         raise describe_mlflow_error(e, f"find or create experiment {name!r}", server) from e
+
+
+def existing_experiment_ids(client: MlflowClient, server: str, name: str | None, *, every: bool = False) -> list[str]:
+    """Read-only twin of ``experiment_id``: the ID of an existing experiment, never creating one.
+
+    Without ``name``: the default of ``experiment_id``, or with ``every`` the IDs of every active experiment.
+    Raises ExperimentNotFoundError for a missing or deleted experiment.
+    """
+    if name is None and every:
+        try:
+            return [str(e.experiment_id) for e in client.search_experiments()]
+        except MlflowException as e:
+            raise describe_mlflow_error(e, "list experiments", server) from e
+    env_id, name = _default_experiment(name)
+    if env_id is not None:
+        return [env_id]
+    try:
+        exp = client.get_experiment_by_name(name)
+    except MlflowException as e:
+        raise describe_mlflow_error(e, f"find experiment {name!r}", server) from e
+    if exp is None or exp.lifecycle_stage != "active":
+        raise ExperimentNotFoundError(
+            f"experiment {name!r} does not exist at {server}; `tracked-ckpt runs` lists the tracked runs of "
+            "every experiment"
+        )
+    return [str(exp.experiment_id)]
+
+
+def _default_experiment(name: str | None) -> tuple[str | None, str]:
+    """(MLFLOW_EXPERIMENT_ID when no name is given, else None; the name to look up)."""
+    if name is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ["MLFLOW_EXPERIMENT_ID"], ""
+    return None, name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str, page: str = "") -> str:
+    """A run's page in the MLflow UI (``page``: "", "model-metrics", "artifacts/<path>"), in its training view.
+
+    MLflow 3.17's UI picks its view from the link's ``workflowType``, else from what this browser chose last
+    (GenAI in a fresh one); the experiment's ``mlflow.experimentKind`` tag is not consulted on a run page.
+    """
+    tail = f"/{page.strip('/')}" if page.strip("/") else ""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{tail}?workflowType=machine_learning"
 
 
 def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:

@@ -7,22 +7,25 @@ per numeric metadata key logged with the checkpoints (reward, loss, ...).
 ``list_runs`` columns: run_id, run_name, experiment_id, status, start_time (datetime64[ns, UTC]),
 checkpoints (Int64), latest_step (Int64), best_step (Int64), monitor, best_value (float64),
 size_bytes (Int64), latest_ref, best_ref. It costs one ``search_runs`` call per experiment.
+
+Both only read: a tracking store that does not exist raises StoreNotFoundError instead of being created.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
-from .errors import ConfigError
 from .policies import Mode, best_of
+from .reading import read_client, reading
 from .refs import ref_for
+from .runs import existing_experiment_ids
 from .runtags import (
     TAG_BEST,
     TAG_BEST_STEP,
@@ -101,8 +104,7 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     df = df[CHECKPOINT_COLUMNS + metric_cols].copy()
     for col in ("step", "seq", "epoch", "size_bytes"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
-    # pandas 3 picks the resolution from the data (ns, or us when empty): pin the documented one.
-    df["created"] = pd.to_datetime(df["created"].astype("float64"), unit="s", utc=True).astype("datetime64[ns, UTC]")
+    df["created"] = utc_times(df["created"], "s")
     for col in ("is_latest", "is_best"):
         df[col] = df[col].fillna(False).astype(bool)
     for col in ("run_id", "path", "ref"):
@@ -112,30 +114,22 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def _client(tracking_uri: str | None) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-def _experiment_ids(client: MlflowClient, experiment: str | None) -> list[str]:
-    if experiment is None and os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return [os.environ["MLFLOW_EXPERIMENT_ID"]]
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
-    exp = client.get_experiment_by_name(name)
-    if exp is None:
-        raise ConfigError(
-            f"experiment {name!r} does not exist at {redact(str(client.tracking_uri))}; "
-            "`tracked-ckpt runs --experiment NAME` needs an existing name"
-        )
-    return [str(exp.experiment_id)]
-
-
-def _tracked_runs(client: MlflowClient, experiment: str | None) -> list[Any]:
-    ids = _experiment_ids(client, experiment)
-    try:
-        runs = client.search_runs(ids, max_results=5000, order_by=["attributes.start_time DESC"])
-    except Exception as e:
-        raise describe_mlflow_error(e, "search runs", redact(str(client.tracking_uri))) from e
-    return [r for r in runs if TAG_COUNT in r.data.tags or TAG_LATEST in r.data.tags]
+def tracked_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[Any]:
+    """The runs of these experiments that have tracked_ckpt checkpoints, newest first (paged search_runs)."""
+    server = redact(str(client.tracking_uri))
+    runs: list[Any] = []
+    token = None
+    while True:
+        try:
+            page = client.search_runs(
+                list(experiment_ids), max_results=5000, order_by=["attributes.start_time DESC"], page_token=token
+            )
+        except MlflowException as e:
+            raise describe_mlflow_error(e, "search runs", server) from e
+        runs += [r for r in page if TAG_COUNT in r.data.tags or TAG_LATEST in r.data.tags]
+        token = page.token
+        if not token:
+            return runs
 
 
 def list_checkpoints(
@@ -147,8 +141,18 @@ def list_checkpoints(
     mode: Mode | None = None,
 ) -> pd.DataFrame:
     """Committed checkpoints of one run, or of every tracked run in an experiment, as a DataFrame."""
-    client = _client(tracking_uri)
-    run_ids = [run_id] if run_id is not None else [r.info.run_id for r in _tracked_runs(client, experiment)]
+    with reading():
+        client = read_client(tracking_uri)
+        if run_id is not None:
+            return checkpoints_of(client, [run_id], metric, mode)
+        ids = existing_experiment_ids(client, redact(str(client.tracking_uri)), experiment)
+        return checkpoints_of(client, [r.info.run_id for r in tracked_runs(client, ids)], metric, mode)
+
+
+def checkpoints_of(
+    client: MlflowClient, run_ids: Sequence[str], metric: str | None = None, mode: Mode | None = None
+) -> pd.DataFrame:
+    """The ``list_checkpoints`` frame of these runs."""
     rows: list[dict[str, Any]] = []
     for rid in run_ids:
         store = RunStore(client, rid)
@@ -159,9 +163,16 @@ def list_checkpoints(
 
 def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None) -> pd.DataFrame:
     """One row per run with tracked_ckpt checkpoints in the experiment (from run tags: one query)."""
-    client = _client(tracking_uri)
+    with reading():
+        client = read_client(tracking_uri)
+        ids = existing_experiment_ids(client, redact(str(client.tracking_uri)), experiment)
+        return runs_frame(tracked_runs(client, ids))
+
+
+def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:
+    """The ``list_runs`` frame of these MLflow runs (read from their tags)."""
     rows = []
-    for run in _tracked_runs(client, experiment):
+    for run in runs:
         tags = run.data.tags
         rows.append(
             {
@@ -183,13 +194,18 @@ def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None)
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
     for col in ("checkpoints", "latest_step", "best_step", "size_bytes"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
-    df["start_time"] = pd.to_datetime(df["start_time"].astype("float64"), unit="ms", utc=True).astype(
-        "datetime64[ns, UTC]"
-    )
+    df["start_time"] = utc_times(df["start_time"], "ms")
     df["best_value"] = df["best_value"].astype("float64")
     for col in ("run_id", "run_name", "experiment_id", "status", "monitor", "latest_ref", "best_ref"):
         df[col] = df[col].astype("string")
     return df
+
+
+def utc_times(values: pd.Series, unit: str) -> pd.Series:
+    """Epoch times (``unit`` "s" or "ms") as datetime64[ns, UTC], exact to the microsecond (not float-rounded ns)."""
+    micros = (values.astype("float64") * (1e6 if unit == "s" else 1e3)).round()
+    # pandas 3 picks the resolution from the data (ns, or us when empty): pin the documented one.
+    return pd.to_datetime(micros, unit="us", utc=True).astype("datetime64[ns, UTC]")
 
 
 def _int(v: str | None) -> int | None:
