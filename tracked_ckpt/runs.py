@@ -18,13 +18,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import _http
 from .errors import ConfigError, ExperimentNotFoundError, StoreError
 from .local import LocalDir
-from .runtags import TAG_SAVE_DIR
+from .runtags import TAG_SAVE_DIR, short_path
 from .store import describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,9 @@ def _find_run(
             return FoundRun(found, "run tagged with this save_dir", True)
     exp_id = experiment_id(client, server, experiment)
     try:
-        run = client.create_run(exp_id, tags={TAG_SAVE_DIR: str(save_dir)}, run_name=run_name)
+        run = client.create_run(exp_id, tags={TAG_SAVE_DIR: short_path(str(save_dir))}, run_name=run_name)
+        # The full path as a param: the UI shows params whole, and a relaunch after `rm -r save_dir` searches it.
+        client.log_batch(run.info.run_id, params=[Param(TAG_SAVE_DIR, str(save_dir))])
     except MlflowException as e:
         raise describe_mlflow_error(e, f"create a run in experiment {exp_id}", server) from e
     return FoundRun(run.info.run_id, "new", True)
@@ -192,13 +195,16 @@ def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
 def _search_by_save_dir(client: MlflowClient, server: str, save_dir: Path, experiment: str | None) -> str | None:
     ids = [experiment_id(client, server, experiment)]
     quoted = str(save_dir).replace("'", "\\'")
-    try:
-        runs = client.search_runs(
-            ids, f"tags.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
-        )
-    except MlflowException as e:
-        raise describe_mlflow_error(e, "search runs", server) from e
-    return runs[0].info.run_id if runs else None
+    for kind in ("params", "tags"):  # tags: runs made before the full path moved to a param
+        try:
+            runs = client.search_runs(
+                ids, f"{kind}.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
+            )
+        except MlflowException as e:
+            raise describe_mlflow_error(e, "search runs", server) from e
+        if runs:
+            return str(runs[0].info.run_id)
+    return None
 
 
 def _active_fluent_run_id(tracking_uri: str) -> str | None:

@@ -8,7 +8,9 @@ the read side (catalog.py verifies every one against a manifest), never the reco
     tracked_ckpt.monitor                     "<metric>:<mode>", what "best" was chosen by
     tracked_ckpt.count / bytes               committed checkpoints kept, and their size
     tracked_ckpt.pruned_last                 what retention deleted last
-    tracked_ckpt.save_dir                    the save_dir a new run was made for (so a relaunch finds it)
+    tracked_ckpt.save_dir                    the save_dir a new run was made for, shortened for the UI (".../a/b");
+                                             the full path is the run *param* of the same name (a relaunch
+                                             searches it; runs made before 0.2 carry the full path in the tag)
     tracked_ckpt.lease                       the writer's heartbeat (lease.py)
     mlflow.note.content                      the run page's description: how to resume (written by tracked_ckpt
                                              only while it starts with NOTE_MARK, so a user's own note stays)
@@ -32,6 +34,12 @@ TAG_PRUNED = "tracked_ckpt.pruned_last"
 TAG_SAVE_DIR = "tracked_ckpt.save_dir"
 TAG_NOTE = "mlflow.note.content"
 NOTE_MARK = "<!-- tracked_ckpt -->"
+
+
+def short_path(path: str, parts: int = 2) -> str:
+    """The last ``parts`` components of a path, for a tag value the UI shows whole: ``.../demo/checkpoints``."""
+    pieces = path.rstrip("/").split("/")
+    return path if len(pieces) <= parts + 1 else ".../" + "/".join(pieces[-parts:])
 
 
 def monitor_value(metric: str, mode: Mode) -> str:
