@@ -74,9 +74,12 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     local = LocalDir(root)
     uri = tracking_uri or (local.read_pointer() or {}).get("tracking_uri") or None
     left: dict[str, int] = {}
+    queued = sorted({p.run_id for p in Outbox(root).pending()})
+    if not queued:
+        return left  # nothing to do, and nothing written (not even the lock file)
     lock = DirLock(root)  # a trainer still writing this save_dir holds it: RunLockedError names it
     try:
-        for run_id in sorted({p.run_id for p in Outbox(root).pending()}):
+        for run_id in queued:
             try:
                 store = RunStore(MlflowClient(tracking_uri=uri), run_id)
                 lease = Lease(store, root)
