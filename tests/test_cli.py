@@ -166,7 +166,7 @@ def test_ls_csv_and_json_carry_the_typed_view_columns(run5: tuple[str, str]) -> 
     assert code == 0 and len(table) == len(REWARDS)
     assert list(table[0]) == [
         *("run_id", "path", "ref", "step", "seq", "epoch", "created", "size_bytes", "is_latest", "is_best"),
-        *("loss", "reward"),
+        *("blocked_s", "commit_s", "record_s", "loss", "reward"),
     ]
     assert {r["run_id"] for r in table} == {run_id}
     code, out, _ = invoke("ls", "--experiment", experiment)  # the table with a run column

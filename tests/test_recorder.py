@@ -100,3 +100,56 @@ def test_a_relaunch_without_a_local_record_fails_naming_the_server(tmp_path: Pat
     # The run lookup itself talks to the store through MlflowClient: an unreachable URI plays the outage there.
     with pytest.raises(StoreError, match=r"a new run cannot be created offline"):
         CheckpointManager(tmp_path / "none", tracking_uri="http://127.0.0.1:9", store_factory=FlakyStore)
+
+
+class CountingStore(FlakyStore):
+    uploaded: list[tuple[str, int]] = []  # (artifact folder, bytes) of every upload, in order
+
+    def upload(self, local_file: Path, artifact_dir: str) -> None:
+        super().upload(local_file, artifact_dir)
+        CountingStore.uploaded.append((artifact_dir, local_file.stat().st_size))
+
+
+def test_a_backlog_uploads_only_what_retention_keeps_and_records_every_metric(tmp_path: Path, experiment: str) -> None:
+    from tracked_ckpt import KeepLast
+
+    CountingStore.uploaded = []
+    model, opt, _ = make_training(hidden=64)
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, store_factory=CountingStore, publish_timeout=2,
+                           retention=KeepLast(2)) as mgr:  # fmt: skip
+        mgr.save(model, opt, {"step": 1, "reward": 1.0})
+        size = sum(b for _, b in CountingStore.uploaded)
+        FlakyStore.uploads_down = True  # the artifact store is out; the tracking server still answers
+        for step in range(2, 12):
+            mgr.save(model, opt, {"step": step, "reward": float(step)})
+        FlakyStore.uploads_down = False
+        assert mgr.sync(timeout=30)
+        run_id = mgr.run_id
+    after = [(d, b) for d, b in CountingStore.uploaded if not d.endswith("step-00000001")]
+    uploaded_bytes = sum(b for _, b in after)
+    assert uploaded_bytes <= 3 * size, (uploaded_bytes, size, sorted({d for d, _ in after}))
+    assert {d.rpartition("/")[2] for d, _ in after} == {"step-00000010", "step-00000011"}
+    assert reward_steps(run_id) == list(range(1, 12))  # every metric point, skipped checkpoints' too
+    run = MlflowClient().get_run(run_id)
+    assert run.data.tags["tracked_ckpt.count"] == "2" and run.data.tags["tracked_ckpt.latest_step"] == "11"
+    assert "retention would have deleted them" in run.data.tags["tracked_ckpt.skipped"]
+    assert sorted(p.name for p in (tmp_path / "ck" / run_id).iterdir()) == ["step-00000010", "step-00000011"]
+
+
+def test_each_save_logs_what_it_cost(tmp_path: Path, experiment: str) -> None:
+    import tracked_ckpt
+
+    model, opt, _ = make_training()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, async_save=True) as mgr:
+        mgr.save(model, opt, {"step": 1, "reward": 1.0})
+        mgr.wait()
+        run_id = mgr.run_id
+    with CheckpointManager(tmp_path / "ck", run_id=run_id) as mgr:  # a sync save: blocked is logged at close
+        mgr.save(model, opt, {"step": 2, "reward": 2.0})
+    client = MlflowClient()
+    for key in ("ckpt/blocked_s", "ckpt/commit_s", "ckpt/record_s", "ckpt/bytes"):
+        points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
+        assert set(points) == {1, 2} and all(v >= 0 for v in points.values()), (key, points)
+    df = tracked_ckpt.list_checkpoints(run_id)
+    assert df[["blocked_s", "commit_s", "record_s"]].notna().all().all()
+    assert (df["blocked_s"] > 0).all() and str(df["record_s"].dtype) == "float64"

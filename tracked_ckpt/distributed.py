@@ -55,6 +55,7 @@ from .manager import CheckpointManager
 from .manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
 from .preemption import EXIT_STATUS, SigtermFlag
 from .refs import ref_for
+from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession
 from .state import Stateful, TrainingState
 
@@ -218,6 +219,8 @@ class DistributedCheckpointManager(CheckpointManager):
             except CheckpointException as e:
                 raise SaveError(f"DCP save of step {plan.step} failed: {e}") from None
             ref = self._finish(plan, staging, rng, t0)
+            if self.rank == 0:
+                self.recorder.note_late_cost(plan.step, METRIC_BLOCKED_S, time.perf_counter() - t0)
             self._exit_if_preempted(plan.step)
             return ref
         try:
@@ -232,6 +235,8 @@ class DistributedCheckpointManager(CheckpointManager):
                 raise SaveError(f"DCP async save of step {plan.step} failed: {e}") from None
             return self._finish(plan, staging, rng, t0)
 
+        if self.rank == 0:
+            self.recorder.note_cost(plan.seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
         self._inflight = self._bg.submit(job)
         if self._sigterm.raised:  # the final save: finish it, then exit as a synchronous save does
             self.wait()

@@ -41,6 +41,7 @@ from .policies import CheckpointInfo, RetentionPolicy, SavePolicy, check_mode
 from .preemption import EXIT_STATUS, SigtermFlag
 from .recorder import RunRecorder
 from .refs import Which, ref_for
+from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession, StoreFactory
 from .snapshot import BackgroundSaver, StagingBuffers
 from .state import Metadata, Stateful, TrainingState, gather, split_metadata
@@ -172,8 +173,8 @@ class CheckpointManager:
         """Ask the save policy (default: always True) whether to save at ``step``; True after SIGTERM."""
         if self.options.save_policy is None or self._sigterm.raised:
             return True
-        pending = self._pending  # an async save in flight counts as saved
-        ctx = self.recorder.save_context(step, metrics, pending, self._last_save_time or self._started)
+        # An async save in flight counts as saved.
+        ctx = self.recorder.save_context(step, metrics, self._pending, self._last_save_time or self._started)
         return self.options.save_policy.should_save(ctx)
 
     def save(
@@ -200,6 +201,7 @@ class CheckpointManager:
         path = f"{ARTIFACT_PREFIX}/{name}"
         if self._saver is None:
             self._commit(name, payload, rng_json, fields, t0)
+            self.recorder.note_late_cost(step, METRIC_BLOCKED_S, time.perf_counter() - t0)
             return ref_for(self.run_id, path)
         payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
         self._pending = CheckpointInfo(path, step, seq, time.time(), meta.metrics)
@@ -213,6 +215,7 @@ class CheckpointManager:
             finally:
                 self._pending = None  # recorded in the index by now, or failed (wait() reports it)
 
+        self.recorder.note_cost(seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
         self._saver.submit(step, job)
         if self._sigterm.raised:  # SIGTERM: finish this save, then exit as a synchronous save does
             self.wait()
@@ -301,18 +304,16 @@ class CheckpointManager:
     def get_best_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the best checkpoint by ``monitor``/``mode``, or None."""
         self.wait()
-        try:
-            r = self.recorder.resolve("best")
-        except CheckpointNotFoundError:
-            return None
-        return ref_for(self.run_id, r.path)
+        r = self.recorder.best()
+        return ref_for(self.run_id, r.path) if r else None
 
     def checkpoints(self) -> Any:
         """A pandas DataFrame, one row per committed checkpoint of this run (see ``list_checkpoints``)."""
         from .views import checkpoints_frame
 
         self.wait()
-        return checkpoints_frame(self.run_id, self.recorder.committed(), self.options.monitor, self.options.mode)
+        o, client = self.options, self.client if self.store.connected else None
+        return checkpoints_frame(self.run_id, self.recorder.committed(), o.monitor, o.mode, client)
 
     # --------------------------------------------------------------------------------------- lifecycle
 
@@ -341,6 +342,8 @@ class CheckpointManager:
         self._buffers.clear()
         atexit.unregister(self._close_at_exit)
         drained = self.recorder.drain(self.options.publish_timeout)
+        if drained:
+            self.recorder.flush_late_costs()
         if not drained:
             log.warning("MLflow at %s did not record every checkpoint in time: they stay queued in %s and are "
                         "uploaded by the next process on this run or `tracked-ckpt sync %s`",

@@ -29,7 +29,16 @@ from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .outbox import Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .refs import Which, parse_path, ref_for
-from .runtags import TAG_LATEST, TAG_PRUNED, pruned_value, summary_tags
+from .runtags import (
+    METRIC_BYTES,
+    METRIC_COMMIT_S,
+    METRIC_RECORD_S,
+    TAG_LATEST,
+    TAG_PRUNED,
+    TAG_SKIPPED,
+    pruned_value,
+    summary_tags,
+)
 from .state import Metadata
 from .store import RunStore
 
@@ -63,6 +72,9 @@ class RunRecorder:
         self.resumed_from: str | None = None  # retention never deletes the checkpoint the run resumed from
         self._warned_no_delete = False
         self._next_seq: int | None = None  # from the index and the queue at the first save
+        self._costs: dict[int, dict[str, float]] = {}  # seq -> cost metrics known on the saving side
+        self._skipped: list[int] = []  # steps coalesced away (not uploaded), for the run's tag
+        self._late: list[tuple[str, float, int, int]] = []  # costs of earlier saves, for the next log_batch
         self._deferred = on_connect
         self.publisher = Publisher(
             self.outbox, store.run_id, self._publish_pending, store.server, probe=store.probe,
@@ -191,7 +203,10 @@ class RunRecorder:
     ) -> None:
         """A single-process save: serialize, commit locally (queued first), record."""
         latest = self._latest_step()
+        t1 = time.perf_counter()
         folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, self._queue(name, fields))
+        self.note_cost(manifest.seq, METRIC_COMMIT_S, time.perf_counter() - t1)
+        self.note_cost(manifest.seq, METRIC_BYTES, float(manifest.size))
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
 
     def commit_folder(self, staging: Path, name: str, manifest: Manifest, t0: float) -> None:
@@ -199,6 +214,7 @@ class RunRecorder:
         latest = self._latest_step()
         final = self.local.folder(self.run_id, name)
         fields = {"seq": manifest.seq, "step": manifest.step, "created": manifest.created}
+        self.note_cost(manifest.seq, METRIC_BYTES, float(manifest.size))
         try:
             self.local.commit(staging, final, manifest, self._queue(name, fields))
         except OSError as e:
@@ -252,14 +268,75 @@ class RunRecorder:
                         "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
             return
         path = f"{ARTIFACT_PREFIX}/{p.name}"
+        costs = self._costs.pop(p.seq, {})
+        if self._coalesced(p, path):
+            # Its metrics are training history and are logged; its files would be deleted right after landing.
+            self.store.publish(manifest.step, {**manifest.metrics, **costs}, {TAG_SKIPPED: self._skipped_note(p)},
+                               p.timestamp_ms)  # fmt: skip
+            self.local.remove(self.run_id, p.name)
+            return
+        t0 = time.perf_counter()
         for f in manifest.files:
             self.store.upload(folder / f.name, path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
+        costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
         self.index = {**self.index, path: info_of(manifest, path)}
         fault_point("tags")
-        self.store.publish(manifest.step, dict(manifest.metrics), self.summary_tags(), p.timestamp_ms)
+        late, self._late = self._late, []
+        try:
+            self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late)
+        except StoreError:
+            self._late = late + self._late
+            raise
         self.apply_retention()
+
+    def note_cost(self, seq: int, name: str, value: float) -> None:
+        """A cost of the save ``seq`` known on the saving side (blocked, commit, bytes), logged with its record."""
+        self._costs.setdefault(seq, {})[name] = value
+
+    def note_late_cost(self, step: int, name: str, value: float) -> None:
+        """A cost known only after the save's record (a sync save's blocked time): logged with the next record."""
+        self._late.append((name, value, step, int(time.time() * 1000)))
+
+    def flush_late_costs(self) -> None:
+        """Log the costs still waiting for a next record (at close); best effort."""
+        late, self._late = self._late, []
+        if late and self.attached:
+            try:
+                self.store.publish(late[-1][2], {}, {}, late=late)
+            except StoreError as e:
+                log.debug("could not log the last save's costs: %s", e)
+
+    def _coalesced(self, p: Pending, path: str) -> bool:
+        """True when retention would delete ``p`` as soon as the checkpoints queued after it land (a backlog).
+
+        Only with a retention policy and a newer queued checkpoint; the latest, the best and the checkpoint the run
+        resumed from are never skipped (plan_deletions keeps them), so nothing that retention keeps is skipped.
+        """
+        queued = self.outbox.pending(self.run_id)
+        if self.retention is None or not queued or queued[-1].seq == p.seq:
+            return False
+        future = dict(self.index)
+        for q in queued:
+            folder = self.local.folder(q.run_id, q.name)
+            try:
+                m = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
+            except (OSError, CheckpointCorruptError):
+                continue
+            future[f"{ARTIFACT_PREFIX}/{q.name}"] = info_of(m, f"{ARTIFACT_PREFIX}/{q.name}")
+        protected = {self.resumed_from} if self.resumed_from else set()
+        doomed = plan_deletions(list(future.values()), self.retention, metric=self.monitor, mode=self.mode,
+                                protected=protected)  # fmt: skip
+        if path not in {c.path for c in doomed}:
+            return False
+        log.info("step %d: not uploaded — %d newer checkpoint(s) are queued and retention would delete it as soon as "
+                 "they land; its metrics are recorded", p.step, len(queued) - 1)  # fmt: skip
+        return True
+
+    def _skipped_note(self, p: Pending) -> str:
+        self._skipped = [*self._skipped[-19:], p.step]
+        return "steps " + ", ".join(map(str, self._skipped)) + " (a backlog: retention would have deleted them)"
 
     def summary_tags(self) -> dict[str, str]:
         return summary_tags(self.index.values(), self.monitor, self.mode)
@@ -351,6 +428,12 @@ class RunRecorder:
     def catalog_of(self, run_id: str) -> RunCatalog:
         """This run's catalog, or a read-only one of another run on the same server."""
         return self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.store.client, run_id))
+
+    def best(self) -> Resolved | None:
+        try:
+            return self.resolve("best")
+        except CheckpointNotFoundError:
+            return None
 
     def resolve_path(self, text: str) -> tuple[str, Resolved]:
         """A ``checkpoint_path`` (see refs.parse_path); this run's queued checkpoints resolve to their local copy."""

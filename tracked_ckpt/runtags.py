@@ -8,6 +8,7 @@ the read side (catalog.py verifies every one against a manifest), never the reco
     tracked_ckpt.monitor                     "<metric>:<mode>", what "best" was chosen by
     tracked_ckpt.count / bytes               committed checkpoints kept, and their size
     tracked_ckpt.pruned_last                 what retention deleted last
+    tracked_ckpt.skipped                     steps a backlog did not upload (retention would have deleted them)
     tracked_ckpt.save_dir                    the save_dir a new run was made for, shortened for the UI (".../a/b");
                                              the full path is the run *param* of the same name (a relaunch
                                              searches it; runs made before 0.2 carry the full path in the tag)
@@ -32,7 +33,15 @@ TAG_COUNT = "tracked_ckpt.count"
 TAG_BYTES = "tracked_ckpt.bytes"
 TAG_PRUNED = "tracked_ckpt.pruned_last"
 TAG_SAVE_DIR = "tracked_ckpt.save_dir"
+TAG_SKIPPED = "tracked_ckpt.skipped"  # steps whose files a backlog did not upload (retention would delete them)
 TAG_NOTE = "mlflow.note.content"
+
+# What each save cost, logged as metrics at its step (the MLflow UI charts them under "ckpt/"):
+METRIC_BLOCKED_S = "ckpt/blocked_s"  # seconds save() blocked the training thread
+METRIC_COMMIT_S = "ckpt/commit_s"  # seconds to serialize and commit in save_dir
+METRIC_RECORD_S = "ckpt/record_s"  # seconds to upload the files (the manifest last) to MLflow
+METRIC_BYTES = "ckpt/bytes"  # the checkpoint's size
+COST_METRICS = (METRIC_BLOCKED_S, METRIC_COMMIT_S, METRIC_RECORD_S, METRIC_BYTES)
 NOTE_MARK = "<!-- tracked_ckpt -->"
 
 

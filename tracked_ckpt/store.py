@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,11 +235,20 @@ class RunStore:
     # ------------------------------------------------------------------------------------------ run data
 
     def publish(
-        self, step: int, metrics: dict[str, float], tags: dict[str, str], timestamp_ms: int | None = None
+        self,
+        step: int,
+        metrics: dict[str, float],
+        tags: dict[str, str],
+        timestamp_ms: int | None = None,
+        late: Sequence[tuple[str, float, int, int]] = (),
     ) -> None:
-        """Metrics at ``step`` and tags in one MLflow call (a fixed ``timestamp_ms`` makes replays idempotent)."""
+        """Metrics at ``step`` and tags in one MLflow call (a fixed ``timestamp_ms`` makes replays idempotent).
+
+        ``late``: (key, value, step, timestamp_ms) of metrics of earlier steps known only now, in the same call.
+        """
         now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
         batch_metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
+        batch_metrics += [Metric(k, v, ts, s) for k, v, s, ts in late]
         batch_tags = [RunTag(k, v) for k, v in tags.items()]
         self._call(
             lambda: self.client.log_batch(self.run_id, metrics=batch_metrics, tags=batch_tags, synchronous=True),

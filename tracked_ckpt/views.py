@@ -1,7 +1,9 @@
 """pandas views of checkpoints and runs, with stable, typed columns.
 
 ``list_checkpoints`` columns: run_id, path, ref, step (Int64), seq (Int64), epoch (Int64),
-created (datetime64[ns, UTC]), size_bytes (Int64), is_latest, is_best (bool), then one float64 column
+created (datetime64[ns, UTC]), size_bytes (Int64), is_latest, is_best (bool), blocked_s, commit_s, record_s
+(float64: what the save cost — seconds the training thread was blocked, to commit locally, to upload; NaN where
+not recorded, e.g. checkpoints of older versions), then one float64 column
 per numeric metadata key logged with the checkpoints (reward, loss, ...).
 
 ``list_runs`` columns: run_id, run_name, experiment_id, status, start_time (datetime64[ns, UTC]),
@@ -13,8 +15,9 @@ Both only read: a tracking store that does not exist raises StoreNotFoundError i
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
@@ -27,6 +30,9 @@ from .reading import read_client, reading
 from .refs import ref_for
 from .runs import existing_experiment_ids
 from .runtags import (
+    METRIC_BLOCKED_S,
+    METRIC_COMMIT_S,
+    METRIC_RECORD_S,
     TAG_BEST,
     TAG_BEST_STEP,
     TAG_BEST_VALUE,
@@ -39,6 +45,8 @@ from .runtags import (
 )
 from .store import RunStore, describe_mlflow_error, redact
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_COLUMNS = [
     "run_id",
     "path",
@@ -50,7 +58,12 @@ CHECKPOINT_COLUMNS = [
     "size_bytes",
     "is_latest",
     "is_best",
+    "blocked_s",
+    "commit_s",
+    "record_s",
 ]
+# What each save cost: the metrics logged at its step (runtags.COST_METRICS), as columns.
+_COST_COLUMNS = {METRIC_BLOCKED_S: "blocked_s", METRIC_COMMIT_S: "commit_s", METRIC_RECORD_S: "record_s"}
 RUN_COLUMNS = [
     "run_id",
     "run_name",
@@ -68,12 +81,31 @@ RUN_COLUMNS = [
 ]
 
 
-def checkpoints_frame(run_id: str, found: Sequence[Resolved], metric: str, mode: Mode) -> pd.DataFrame:
-    """One row per committed checkpoint of one run, in commit order."""
-    return _typed_checkpoints(pd.DataFrame(_checkpoint_rows(run_id, found, metric, mode)))
+def checkpoints_frame(
+    run_id: str, found: Sequence[Resolved], metric: str, mode: Mode, client: MlflowClient | None = None
+) -> pd.DataFrame:
+    """One row per committed checkpoint of one run, in commit order; the cost columns when ``client`` answers."""
+    costs: dict[int, dict[str, float]] = {}
+    if client is not None:
+        try:
+            costs = save_costs(client, run_id)
+        except (MlflowException, OSError) as e:  # an outage: the rest of the frame needs no server
+            log.debug("no cost metrics for run %s: %s", run_id, e)
+    return _typed_checkpoints(pd.DataFrame(_checkpoint_rows(run_id, found, metric, mode, costs)))
 
 
-def _checkpoint_rows(run_id: str, found: Sequence[Resolved], metric: str, mode: Mode) -> list[dict[str, Any]]:
+def save_costs(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
+    """{step: {"blocked_s": .., "commit_s": .., "record_s": ..}} from the run's cost metrics (one call per metric)."""
+    costs: dict[int, dict[str, float]] = {}
+    for key, column in _COST_COLUMNS.items():
+        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):  # the newest wins
+            costs.setdefault(int(m.step), {})[column] = float(m.value)
+    return costs
+
+
+def _checkpoint_rows(
+    run_id: str, found: Sequence[Resolved], metric: str, mode: Mode, costs: Mapping[int, dict[str, float]]
+) -> list[dict[str, Any]]:
     latest = max(found, key=lambda r: r.manifest.seq).path if found else None
     best = best_of([r.info for r in found], metric, mode)
     rows: list[dict[str, Any]] = []
@@ -90,6 +122,7 @@ def _checkpoint_rows(run_id: str, found: Sequence[Resolved], metric: str, mode: 
             "size_bytes": m.size,
             "is_latest": r.path == latest,
             "is_best": best is not None and r.path == best.path,
+            **costs.get(m.step, {}),
         }
         row.update({k: v for k, v in m.metrics.items() if k not in row})
         rows.append(row)
@@ -109,7 +142,7 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
         df[col] = df[col].fillna(False).astype(bool)
     for col in ("run_id", "path", "ref"):
         df[col] = df[col].astype("string")
-    for col in metric_cols:
+    for col in [*_COST_COLUMNS.values(), *metric_cols]:
         df[col] = df[col].astype("float64")
     return df.reset_index(drop=True)
 
@@ -157,7 +190,7 @@ def checkpoints_of(
     for rid in run_ids:
         store = RunStore(client, rid)
         run_metric, run_mode = monitor_of(store.tags_at_open, metric, mode)
-        rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode)
+        rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode, save_costs(client, rid))
     return _typed_checkpoints(pd.DataFrame(rows))
 
 
