@@ -65,7 +65,10 @@ def describe_mlflow_error(e: Exception, action: str, server: str) -> StoreError:
     else:
         hint = "check that the tracking server is up and reachable"
     err = StoreError(f"MLflow at {server} failed to {action}: {text} ({hint})")
-    err.transient = not (code in _PERMANENT_CODES or http in ("400", "401", "403") or "Permission denied" in text)
+    denied = "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text
+    err.transient = not (
+        code in _PERMANENT_CODES or http in ("400", "401", "403") or "Permission denied" in text or denied
+    )
     return err
 
 
@@ -86,6 +89,11 @@ def _short(text: str) -> str:
             if m:
                 return said.format(*m.groups())
     return text if len(text) <= 300 else text[:297].rsplit(" ", 1)[0] + " ..."
+
+
+def _from_object_store(e: Exception) -> bool:
+    """An error of the S3 client (boto3/botocore/s3transfer), which MLflow's S3 repository lets through as is."""
+    return type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer")
 
 
 def redact(uri: str) -> str:
@@ -165,6 +173,10 @@ class RunStore:
                 ) from None
             raise describe_mlflow_error(e, action, self.server) from e
         except OSError as e:
+            raise describe_mlflow_error(e, action, self.server) from e
+        except Exception as e:
+            if not _from_object_store(e):
+                raise
             raise describe_mlflow_error(e, action, self.server) from e
 
     @property

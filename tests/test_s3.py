@@ -1,0 +1,144 @@
+"""S3 artifact stores, for real: `moto`'s S3 server on loopback (started and stopped by PID), reached directly by the
+MLflow client (an experiment whose artifact root is ``s3://``) and through a `mlflow server` that proxies to the
+bucket. A TCP proxy (fault_proxy.py) in front of the S3 endpoint plays the object store's outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import assert_same_state, free_port, make_training, start_mlflow_server, stop_server, train_steps
+from fault_proxy import FaultProxy
+from mlflow.tracking import MlflowClient
+
+import tracked_ckpt
+from tracked_ckpt import CheckpointManager, KeepLast
+from tracked_ckpt.errors import CheckpointCorruptError
+
+BUCKET = "ckpt"
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@dataclass
+class S3:
+    endpoint: str  # moto itself
+    proxy: FaultProxy  # what the MLflow client is pointed at (MLFLOW_S3_ENDPOINT_URL)
+    client: Any  # boto3, straight to moto: to inspect and tamper with the bucket
+
+    def keys(self, prefix: str) -> list[str]:
+        found = self.client.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"] for o in found)
+
+    def folders(self, prefix: str) -> list[str]:
+        return sorted({k.split("/checkpoints/")[1].split("/")[0] for k in self.keys(prefix) if "/checkpoints/" in k})
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3]:
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start") from None
+            time.sleep(0.2)
+    endpoint = f"http://127.0.0.1:{port}"
+    proxy = FaultProxy(endpoint)
+    saved = {k: os.environ.get(k) for k in [*CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL"]}
+    os.environ.update({**CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": proxy.url})
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    try:
+        yield S3(endpoint, proxy, client)
+    finally:
+        proxy.close()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+
+
+def test_direct_s3_save_resume_retention_integrity_and_outage(
+    s3: S3, tmp_path: Path, experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    MlflowClient().create_experiment(experiment, artifact_location=f"s3://{BUCKET}/{experiment}")
+    model, opt, sched = make_training()
+    states = {}
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, retention=KeepLast(2)) as mgr:
+        for step in (1, 2, 3):
+            train_steps(model, opt, sched, 1)
+            mgr.save(model, opt, {"step": step, "reward": float(step)})
+            states[step] = {k: v.clone() for k, v in model.state_dict().items()}
+        run_id = mgr.run_id
+    assert s3.folders(experiment) == ["step-00000002", "step-00000003"]  # retention deleted step 1 in the bucket
+
+    # Resume on an empty machine: nothing local, everything from the bucket, verified.
+    fresh, _, _ = make_training(seed=7)
+    assert tracked_ckpt.load(run_id, fresh)["step"] == 3
+    assert all(torch.equal(v, states[3][k]) for k, v in fresh.state_dict().items())
+
+    # A flipped byte in the bucket: caught before unpickling; "latest" falls back, an explicit step raises.
+    key = next(k for k in s3.keys(experiment) if k.endswith("step-00000003/state.pt"))
+    data = bytearray(s3.client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0xFF
+    s3.client.put_object(Bucket=BUCKET, Key=key, Body=bytes(data))
+    with caplog.at_level(logging.WARNING, logger="tracked_ckpt"):
+        assert tracked_ckpt.load(run_id, fresh)["step"] == 2
+    assert "step 3" in caplog.text and "falling back" in caplog.text
+    with pytest.raises(CheckpointCorruptError, match="state.pt"):
+        tracked_ckpt.load(run_id, fresh, which=3)
+
+    # The object store goes away: the save commits locally, queues, and is uploaded once it is back.
+    with CheckpointManager(tmp_path / "ck", run_id=run_id, retention=KeepLast(2), publish_timeout=5) as mgr:
+        s3.proxy.set_mode("refuse")
+        t0 = time.monotonic()
+        mgr.save(model, opt, {"step": 4, "reward": 4.0})
+        blocked = time.monotonic() - t0
+        assert blocked < 6, blocked
+        assert [p.step for p in mgr.outbox.pending(run_id)] == [4]
+        s3.proxy.set_mode("pass")
+        assert mgr.sync(timeout=60)
+    assert "step-00000004" in s3.folders(experiment)
+    assert tracked_ckpt.load(run_id, fresh)["step"] == 4
+
+
+@pytest.mark.server
+def test_a_tracking_server_proxying_to_s3(s3: S3, tmp_path: Path, experiment: str) -> None:
+    env = {**CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    dest = f"s3://{BUCKET}/proxied-{experiment}"  # the last --artifacts-destination given wins
+    url, proc = start_mlflow_server(tmp_path / "server", "--artifacts-destination", dest, env=env)
+    try:
+        model, opt, sched = make_training()
+        with CheckpointManager(tmp_path / "ck", experiment=experiment, tracking_uri=url, retention=KeepLast(1)) as mgr:
+            for step in (1, 2):
+                train_steps(model, opt, sched, 1)
+                mgr.save(model, opt, {"step": step, "reward": float(step)})
+            run_id = mgr.run_id
+        assert s3.folders(f"proxied-{experiment}") == ["step-00000002"]  # stored, and pruned, in the bucket
+        fresh, _, _ = make_training(seed=3)
+        assert tracked_ckpt.load(run_id, fresh, tracking_uri=url)["step"] == 2
+        assert_same_state(fresh, model)
+    finally:
+        stop_server(proc)
