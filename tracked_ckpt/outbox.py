@@ -244,6 +244,11 @@ class Publisher:
             except StoreError as e:
                 self._fail(e, None)
                 return False
+            except Exception as e:  # e.g. RunLockedError: another live writer took the run meanwhile
+                refused = StoreError(f"{type(e).__name__}: {e}")
+                refused.transient = False
+                self._fail(refused, None)
+                return False
             self._on_connect = None
         for p in self.outbox.pending(self.run_id):
             if self._stopped:
