@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                 restore(Path(local), fresh, fresh_opt)
 
             rows["download+load"].append(timed(download_then_load))
-        record_s = [m.value for m in client.get_metric_history(run_id, "ckpt/record_s")]
+        record_s = [m.value for m in client.get_metric_history(run_id, "system/checkpoint_record_s")]
         # Interference: the loop's rate during a background save vs during a raw write of the same bytes. With S3
         # the (Python) moto server shares this machine's cores; the local store shows the client side alone.
         client.create_experiment("local-bench", artifact_location=str(work / "local-artifacts"))
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     med = {k: statistics.median(v) for k, v in rows.items()}
     upload = statistics.median(record_s)
     print(f"S3 (moto on loopback), state {a.size}, {a.repeats} repeats, medians")
-    print(f"record in S3:  the upload part of a save (ckpt/record_s) {upload:.2f} s vs boto3 upload_file "
+    print(f"record in S3:  the upload part of a save (its record_s) {upload:.2f} s vs boto3 upload_file "
           f"{med['upload_file']:.2f} s: {upload / med['upload_file']:.2f}x (target <= 1.1x); save() end to end "
           f"(serialize, fsync, hash, upload, record) {med['record']:.2f} s: {med['record'] / med['upload_file']:.2f}x")
     print(f"resume:        tracked_ckpt.load {med['resume']:.2f} s vs download_artifacts+torch.load "

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import StoreError
+from tracked_ckpt.runtags import COST_METRICS
 from tracked_ckpt.store import RunStore
 
 
@@ -147,7 +148,7 @@ def test_each_save_logs_what_it_cost(tmp_path: Path, experiment: str) -> None:
     with CheckpointManager(tmp_path / "ck", run_id=run_id) as mgr:  # a sync save: blocked is logged at close
         mgr.save(model, opt, {"step": 2, "reward": 2.0})
     client = MlflowClient()
-    for key in ("ckpt/blocked_s", "ckpt/commit_s", "ckpt/record_s", "ckpt/bytes"):
+    for key in COST_METRICS:
         points = {m.step: m.value for m in client.get_metric_history(run_id, key)}
         assert set(points) == {1, 2} and all(v >= 0 for v in points.values()), (key, points)
     df = tracked_ckpt.list_checkpoints(run_id)

@@ -110,6 +110,14 @@ def test_model_metrics_link_charts_step_epoch_and_reward(browser: Any, server: D
     page.context.close()
 
 
+def test_system_metrics_link_charts_what_each_save_cost(browser: Any, server: DemoServer, tmp_path: Path) -> None:
+    page = first_visit(browser, server, "system-metrics")
+    for metric in ("checkpoint_blocked_s", "checkpoint_commit_s", "checkpoint_record_s"):
+        page.get_by_text(metric).first.wait_for()  # one chart per cost, beside MLflow's own system metrics
+    save_shot(page, tmp_path, "ui-run-costs.png")
+    page.context.close()
+
+
 def test_artifacts_link_shows_checkpoint_folders_and_the_best_manifest(
     browser: Any, server: DemoServer, tmp_path: Path
 ) -> None:

@@ -66,13 +66,9 @@ def known_locally(
     client: MlflowClient, server: str, local: LocalDir, run_id: str | None, cause: StoreError
 ) -> FoundRun:
     """The run named without asking the server (argument, MLFLOW_RUN_ID, active run, pointer), else StoreError."""
-    if run_id is not None:
-        return FoundRun(run_id, "run_id argument", True)
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
-    active = _active_fluent_run_id(client.tracking_uri)
-    if active is not None:
-        return FoundRun(active, "active mlflow run", False)
+    named = _named(client, run_id)
+    if named is not None:
+        return named
     pointer = local.read_pointer()
     if pointer is not None and pointer.get("tracking_uri") == server:
         return FoundRun(pointer["run_id"], f"pointer in {local.root}", True)
@@ -83,6 +79,16 @@ def known_locally(
     )
     err.transient = cause.transient
     raise err
+
+
+def _named(client: MlflowClient, run_id: str | None) -> FoundRun | None:
+    """The run named by the argument, MLFLOW_RUN_ID or the user's active mlflow.start_run(): no server needed."""
+    if run_id is not None:
+        return FoundRun(run_id, "run_id argument", True)
+    if os.environ.get("MLFLOW_RUN_ID"):
+        return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
+    active = _active_fluent_run_id(client.tracking_uri)
+    return FoundRun(active, "active mlflow run", False) if active is not None else None
 
 
 def _find_run(
@@ -97,13 +103,9 @@ def _find_run(
 ) -> FoundRun:
     save_dir = local.root
     if not new_only:
-        if run_id is not None:
-            return FoundRun(run_id, "run_id argument", True)
-        if os.environ.get("MLFLOW_RUN_ID"):
-            return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
-        active = _active_fluent_run_id(client.tracking_uri)
-        if active is not None:
-            return FoundRun(active, "active mlflow run", False)
+        named = _named(client, run_id)
+        if named is not None:
+            return named
         pointer = local.read_pointer()
         if pointer is not None and pointer.get("tracking_uri") == server and _alive(client, pointer["run_id"], local):
             return FoundRun(pointer["run_id"], f"pointer in {save_dir}", True)

@@ -36,11 +36,12 @@ TAG_SAVE_DIR = "tracked_ckpt.save_dir"
 TAG_SKIPPED = "tracked_ckpt.skipped"  # steps whose files a backlog did not upload (retention would delete them)
 TAG_NOTE = "mlflow.note.content"
 
-# What each save cost, logged as metrics at its step (the MLflow UI charts them under "ckpt/"):
-METRIC_BLOCKED_S = "ckpt/blocked_s"  # seconds save() blocked the training thread
-METRIC_COMMIT_S = "ckpt/commit_s"  # seconds to serialize and commit in save_dir
-METRIC_RECORD_S = "ckpt/record_s"  # seconds to upload the files (the manifest last) to MLflow
-METRIC_BYTES = "ckpt/bytes"  # the checkpoint's size
+# What each save cost, logged as metrics at its step. The "system/" prefix puts their charts on the run page's
+# "System metrics" tab, beside CPU and memory, and keeps the "Model metrics" tab for what the model learns.
+METRIC_BLOCKED_S = "system/checkpoint_blocked_s"  # seconds save() blocked the training thread
+METRIC_COMMIT_S = "system/checkpoint_commit_s"  # seconds to serialize and commit in save_dir
+METRIC_RECORD_S = "system/checkpoint_record_s"  # seconds to upload the files (the manifest last) to MLflow
+METRIC_BYTES = "system/checkpoint_bytes"  # the checkpoint's size
 COST_METRICS = (METRIC_BLOCKED_S, METRIC_COMMIT_S, METRIC_RECORD_S, METRIC_BYTES)
 NOTE_MARK = "<!-- tracked_ckpt -->"
 
