@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.server
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,11 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
             return
         data = path.read_bytes()
         m = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
+        if m and int(m.group(1)) > 0 and srv.drop_parts > 0:  # a part's connection dies before any answer
+            srv.drop_parts -= 1
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if m and not srv.ignore_range and data:
             a, b = int(m.group(1)), min(int(m.group(2)), len(data) - 1)
             body = data[a : b + 1]
@@ -69,6 +75,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.ranges: list[str | None] = []
         self.ignore_range = False
         self.truncate = False
+        self.drop_parts = 0
         self.password: str | None = None
 
     @property
@@ -104,6 +111,13 @@ def test_a_server_ignoring_range_gets_one_streamed_get(files: FileServer, tmp_pa
     assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
     assert len(files.ranges) == 1
     assert transfer.download(files.url, "ck/empty.bin", tmp_path / "empty.bin").read_bytes() == b""
+
+
+def test_a_failed_part_is_fetched_again_not_the_whole_file(files: FileServer, tmp_path: Path) -> None:
+    files.drop_parts = 2
+    dst = transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
+    assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
+    assert files.drop_parts == 0 and len(files.ranges) == 1 + transfer.PARTS + 2  # only the two parts, again
 
 
 def test_a_short_part_is_an_error_not_a_file(files: FileServer, tmp_path: Path) -> None:

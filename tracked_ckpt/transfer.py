@@ -27,6 +27,7 @@ from . import _http
 log = logging.getLogger(__name__)
 
 PARTS = 4  # parallel ranges: 4 was the fastest of 1/2/4/8 against a loopback server on 2 cores
+PART_ATTEMPTS = 3
 _PROBE = 8 << 20
 _CHUNK = 1 << 20
 
@@ -107,11 +108,18 @@ def _parallel(creds: Any, endpoint: str, fd: int, start: int, total: int, parts:
 
     def part(r: tuple[int, int]) -> None:
         a, b = r
-        resp = _get(creds, endpoint, f"bytes={a}-{b - 1}")
-        if resp.status_code != 206:
-            resp.close()
-            raise OSError(f"the server stopped honoring Range for {path} (status {resp.status_code})")
-        _copy(resp, fd, a, b - a, path)
+        for attempt in range(PART_ATTEMPTS):  # a failed range is fetched again on its own, not the whole file
+            try:
+                resp = _get(creds, endpoint, f"bytes={a}-{b - 1}")
+                if resp.status_code != 206:
+                    resp.close()
+                    raise OSError(f"the server stopped honoring Range for {path} (status {resp.status_code})")
+                _copy(resp, fd, a, b - a, path)
+                return
+            except Exception as e:  # OSError, or MLflow's wrapping of a dropped connection or a 5xx
+                if attempt == PART_ATTEMPTS - 1 or isinstance(e, FileNotFoundError):
+                    raise
+                log.debug("range %d-%d of %s failed (%s); fetching it again", a, b, path, e)
 
     with ThreadPoolExecutor(max_workers=len(ranges), thread_name_prefix="tracked_ckpt-fetch") as pool:
         list(pool.map(_http.in_context(part), ranges))  # each part keeps the caller's HTTP budget
