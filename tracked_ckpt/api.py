@@ -13,7 +13,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from .catalog import RunCatalog
-from .errors import CheckpointNotFoundError, StoreError
+from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
 from .policies import check_mode
 from .reading import read_client, reading
@@ -84,15 +84,18 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
                 store = RunStore(MlflowClient(tracking_uri=uri), run_id)
                 lease = Lease(store, root)
                 lease.acquire(store.tags_at_open)
-                # The run's own definition of "best": the summary tags are recomputed on publish.
-                metric, mode = monitor_of(store.tags_at_open)
-                recorder = RunRecorder(store, local, monitor=metric, mode=mode, retention=None, publish_timeout=timeout)
                 try:
-                    recorder.recover()
+                    # The run's own definition of "best": the summary tags are recomputed on publish.
+                    metric, mode = monitor_of(store.tags_at_open)
+                    recorder = RunRecorder(store, local, monitor=metric, mode=mode, retention=None,
+                                           publish_timeout=timeout)  # fmt: skip
+                    try:
+                        recorder.recover()
+                    finally:
+                        recorder.stop()
                 finally:
-                    recorder.stop()
                     lease.release()
-            except StoreError as e:  # still unreachable: everything stays queued, for the next try
+            except TrackedCkptError as e:  # unreachable, refused, locked, deleted: it stays queued, for the next try
                 log.warning("run %s: %s", run_id, e)
             left[run_id] = len(Outbox(root).pending(run_id))
     finally:

@@ -44,11 +44,7 @@ from ._version import __version__
 from .catalog import Resolved, RunCatalog
 from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from .errors import (
-    CheckpointCorruptError,
-    CheckpointMismatchError,
-    CheckpointNotFoundError,
     SaveError,
-    StoreError,
 )
 from .local import STAGING
 from .manager import CheckpointManager
@@ -238,9 +234,8 @@ class DistributedCheckpointManager(CheckpointManager):
         if self.rank == 0:
             self.recorder.note_cost(plan.seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
         self._inflight = self._bg.submit(job)
-        if self._sigterm.raised:  # the final save: finish it, then exit as a synchronous save does
-            self.wait()
-            self._exit_if_preempted(plan.step)
+        # Every rank asks (a collective), not only those that saw SIGTERM already: they must agree.
+        self._exit_if_preempted(plan.step, finish_first=True)
         return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{plan.name}")
 
     def _plan_sharded(self, meta: Any, step: int | None) -> _Plan:
@@ -275,7 +270,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 self.store.connect() if not self.store.connected else None
                 for f in mine:
                     self.store.upload(staging / f.name, f"{ARTIFACT_PREFIX}/{plan.name}")
-            except StoreError as e:
+            except Exception as e:  # reported on every rank by _agree below
                 upload_err = SaveError(f"rank {self.rank} could not upload its shard of step {plan.step}: {e}")
         self._agree(upload_err, group=self._io)
         ref = self._on_rank0(lambda: self._commit_rank0(plan, staging, everyone, t0), group=self._io)
@@ -326,9 +321,11 @@ class DistributedCheckpointManager(CheckpointManager):
 
     # ------------------------------------------------------------------------------------ preemption
 
-    def _exit_if_preempted(self, step: int) -> None:
+    def _exit_if_preempted(self, step: int, finish_first: bool = False) -> None:
         """After a save, every rank agrees whether SIGTERM arrived anywhere; then all exit 143 together."""
         if self._sigterm.installed and self._any_preempted():
+            if finish_first:
+                self.wait()  # the async save in flight is the final checkpoint
             log.warning("rank %d: final checkpoint of step %d saved after SIGTERM; exiting with status 143",
                         self.rank, step)  # fmt: skip
             self.close("KILLED")
@@ -358,7 +355,7 @@ class DistributedCheckpointManager(CheckpointManager):
             err: BaseException | None = None
             try:
                 load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
-            except (CheckpointCorruptError, CheckpointNotFoundError, CheckpointMismatchError) as e:
+            except Exception as e:  # any failure on one rank must reach every rank's _agree, or they hang
                 err = e
             self._agree(err)
         else:
@@ -366,7 +363,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 folder, err = Path(tmp), None
                 try:
                     folder = catalog.fetch_verified(r, Path(tmp), self.recorder.cache_for(catalog, r))
-                except (CheckpointCorruptError, CheckpointNotFoundError) as e:
+                except Exception as e:  # likewise: a download that fails on one rank only
                     err = e
                 self._agree(err)  # every rank verified its copy before any rank enters dcp.load
                 load_dcp_folder(folder, r.manifest, state, where, self._ctl, self.rank)

@@ -120,8 +120,9 @@ class Lease:
                     "taking over the lease of run %s from host %s pid %d: %s", self.store.run_id, host, pid, why
                 )
         self.store.set_tags({TAG_LEASE: self._value()})
-        self._thread = threading.Thread(target=self._beat, name="tracked_ckpt-lease", daemon=True)
-        self._thread.start()
+        if self._thread is None or not self._thread.is_alive():  # acquired again after a retry: one heartbeat
+            self._thread = threading.Thread(target=self._beat, name="tracked_ckpt-lease", daemon=True)
+            self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval):

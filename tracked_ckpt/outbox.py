@@ -82,6 +82,10 @@ class Outbox:
         return sorted(found, key=lambda p: (p.run_id, p.seq))
 
 
+class NotReady(Exception):
+    """The entry's local commit is still in progress: end this pass; the committing save kicks the next one."""
+
+
 class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
@@ -215,7 +219,13 @@ class Publisher:
                 if self._stopped:
                     return
                 self._wake = False
-            self.drain_once()
+            try:
+                self.drain_once()
+            except Exception:  # never let the thread die: entries stay queued for the next pass or process
+                log.exception("the publisher of run %s failed a pass; its queue stays in %s", self.run_id,
+                              self.outbox.dir)  # fmt: skip
+                with self._cond:
+                    self._in_outage = True
 
     def drain_once(self) -> bool:
         """One pass: probe during an outage, connect once, publish the queue in order. True when it is empty."""
@@ -238,6 +248,13 @@ class Publisher:
                     self._cond.notify_all()
                 log.debug("MLflow at %s still unreachable: %s", self._server, e)
                 return False
+            except Exception as e:  # e.g. RunNotFoundError: the run was deleted meanwhile; retrying will not help
+                refused = StoreError(f"{type(e).__name__}: {e}")
+                refused.transient = False
+                with self._cond:
+                    self._in_outage = False
+                self._fail(refused, None)
+                return False
         if self._on_connect is not None:
             try:
                 self._on_connect()
@@ -255,11 +272,15 @@ class Publisher:
                 return False
             try:
                 self._publish(p)
+            except NotReady:
+                return False
             except StoreError as e:
                 self._fail(e, p)
                 return False
             except Exception:  # never let the publisher die silently: the entry stays queued
-                log.exception("publishing checkpoint step %d failed; it stays queued in %s", p.step, self.outbox.dir)
+                if not self._in_outage:  # once, not at every retry
+                    log.exception("publishing checkpoint step %d failed; it stays queued in %s", p.step,
+                                  self.outbox.dir)  # fmt: skip
                 self._fail(StoreError("unexpected error (logged above)"), p)
                 return False
             self.outbox.done(p)

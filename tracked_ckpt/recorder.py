@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -26,7 +27,7 @@ from .catalog import Resolved, RunCatalog, info_of
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
-from .outbox import Outbox, Pending, PermanentStoreError, Publisher
+from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .refs import Which, parse_path, ref_for
 from .runtags import (
@@ -75,6 +76,9 @@ class RunRecorder:
         self._costs: dict[int, dict[str, float]] = {}  # seq -> cost metrics known on the saving side
         self._skipped: list[int] = []  # steps coalesced away (not uploaded), for the run's tag
         self._late: list[tuple[str, float, int, int]] = []  # costs of earlier saves, for the next log_batch
+        self._manifests: dict[int, CheckpointInfo] = {}  # queued checkpoints' infos, by seq (coalescing)
+        self._committing: set[int] = set()  # seqs queued whose local commit is not over yet
+        self._lock = threading.Lock()  # the dicts above: the saving thread writes them, the publisher reads
         self._deferred = on_connect
         self.publisher = Publisher(
             self.outbox, store.run_id, self._publish_pending, store.server, probe=store.probe,
@@ -100,10 +104,13 @@ class RunRecorder:
         queued = self.outbox.pending(self.run_id)
         if queued:  # committed locally by an earlier process and never recorded: record them now
             log.info("recording %d queued checkpoint(s) of run %s from %s", len(queued), self.run_id, self.outbox.dir)
-            if self.publisher.drained(self.publish_timeout):
-                found = self.catalog.scan()
+            drained = self.publisher.drained(self.publish_timeout)
+            # The queue before the scan: an entry the publisher records meanwhile is in one or the other, never lost.
+            queued = self.outbox.pending(self.run_id)
+            found = self.catalog.scan()
+            if drained:
                 self.index = {r.path: r.info for r in found}
-        self._clean_leftovers(found)
+        self._clean_leftovers(found, {p.name for p in queued})
         self.taken |= {p.name for p in self.outbox.pending(self.run_id)}
         tags = self.store.tags_at_open
         if found and tags.get(TAG_LATEST) != found[-1].path and not self.outbox.pending(self.run_id):
@@ -134,14 +141,13 @@ class RunRecorder:
         log.info("MLflow at %s answers: run %s attached (%d checkpoints recorded, %d queued)",
                  self.store.server, self.run_id, len(merged), len(queued))  # fmt: skip
 
-    def _clean_leftovers(self, found: list[Resolved]) -> None:
+    def _clean_leftovers(self, found: list[Resolved], queued: set[str]) -> None:
         """Remove what dead saves left behind: uncommitted artifact folders, local copies retention had deleted.
 
         Only the lease holder runs this, so nothing here can be another live writer's save in progress.
         """
         # A folder whose manifest exists but does not parse (torn, or written by a newer tracked_ckpt) is kept.
         committed = {r.path.rpartition("/")[2] for r in found} | {p.rpartition("/")[2] for p in self.catalog.unreadable}
-        queued = {p.name for p in self.outbox.pending(self.run_id)}
         for name in sorted(self.taken - committed - queued):
             log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
                      self.run_id)  # fmt: skip
@@ -189,14 +195,24 @@ class RunRecorder:
         return name, fields_of(step, seq, meta, self.resumed_from)
 
     def _queue(self, name: str, fields: Mapping[str, Any]) -> Callable[[], None]:
-        """The step that runs between the durable staging and the rename that commits locally."""
+        """The step that runs between the durable staging and the rename that commits locally.
+
+        Until the commit is over (renamed, its costs noted) the publisher leaves the entry alone (``NotReady``):
+        a pass in between would find no folder yet.
+        """
         pending = Pending(self.run_id, fields["seq"], name, fields["step"], int(fields["created"] * 1000))
 
         def add() -> None:
+            with self._lock:
+                self._committing.add(pending.seq)
             self.outbox.add(pending)
             fault_point("outbox")
 
         return add
+
+    def _committed(self, seq: int) -> None:
+        with self._lock:
+            self._committing.discard(seq)
 
     def commit(
         self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any], fields: Mapping[str, Any], t0: float
@@ -204,9 +220,12 @@ class RunRecorder:
         """A single-process save: serialize, commit locally (queued first), record."""
         latest = self._latest_step()
         t1 = time.perf_counter()
-        folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, self._queue(name, fields))
-        self.note_cost(manifest.seq, METRIC_COMMIT_S, time.perf_counter() - t1)
-        self.note_cost(manifest.seq, METRIC_BYTES, float(manifest.size))
+        try:
+            folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, self._queue(name, fields))
+            self.note_cost(manifest.seq, METRIC_COMMIT_S, time.perf_counter() - t1)
+            self.note_cost(manifest.seq, METRIC_BYTES, float(manifest.size))
+        finally:
+            self._committed(fields["seq"])
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
 
     def commit_folder(self, staging: Path, name: str, manifest: Manifest, t0: float) -> None:
@@ -220,6 +239,8 @@ class RunRecorder:
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
             raise SaveError(f"step {manifest.step}: could not commit the checkpoint in {self.local.root}: {e}") from e
+        finally:
+            self._committed(manifest.seq)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
     def _latest_step(self) -> int | None:
@@ -252,7 +273,7 @@ class RunRecorder:
                 f"the queue: {refusal}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.local.root}` "
                 "retries once that is fixed"
             ) from refusal
-        if not recorded and not self.publisher.in_outage:
+        if not recorded and not self.publisher.in_outage and self.publish_timeout > 0:
             self.publisher.note_timeout(step, self.publish_timeout)
         return recorded
 
@@ -260,6 +281,9 @@ class RunRecorder:
 
     def _publish_pending(self, p: Pending) -> None:
         """Record one locally committed checkpoint in MLflow, then apply retention."""
+        with self._lock:
+            if p.seq in self._committing:
+                raise NotReady(p.seq)
         folder = self.local.folder(p.run_id, p.name)
         try:
             manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
@@ -268,40 +292,52 @@ class RunRecorder:
                         "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
             return
         path = f"{ARTIFACT_PREFIX}/{p.name}"
-        costs = self._costs.pop(p.seq, {})
+        with self._lock:
+            costs = dict(self._costs.get(p.seq, {}))
         if self._coalesced(p, path):
             # Its metrics are training history and are logged; its files would be deleted right after landing.
             self.store.publish(manifest.step, {**manifest.metrics, **costs}, {TAG_SKIPPED: self._skipped_note(p)},
                                p.timestamp_ms)  # fmt: skip
             self.local.remove(self.run_id, p.name)
+            self._forget(p.seq)
             return
         t0 = time.perf_counter()
         for f in manifest.files:
+            if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
+                continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
             self.store.upload(folder / f.name, path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
         self.index = {**self.index, path: info_of(manifest, path)}
         fault_point("tags")
-        late, self._late = self._late, []
-        try:
-            self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late)
-        except StoreError:
-            self._late = late + self._late
-            raise
+        with self._lock:
+            late = list(self._late)
+        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late)
+        with self._lock:
+            del self._late[: len(late)]
+        self._forget(p.seq)
         self.apply_retention()
+
+    def _forget(self, seq: int) -> None:
+        with self._lock:
+            self._costs.pop(seq, None)
+            self._manifests.pop(seq, None)
 
     def note_cost(self, seq: int, name: str, value: float) -> None:
         """A cost of the save ``seq`` known on the saving side (blocked, commit, bytes), logged with its record."""
-        self._costs.setdefault(seq, {})[name] = value
+        with self._lock:
+            self._costs.setdefault(seq, {})[name] = value
 
     def note_late_cost(self, step: int, name: str, value: float) -> None:
         """A cost known only after the save's record (a sync save's blocked time): logged with the next record."""
-        self._late.append((name, value, step, int(time.time() * 1000)))
+        with self._lock:
+            self._late.append((name, value, step, int(time.time() * 1000)))
 
     def flush_late_costs(self) -> None:
         """Log the costs still waiting for a next record (at close); best effort."""
-        late, self._late = self._late, []
+        with self._lock:
+            late, self._late = self._late, []
         if late and self.attached:
             try:
                 self.store.publish(late[-1][2], {}, {}, late=late)
@@ -319,12 +355,15 @@ class RunRecorder:
             return False
         future = dict(self.index)
         for q in queued:
-            folder = self.local.folder(q.run_id, q.name)
-            try:
-                m = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
-            except (OSError, CheckpointCorruptError):
-                continue
-            future[f"{ARTIFACT_PREFIX}/{q.name}"] = info_of(m, f"{ARTIFACT_PREFIX}/{q.name}")
+            info = self._manifests.get(q.seq)  # read once per queued checkpoint, not once per publish
+            if info is None:
+                folder = self.local.folder(q.run_id, q.name)
+                try:
+                    m = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
+                except (OSError, CheckpointCorruptError):
+                    continue
+                info = self._manifests[q.seq] = info_of(m, f"{ARTIFACT_PREFIX}/{q.name}")
+            future[info.path] = info
         protected = {self.resumed_from} if self.resumed_from else set()
         doomed = plan_deletions(list(future.values()), self.retention, metric=self.monitor, mode=self.mode,
                                 protected=protected)  # fmt: skip

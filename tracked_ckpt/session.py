@@ -98,6 +98,11 @@ class RunSession:
         except StoreError as e:
             if not e.transient:
                 raise
+            if self.options.resume == "never":
+                raise StoreError(
+                    f"MLflow at {self.server} is unreachable ({e}) and resume='never' asks for a new run, which cannot "
+                    "be created offline; retry once the server answers"
+                ) from e
             self._open_offline(known_locally(self.client, self.server, self.local, run_id, e), e)
             return
         try:
@@ -130,6 +135,17 @@ class RunSession:
         self.lease = self._lease()
         self.recorder = self._recorder(on_connect=self._attach_late)
         self.recorder.recover_offline()
+        if not self.recorder.index:
+            # Nothing to resume from here: training would restart from scratch and, once the server answers, its
+            # checkpoints would be numbered and named over the run's own. Wait for the server instead.
+            self.recorder.stop()
+            err = StoreError(
+                f"MLflow at {self.server} is unreachable ({cause}) and {self.local.root} holds no committed checkpoint "
+                f"of run {found.run_id} to resume from; start the job once the server answers (or from the save_dir "
+                "that trained the run)"
+            )
+            err.transient = True
+            raise err
         self.recorder.publisher.note_outage()
         log.warning(
             "MLflow at %s is unreachable (%s): resuming run %s from the %d checkpoint(s) committed in %s. Saves are "
