@@ -30,7 +30,7 @@ from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
-from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, pruned_value, summary_tags
+from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, promoted_paths, pruned_value, summary_tags
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def plan_prune(
     metric, chosen_mode = monitor_of(tags, metric, mode)
     infos = [r.info for r in catalog.scan()]
     # The tagged latest/best stay even when --metric picks another "best": what the run advertises must exist.
-    tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p}
+    tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p} | promoted_paths(tags)
     doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged)
     gone = {c.path for c in doomed}
     keep = [c for c in infos if c.path not in gone]

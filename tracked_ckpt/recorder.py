@@ -29,7 +29,7 @@ from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .outbox import Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .refs import Which, parse_path, ref_for
-from .runtags import TAG_LATEST, TAG_PRUNED, pruned_value, summary_tags
+from .runtags import TAG_LATEST, TAG_PRUNED, promoted_paths, pruned_value, summary_tags
 from .state import Metadata
 from .store import RunStore
 
@@ -269,6 +269,11 @@ class RunRecorder:
         doomed = plan_deletions(
             list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
         )
+        if doomed:  # a checkpoint registered in the Model Registry (lifecycle.promote) is never deleted
+            protected |= promoted_paths(self.store.tags())
+            doomed = plan_deletions(
+                list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
+            )
         for c in doomed:
             t0 = time.perf_counter()
             try:
