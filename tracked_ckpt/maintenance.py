@@ -137,8 +137,9 @@ def plan_prune(
     metric, chosen_mode = monitor_of(tags, metric, mode)
     infos = [r.info for r in catalog.scan()]
     # The tagged latest/best stay even when --metric picks another "best": what the run advertises must exist.
-    tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p} | promoted_paths(tags)
-    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged)
+    tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p}
+    promoted = promoted_paths(tags)  # registered in the Model Registry (lifecycle.promote): never deleted
+    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged | promoted)
     gone = {c.path for c in doomed}
     keep = [c for c in infos if c.path not in gone]
     latest = max(infos, key=lambda c: c.seq).path if infos else None
@@ -152,6 +153,7 @@ def plan_prune(
                 ("latest", c.path == latest),
                 (f"best {metric}", best is not None and c.path == best.path),
                 ("tagged", c.path in tagged),
+                ("promoted", c.path in promoted),
                 ("policy", c.path in by_policy),
             )
             if hit
