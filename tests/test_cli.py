@@ -41,7 +41,7 @@ from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG
 from tracked_ckpt.store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 3.0, 40: 4.0, 50: 2.0}  # the best is step 20, the latest step 50
-COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune"]
+COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune", "export", "promote"]
 RUN = "0123456789abcdef0123456789abcdef"
 # Every command a user may type first, with the arguments it needs (`demo` trains: only its --help here).
 EVERY_COMMAND = [
@@ -52,6 +52,8 @@ EVERY_COMMAND = [
     ["pull", RUN],
     ["verify", RUN],
     ["prune", RUN, "--keep-last", "1"],
+    ["export", f"{RUN}@best", "-o", "model.safetensors"],
+    ["promote", f"{RUN}@best", "--name", "model"],
     ["sync", "."],
     ["demo", "--help"],
     ["--help"],

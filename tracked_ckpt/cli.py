@@ -283,7 +283,7 @@ def cli() -> None:
       tracked-ckpt pull RUN_ID@10 -o ./step-10
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
-      tracked-ckpt export RUN_ID@best -o model.safetensors
+      tracked-ckpt export RUN_ID@best -o best.safetensors
       tracked-ckpt promote RUN_ID@best --name cartpole --alias prod
       tracked-ckpt --tracking-uri sqlite:///mlflow.db sync ./training_checkpoints
     """
