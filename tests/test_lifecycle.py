@@ -114,6 +114,8 @@ def test_fork_from_is_checked(parent: tuple[str, dict[int, TinyNet]], tmp_path: 
         CheckpointManager(tmp_path / "x", experiment=experiment, fork_from="not a ref!")
     with pytest.raises(CheckpointNotFoundError, match="at step 999"):
         CheckpointManager(tmp_path / "y", experiment=experiment, fork_from=f"{parent_id}@999")
+    assert [r.info.run_id for r in MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name(experiment).experiment_id])] == [parent_id]  # no empty run left
     # The parent's own save_dir names a run with checkpoints that is not a fork: forking there is refused.
     with pytest.raises(ConfigError, match=rf"{parent_id}, which has checkpoints of its own and is not a fork"):
         CheckpointManager(tmp_path / "parent", experiment=experiment, fork_from=f"{parent_id}@best")
@@ -219,7 +221,7 @@ def test_promote_registers_a_logged_model_of_the_run_and_loads_back_by_alias(tmp
     assert kept == ["checkpoints/step-00000020", "checkpoints/step-00000040"]
     assert client.get_run(run_id).data.tags[TAG_PROMOTED] == "step-00000020"
     mv = client.get_model_version_by_alias(name, "prod")
-    assert (mv.run_id, str(mv.version), mv.source) == (run_id, "1", f"models:/{promoted.model_id}")
+    assert (mv.run_id, str(mv.version), mv.model_id) == (run_id, "1", promoted.model_id)
     assert mv.tags[MODEL_TAG_CHECKPOINT] == f"runs:/{run_id}/checkpoints/step-00000020"
     lm = client.get_logged_model(promoted.model_id)
     assert lm.source_run_id == run_id and str(lm.status) in ("READY", "LoggedModelStatus.READY")

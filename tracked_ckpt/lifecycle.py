@@ -10,15 +10,16 @@ collapsed parent row in the runs table, and cannot cross experiments.
 Promote. ``promote("RUN@best", name="cartpole", alias="prod")`` registers the checkpoint in the Model Registry
 the MLflow 3 way: a LoggedModel (``create_logged_model`` with ``source_run_id``, linked to the run at the
 checkpoint's step by ``log_outputs``) whose artifacts are an ``MLmodel`` file with a ``tracked_ckpt`` flavor
-that names the checkpoint, then a model version with ``source="models:/<model_id>"``. The UI's model pages read
-``MLmodel`` (a version registered from a bare folder shows an error there) and link the version to its run and
-logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)`` resolves the version to its
+that names the checkpoint, then a model version of it (its ``model_id``; source: its artifacts). The UI's model
+pages read ``MLmodel`` (a version registered from a bare folder shows an error there) and link the version to its
+run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)`` resolves the version to its
 run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's ``tracked_ckpt.promoted``
 tag keeps retention and ``prune`` from ever deleting it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 import time
@@ -31,8 +32,8 @@ from mlflow.tracking import MlflowClient
 
 from . import _http
 from .catalog import Resolved, RunCatalog
-from .errors import CheckpointNotFoundError, ConfigError
-from .refs import parse, ref_for
+from .errors import CheckpointNotFoundError, ConfigError, TrackedCkptError
+from .refs import parse, parse_ref, ref_for
 from .runtags import (
     TAG_COUNT,
     TAG_FORKED_FROM,
@@ -95,8 +96,7 @@ def registered_checkpoint(client: MlflowClient, uri: str) -> tuple[str, str]:
             f"{uri!r} (version {mv.version} of {mv.name!r}) was not registered by tracked_ckpt: it names no "
             f"checkpoint (tag {MODEL_TAG_CHECKPOINT}); load it with MLflow's own flavor loader instead"
         )
-    run_id, _, path = ref[len("runs:/") :].partition("/")
-    return run_id, path
+    return parse_ref(ref)  # the path is checked: a tag is no reason to read outside checkpoints/
 
 
 # -------------------------------------------------------------------------------------------------- fork
@@ -110,12 +110,16 @@ class Fork:
     copy_metrics: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.source, str) or not (self.source.startswith(("runs:/", "models:/")) or "@" in self.source
-                                                    or self.source.isalnum()):  # fmt: skip
+        try:
+            if not isinstance(self.source, str):
+                raise ConfigError(f"a {type(self.source).__name__}")
+            if not self.source.startswith("models:/"):
+                parse(self.source)
+        except ConfigError:
             raise ConfigError(
                 f"fork_from={self.source!r}: pass a checkpoint reference, 'runs:/RUN/checkpoints/NAME', 'RUN@latest',"
                 " 'RUN@best', 'RUN@STEP' or 'models:/NAME@ALIAS'"
-            )
+            ) from None
 
     def attach(self, store: RunStore, how: str) -> None:
         """On the fork's first launch, record its parent (tags, metric history); on a relaunch, check it is a fork."""
@@ -129,7 +133,13 @@ class Fork:
                 "its own and is not a fork; pass a new save_dir (or resume='never') to fork, or drop fork_from to "
                 "continue that run"
             )
-        catalog, r = resolve_source(store.client, self.source)
+        try:
+            catalog, r = resolve_source(store.client, self.source)
+        except TrackedCkptError:
+            if how == "new":  # no parent to start from: leave no empty run behind (soft-deleted, like the UI does)
+                with contextlib.suppress(Exception):
+                    store.client.delete_run(store.run_id)
+            raise
         ref = ref_for(catalog.run_id, r.path)
         new_tags = {TAG_FORKED_FROM: ref, TAG_PARENT_RUN: catalog.run_id, TAG_PARENT_STEP: str(r.manifest.step)}
         # The parent's "best" definition, so the fork's summary and best compare like with like.
@@ -200,13 +210,16 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     _mark_promoted(catalog.store, r.path)
     try:
         with _http.bounded():
-            model_id = _logged_model(client, catalog.store, r, name, tags)
+            model_id, location = _logged_model(client, catalog.store, r, name, tags)
             try:
                 client.create_registered_model(name, description="Checkpoints registered by tracked_ckpt")
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=catalog.run_id, tags=tags,
+            # source: the LoggedModel's artifact location, which is what MLflow stores for "models:/<model_id>"
+            # anyway. MLflow 3.17's sqlite registry resolves a "models:/" source through the *global* tracking URI
+            # (its own TODO), so with MLFLOW_TRACKING_URI naming another store it fails to find the model.
+            mv = client.create_model_version(name, source=location, run_id=catalog.run_id, tags=tags,
                                              model_id=model_id, description=f"{ref} (step {step})")  # fmt: skip
             if alias:
                 client.set_registered_model_alias(name, alias, mv.version)
@@ -234,7 +247,9 @@ def _mark_promoted(store: RunStore, path: str) -> None:
     store.set_tags({TAG_PROMOTED: ",".join(sorted(names))})
 
 
-def _logged_model(client: MlflowClient, store: RunStore, r: Resolved, name: str, tags: dict[str, str]) -> str:
+def _logged_model(
+    client: MlflowClient, store: RunStore, r: Resolved, name: str, tags: dict[str, str]
+) -> tuple[str, str]:
     """A READY LoggedModel of the run, linked to it at the checkpoint's step, whose MLmodel names the checkpoint."""
     from mlflow.models import Model
 
@@ -259,7 +274,7 @@ def _logged_model(client: MlflowClient, store: RunStore, r: Resolved, name: str,
         client.log_batch(store.run_id, metrics=metrics)
     client.log_outputs(store.run_id, [LoggedModelOutput(lm.model_id, step)])
     client.finalize_logged_model(lm.model_id, "READY")
-    return str(lm.model_id)
+    return str(lm.model_id), str(lm.artifact_location)
 
 
 def promoted_checkpoints(tags: dict[str, str]) -> list[str]:
