@@ -221,7 +221,7 @@ def test_promote_registers_a_logged_model_of_the_run_and_loads_back_by_alias(tmp
     assert kept == ["checkpoints/step-00000020", "checkpoints/step-00000040"]
     assert client.get_run(run_id).data.tags[TAG_PROMOTED] == "step-00000020"
     mv = client.get_model_version_by_alias(name, "prod")
-    assert (mv.run_id, str(mv.version), mv.model_id) == (run_id, "1", promoted.model_id)
+    assert (mv.run_id, str(mv.version), mv.source) == (run_id, "1", f"models:/{promoted.model_id}")
     assert mv.tags[MODEL_TAG_CHECKPOINT] == f"runs:/{run_id}/checkpoints/step-00000020"
     lm = client.get_logged_model(promoted.model_id)
     assert lm.source_run_id == run_id and str(lm.status) in ("READY", "LoggedModelStatus.READY")

@@ -10,7 +10,7 @@ collapsed parent row in the runs table, and cannot cross experiments.
 Promote. ``promote("RUN@best", name="cartpole", alias="prod")`` registers the checkpoint in the Model Registry
 the MLflow 3 way: a LoggedModel (``create_logged_model`` with ``source_run_id``, linked to the run at the
 checkpoint's step by ``log_outputs``) whose artifacts are an ``MLmodel`` file with a ``tracked_ckpt`` flavor
-that names the checkpoint, then a model version of it (its ``model_id``; source: its artifacts). The UI's model
+that names the checkpoint, then a model version with ``source="models:/<model_id>"``. The UI's model
 pages read ``MLmodel`` (a version registered from a bare folder shows an error there) and link the version to its
 run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)`` resolves the version to its
 run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's ``tracked_ckpt.promoted``
@@ -216,11 +216,9 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-            # source: the LoggedModel's artifact location, which is what MLflow stores for "models:/<model_id>"
-            # anyway. MLflow 3.17's sqlite registry resolves a "models:/" source through the *global* tracking URI
-            # (its own TODO), so with MLFLOW_TRACKING_URI naming another store it fails to find the model.
-            mv = client.create_model_version(name, source=location, run_id=catalog.run_id, tags=tags,
-                                             model_id=model_id, description=f"{ref} (step {step})")  # fmt: skip
+            mv = client.create_model_version(name, source=_version_source(client, model_id, location),
+                                             run_id=catalog.run_id, tags=tags, model_id=model_id,
+                                             description=f"{ref} (step {step})")  # fmt: skip
             if alias:
                 client.set_registered_model_alias(name, alias, mv.version)
     except MlflowException as e:
@@ -228,6 +226,23 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     log.info("promoted %s (step %d) to model %r version %s%s", ref, step, name, mv.version,
              f" @{alias}" if alias else "")  # fmt: skip
     return Promoted(name, str(mv.version), alias, model_id, catalog.run_id, step, ref)
+
+
+def _version_source(client: MlflowClient, model_id: str, location: str) -> str:
+    """``models:/<model_id>`` (the UI links the version to its logged model) where the registry can resolve it.
+
+    A registry store in this process (sqlite, a database) resolves a ``models:/`` source through MLflow's *global*
+    tracking URI (mlflow 3.17's own TODO), not this client's: when they differ, the LoggedModel's artifact
+    location is the source instead (what MLflow would have stored), and the version still names the run.
+    """
+    import mlflow
+
+    uri = str(client.tracking_uri)
+    if uri.startswith(("http://", "https://")) or uri == mlflow.get_tracking_uri():
+        return f"models:/{model_id}"
+    log.info("registering %s by its artifact location: MLFLOW_TRACKING_URI names another store than %s",
+             model_id, redact(uri))  # fmt: skip
+    return location
 
 
 def checkpoint_digest(r: Resolved) -> str:

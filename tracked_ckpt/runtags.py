@@ -95,15 +95,18 @@ def fork_note(tags: Mapping[str, str]) -> str:
         return ""
     parent, step = tags.get(TAG_PARENT_RUN, "?"), tags.get(TAG_PARENT_STEP, "?")
     return (
-        f"\n**Forked from** run `{parent}` at step {step} (`{ref}`): it started from that checkpoint, and its "
-        f"metric history up to step {step} is the parent's. `tracked-ckpt runs --tree` shows the lineage.\n"
+        f"**Forked from** run `{parent}` at step {step} (`{ref}`): it started from that checkpoint, and its "
+        f"metric history up to step {step} is the parent's. `tracked-ckpt runs --tree` shows the lineage.\n\n"
     )
 
 
-def run_note(run_id: str, save_dir_name: str, monitor: str, mode: str) -> str:
-    """The run page's description (markdown): what the checkpoints are and how to resume."""
+def run_note(run_id: str, save_dir_name: str, monitor: str, mode: str, preface: str = "") -> str:
+    """The run page's description (markdown): what the checkpoints are and how to resume.
+
+    ``preface`` (e.g. ``fork_note``) comes first: the UI shows only the first lines until "Show more".
+    """
     return (
-        f"{NOTE_MARK}\n### Checkpoints (tracked_ckpt)\n"
+        f"{NOTE_MARK}\n{preface}### Checkpoints (tracked_ckpt)\n"
         f"Checkpoints of this run are the artifact folders under `checkpoints/`; the tags "
         f"`{TAG_LATEST}` and `{TAG_BEST}` name the latest and the best (by `{monitor}`, {mode}).\n\n"
         f"**Resume this run** from Python:\n\n```python\nfrom tracked_ckpt import CheckpointManager\n"

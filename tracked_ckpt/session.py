@@ -168,7 +168,7 @@ class RunSession:
             self.store.set_status("RUNNING")
         note = self.store.tags_at_open.get(TAG_NOTE)
         if note is None or note.startswith(NOTE_MARK):  # a note the user wrote stays
-            note = run_note(self.run_id, self.local.root.name, o.monitor, o.mode) + fork_note(self.store.tags_at_open)
+            note = run_note(self.run_id, self.local.root.name, o.monitor, o.mode, fork_note(self.store.tags_at_open))
             self.store.set_tags({TAG_NOTE: note, TAG_MONITOR: monitor_value(o.monitor, o.mode)})
 
     def finish(self, status: str, drained: bool) -> None:
