@@ -185,7 +185,7 @@ def test_runs_one_row_per_run_from_the_tags(run5: tuple[str, str]) -> None:
     assert (row["latest_step"], row["best_step"], row["best_value"], row["size_bytes"]) == (50, 20, 5.0, size)
     code, out, _ = invoke("runs", "-e", experiment)
     header, line = out.splitlines()
-    assert header.split() == ["run", "name", "status", "ckpts", "latest", "best", "size", "started"]
+    assert header.split() == ["run", "name", "status", "ckpts", "latest", "best", "size", "started", "forked", "from"]
     assert line.startswith(run_id) and "reward=5 @20" in line and " 5 " in line
 
 

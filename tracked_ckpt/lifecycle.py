@@ -11,10 +11,10 @@ Promote. ``promote("RUN@best", name="cartpole", alias="prod")`` registers the ch
 the MLflow 3 way: a LoggedModel (``create_logged_model`` with ``source_run_id``, linked to the run at the
 checkpoint's step by ``log_outputs``) whose artifacts are an ``MLmodel`` file with a ``tracked_ckpt`` flavor
 that names the checkpoint, then a model version with ``source="models:/<model_id>"``. The UI's model
-pages read ``MLmodel`` (a version registered from a bare folder shows an error there) and link the version to its
-run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)`` resolves the version to its
-run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's ``tracked_ckpt.promoted``
-tag keeps retention and ``prune`` from ever deleting it.
+pages read ``MLmodel`` (a bare checkpoint folder has none: no flavor, no schema, no logged model to link) and link
+the version to its run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)``
+resolves the version to its run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's
+``tracked_ckpt.promoted`` tag keeps retention and ``prune`` from ever deleting it.
 """
 
 from __future__ import annotations
