@@ -23,12 +23,12 @@ from .lease import Lease
 from .local import LocalDir
 from .policies import Mode, RetentionPolicy, SavePolicy, check_mode
 from .recorder import RunRecorder
-
-if TYPE_CHECKING:
-    from .lifecycle import Fork
 from .runs import FoundRun, find_run, known_locally
 from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, fork_note, monitor_value, run_note
 from .store import RunStore, redact
+
+if TYPE_CHECKING:
+    from .lifecycle import Fork
 
 log = logging.getLogger(__name__)
 
