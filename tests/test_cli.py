@@ -41,7 +41,7 @@ from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG
 from tracked_ckpt.store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 3.0, 40: 4.0, 50: 2.0}  # the best is step 20, the latest step 50
-COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune"]
+COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune", "export", "promote"]
 RUN = "0123456789abcdef0123456789abcdef"
 # Every command a user may type first, with the arguments it needs (`demo` trains: only its --help here).
 EVERY_COMMAND = [
@@ -52,6 +52,8 @@ EVERY_COMMAND = [
     ["pull", RUN],
     ["verify", RUN],
     ["prune", RUN, "--keep-last", "1"],
+    ["export", f"{RUN}@best", "-o", "model.safetensors"],
+    ["promote", f"{RUN}@best", "--name", "model"],
     ["sync", "."],
     ["demo", "--help"],
     ["--help"],
@@ -183,7 +185,7 @@ def test_runs_one_row_per_run_from_the_tags(run5: tuple[str, str]) -> None:
     assert (row["latest_step"], row["best_step"], row["best_value"], row["size_bytes"]) == (50, 20, 5.0, size)
     code, out, _ = invoke("runs", "-e", experiment)
     header, line = out.splitlines()
-    assert header.split() == ["run", "name", "status", "ckpts", "latest", "best", "size", "started"]
+    assert header.split() == ["run", "name", "status", "ckpts", "latest", "best", "size", "started", "forked", "from"]
     assert line.startswith(run_id) and "reward=5 @20" in line and " 5 " in line
 
 

@@ -42,7 +42,8 @@ def test_public_api_is_pinned() -> None:
     assert sorted(tracked_ckpt.__all__) == sorted([
         "CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
         "EveryInterval", "EveryNSteps", "KeepBest", "KeepEvery", "KeepLast", "OnImprovement", "RunNotFoundError",
-        "TrackedCkptError", "__version__", "list_checkpoints", "list_runs", "load",
+        "TrackedCkptError", "__version__", "export_model", "list_checkpoints", "list_runs", "load", "promote",
+        "warm_start",
     ])  # fmt: skip
 
 

@@ -21,7 +21,16 @@ from mlflow.tracking import MlflowClient
 from nbclient import NotebookClient
 
 import tracked_ckpt
-from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_BEST_VALUE, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP
+from tracked_ckpt.runtags import (
+    TAG_BEST,
+    TAG_BEST_STEP,
+    TAG_BEST_VALUE,
+    TAG_COUNT,
+    TAG_LATEST,
+    TAG_LATEST_STEP,
+    TAG_PARENT_RUN,
+    TAG_PARENT_STEP,
+)
 from tracked_ckpt.views import CHECKPOINT_COLUMNS, RUN_COLUMNS
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "analyze_checkpoints.ipynb"
@@ -63,6 +72,11 @@ def test_notebook_runs_top_to_bottom_and_restores_the_best_checkpoint(executed: 
     restored, untrained = map(float, found.groups())
     assert restored > untrained + 10  # the trained weights were really loaded into the policy
     assert any("image/png" in o.get("data", {}) for o in outputs(executed)), "no plot was drawn"
+    said = rf"fork ([0-9a-f]{{32}}) of {store.run_id} at step (\d+): continues its parent up to there: True"
+    fork = re.search(said, text)
+    assert fork, text  # the last cell forked the run (docs/lifecycle.md) and compared the two reward histories
+    fork_tags = MlflowClient(store.uri).get_run(fork.group(1)).data.tags
+    assert (fork_tags[TAG_PARENT_RUN], fork_tags[TAG_PARENT_STEP]) == (store.run_id, fork.group(2))
     tables = [o["data"]["text/html"] for o in outputs(executed) if "text/html" in o.get("data", {})]
     assert len(tables) == 2 and store.run_id in tables[0] and "is_best" in tables[1]
 

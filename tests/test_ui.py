@@ -5,12 +5,19 @@ part of the story without clicking through views or tabs.
 
 Screenshots go to the test's tmp_path; with TRACKED_CKPT_UPDATE_DOCS=1 they are also copied into docs/
 (docs/ui-run-page.png, docs/ui-run-artifacts.png), which is how the ones in the docs were made.
+
+The checkpoint's life after training (docs/lifecycle.md): a fork of the demo run (`demo --fork-from`) shows its
+parent on its page and a reward chart that continues the parent's; a promoted checkpoint shows on the Models
+pages with its source run (docs/ui-fork-page.png, docs/ui-fork-metrics.png, docs/ui-model-version.png).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +27,19 @@ from demo_store import DemoServer, demo_server
 from mlflow.tracking import MlflowClient
 from playwright.sync_api import sync_playwright
 
+from tracked_ckpt.lifecycle import MODEL_TAG_CHECKPOINT
 from tracked_ckpt.runs import KIND_TRAINING, TAG_EXPERIMENT_KIND, ui_link
-from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_COUNT, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
+from tracked_ckpt.runtags import (
+    TAG_BEST,
+    TAG_BEST_STEP,
+    TAG_COUNT,
+    TAG_FORKED_FROM,
+    TAG_LATEST,
+    TAG_LATEST_STEP,
+    TAG_MONITOR,
+    TAG_PARENT_RUN,
+    TAG_PARENT_STEP,
+)
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]
 CHROMIUM = "/usr/bin/chromium"
@@ -46,12 +64,13 @@ def browser(server: DemoServer) -> Iterator[Any]:
         browser.close()
 
 
-def first_visit(browser: Any, server: DemoServer, page: str = "") -> Any:
+def first_visit(browser: Any, server: DemoServer, page: str = "", run: tuple[str, str] | None = None) -> Any:
     """A fresh profile (no cookies, no localStorage: the UI's GenAI default) on the link tracked_ckpt prints."""
     context = browser.new_context(viewport={"width": 1920, "height": 1200})
     tab = context.new_page()
     tab.set_default_timeout(LOAD_MS)
-    tab.goto(ui_link(server.url, server.store.experiment_id, server.store.run_id, page))
+    experiment_id, run_id = run or (server.store.experiment_id, server.store.run_id)
+    tab.goto(ui_link(server.url, experiment_id, run_id, page))
     tab.get_by_text("cartpole-reinforce").first.wait_for()
     # The training view, with no click on the "GenAI | Model training" toggle: its side bar lists runs and models.
     tab.get_by_text("Model registry", exact=True).first.wait_for()
@@ -133,3 +152,75 @@ def test_artifacts_link_shows_checkpoint_folders_and_the_best_manifest(
     page.get_by_text(f'"{server.store.run_id}"').first.wait_for()
     save_shot(page, tmp_path, "ui-run-artifacts.png")
     page.context.close()
+
+
+# ------------------------------------------------------------------------------- after training: fork, promote
+
+
+@pytest.fixture(scope="module")
+def lineage(server: DemoServer) -> tuple[str, str, Any]:
+    """(fork's experiment ID, fork's run ID, the version promoted from the best checkpoint) on the demo's store."""
+    store = server.store
+    cmd = [sys.executable, "-m", "tracked_ckpt", "demo", "--fork-from", f"{store.run_id}@10", "--iterations", "5",
+           "--save-dir", "ui_fork_checkpoints", "--experiment", "tracked-ckpt-demo-ui-forks"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=store.root, env=store.env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    fork_id = re.search(r"new run ([0-9a-f]{32}), forked from", p.stdout).group(1)  # type: ignore[union-attr]
+    client = MlflowClient(store.uri)
+    cmd = [sys.executable, "-m", "tracked_ckpt", "promote", f"{store.run_id}@best", "--name", "cartpole-demo",
+           "--alias", "prod"]  # fmt: skip
+    p = subprocess.run(cmd, cwd=store.root, env=store.env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "as 'cartpole-demo' version 1, alias 'prod'" in p.stdout, p.stdout + p.stderr
+    return client.get_run(fork_id).info.experiment_id, fork_id, client.get_model_version("cartpole-demo", "1")
+
+
+def test_a_forks_page_names_its_parent_and_its_reward_chart_continues_the_parents(
+    browser: Any, server: DemoServer, lineage: tuple[str, str, Any], tmp_path: Path
+) -> None:
+    exp_id, fork_id, _ = lineage
+    client = MlflowClient(server.store.uri)
+    parent = {m.step: m.value for m in client.get_metric_history(server.store.run_id, "reward")}
+    fork = {m.step: m.value for m in client.get_metric_history(fork_id, "reward")}
+    assert {s: v for s, v in fork.items() if s <= 10} == {s: v for s, v in parent.items() if s <= 10}
+    assert max(fork) == 15 and sorted(fork) == [5, 10, 15]  # the parent's 5 and 10, then the fork's own 15
+    page = first_visit(browser, server, run=(exp_id, fork_id))
+    page.get_by_text("Forked from").first.wait_for()
+    page.get_by_text(server.store.run_id).first.wait_for()  # the parent's run ID, in the description
+    visible(page, TAG_PARENT_STEP)
+    body = page.inner_text("body")
+    for key in (TAG_FORKED_FROM, TAG_PARENT_RUN):  # shown, though the long runs:/ value may cut the key's cell
+        assert key in body or key[:20] in body, key
+    save_shot(page, tmp_path, "ui-fork-page.png")
+    page.context.close()
+    page = first_visit(browser, server, "model-metrics", run=(exp_id, fork_id))
+    page.get_by_text("cartpole-reinforce (reward)").first.wait_for()
+    save_shot(page, tmp_path, "ui-fork-metrics.png")
+    page.context.close()
+
+
+def test_a_promoted_checkpoint_shows_on_the_models_pages_with_its_source_run(
+    browser: Any, server: DemoServer, lineage: tuple[str, str, Any], tmp_path: Path
+) -> None:
+    _, _, promoted = lineage
+    assert promoted.source.startswith("models:/m-")  # linked to its LoggedModel
+    assert promoted.tags[MODEL_TAG_CHECKPOINT].startswith(f"runs:/{server.store.run_id}/checkpoints/")
+    context = browser.new_context(viewport={"width": 1920, "height": 1200})
+    page = context.new_page()
+    page.set_default_timeout(LOAD_MS)
+    page.goto(f"{server.url}/#/models?workflowType=machine_learning")
+    page.get_by_text("cartpole-demo").first.wait_for()
+    page.wait_for_timeout(2000)  # a one-time "new Model Registry UI" announcement may open over the list
+    dialog = page.get_by_role("dialog")
+    if dialog.count():
+        dialog.get_by_role("button", name="Close").first.click()
+        page.get_by_text("Flexible, governed deployments").first.wait_for(state="hidden")
+    save_shot(page, tmp_path, "ui-models.png")
+    page.goto(f"{server.url}/#/models/cartpole-demo/versions/{promoted.version}?workflowType=machine_learning")
+    page.get_by_text("cartpole-reinforce").first.wait_for()  # the source run, linked by name
+    page.get_by_text("prod").first.wait_for()  # the alias
+    body = page.inner_text("body")
+    assert "Source Run" in body and "Source Model" in body, body[:2000]  # the run and the LoggedModel, linked
+    assert not re.search(r"(?i)\berror\b|failed to|not found", body), body[:2000]
+    save_shot(page, tmp_path, "ui-model-version.png")
+    context.close()
+

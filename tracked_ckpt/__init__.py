@@ -20,11 +20,21 @@ from .policies import EveryInterval, EveryNSteps, KeepBest, KeepEvery, KeepLast,
 
 if TYPE_CHECKING:
     from .api import load
+    from .export import export_model, warm_start
+    from .lifecycle import promote
     from .manager import CheckpointManager
     from .views import list_checkpoints, list_runs
 
 # Imported on first use: these pull in mlflow and torch (~3 s), which `tracked-ckpt --help` must not pay.
-_LAZY = {"load": ".api", "CheckpointManager": ".manager", "list_checkpoints": ".views", "list_runs": ".views"}
+_LAZY = {
+    "load": ".api",
+    "CheckpointManager": ".manager",
+    "list_checkpoints": ".views",
+    "list_runs": ".views",
+    "export_model": ".export",
+    "warm_start": ".export",
+    "promote": ".lifecycle",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -53,7 +63,10 @@ __all__ = [
     "RunNotFoundError",
     "TrackedCkptError",
     "__version__",
+    "export_model",
     "list_checkpoints",
     "list_runs",
     "load",
+    "promote",
+    "warm_start",
 ]

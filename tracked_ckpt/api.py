@@ -40,14 +40,23 @@ def load(
 ) -> dict[str, Any]:
     """Restore checkpoint ``which`` ("latest", "best" by ``metric``/``mode``, or a step) of run ``run_id``.
 
+    ``run_id`` may also be a registered model version made by ``promote``: ``"models:/NAME@ALIAS"`` or
+    ``"models:/NAME/VERSION"`` (its checkpoint is loaded, verified like any other; ``which`` is ignored).
+
     Returns the checkpoint's metadata. Raises CheckpointNotFoundError when the run has no such
     checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit,
     StoreNotFoundError when the tracking store does not exist (none is created).
     """
     with reading():
-        catalog = RunCatalog(RunStore(read_client(tracking_uri), run_id))
+        client = read_client(tracking_uri)
         state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
         cache = Path(cache_dir) if cache_dir is not None else None
+        if run_id.startswith("models:/"):
+            from .lifecycle import resolve_source
+
+            catalog, r = resolve_source(client, run_id)
+            return load_resolved(catalog, r, state, cache)
+        catalog = RunCatalog(RunStore(client, run_id))
         if which == "latest":
             got = load_latest_verified(catalog, state, cache)
             if got is None:

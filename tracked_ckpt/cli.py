@@ -283,6 +283,8 @@ def cli() -> None:
       tracked-ckpt pull RUN_ID@10 -o ./step-10
       tracked-ckpt verify RUN_ID
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1 --dry-run
+      tracked-ckpt export RUN_ID@best -o best.safetensors
+      tracked-ckpt promote RUN_ID@best --name cartpole --alias prod
       tracked-ckpt --tracking-uri sqlite:///mlflow.db sync ./training_checkpoints
     """
 
@@ -349,18 +351,21 @@ def ls_cmd(
     show_envvar=True,
     help="Only this experiment (default: every experiment).",
 )
+@click.option("--tree", is_flag=True, help="Show forks under the run they were forked from (table format).")
 @FORMAT
 @_common
 @_reads
-def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None:
-    """One row per run that has checkpoints: name, status, count, latest step, best metric, bytes.
+def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | None) -> None:
+    """One row per run that has checkpoints: name, status, count, latest step, best metric, bytes, parent.
 
     Read from the run tags in one query per experiment. csv and json carry the typed columns of
-    tracked_ckpt.list_runs.
+    tracked_ckpt.list_runs (forked_from: the parent checkpoint of a fork). --tree indents each fork under
+    its parent, with the step it was forked at.
 
     \b
     Examples:
       tracked-ckpt runs
+      tracked-ckpt runs --tree
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
     from .reading import read_client
@@ -373,7 +378,7 @@ def runs_cmd(experiment: str | None, fmt: str, tracking_uri: str | None) -> None
     if fmt != "table":
         _emit_frame(df, fmt)
     elif not df.empty:
-        click.echo(_runs_table(df))
+        click.echo(_runs_table(_tree_order(df) if tree else df, tree=tree))
 
 
 def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
@@ -452,15 +457,47 @@ def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
     return _table(headers, rows, left={"run", "mark", "path"})
 
 
-def _runs_table(df: pd.DataFrame) -> str:
-    headers = ["run", "name", "status", "ckpts", "latest", "best", "size", "started"]
+def _runs_table(df: pd.DataFrame, tree: bool = False) -> str:
+    headers = ["run", "name", "status", "ckpts", "latest", "best", "size", "started", "forked from"]
     rows = []
     for r in df.itertuples(index=False):
         metric = str(r.monitor).rpartition(":")[0] if isinstance(r.monitor, str) else "best"
         best = "-" if math.isnan(r.best_value) else f"{metric}={_num(r.best_value)} @{_int(r.best_step)}"
         counts = [_int(r.checkpoints), _int(r.latest_step), best, _size(r.size_bytes), _age(r.start_time)]
-        rows.append([r.run_id, _str(r.run_name), _str(r.status), *counts])
-    return _table(headers, rows, left={"run", "name", "status", "best"})
+        parent = "-" if _is_na(r.forked_from) else f"{_parent_run(r.forked_from)} @{_int(r.fork_step)}"
+        depth = int(getattr(r, "depth", 0)) if tree else 0
+        run = ("   " * (depth - 1) + "└─ " if depth else "") + r.run_id
+        rows.append([run, _str(r.run_name), _str(r.status), *counts, parent])
+    return _table(headers, rows, left={"run", "name", "status", "best", "forked from"})
+
+
+def _parent_run(ref: str) -> str:
+    return ref[len("runs:/") :].partition("/")[0]
+
+
+def _tree_order(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs in lineage order: each root (newest first), then its forks depth-first, with a ``depth`` column."""
+    ids = set(df["run_id"])
+    children: dict[str, list[int]] = {}
+    roots = []
+    for i, ref in enumerate(df["forked_from"]):
+        parent = None if _is_na(ref) else _parent_run(str(ref))
+        if parent in ids:
+            children.setdefault(str(parent), []).append(i)
+        else:
+            roots.append(i)  # a run, or a fork whose parent is not listed (another experiment, deleted)
+    order: list[tuple[int, int]] = []
+
+    def visit(i: int, depth: int) -> None:
+        order.append((i, depth))
+        for c in children.get(str(df["run_id"].iloc[i]), []):
+            visit(c, depth + 1)
+
+    for i in roots:
+        visit(i, 0)
+    out = df.iloc[[i for i, _ in order]].copy()
+    out["depth"] = [d for _, d in order]
+    return out
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], left: set[str]) -> str:
@@ -752,6 +789,72 @@ def prune_cmd(
         return
     maintenance.apply_prune(catalog, plan)
     click.echo(f"deleted {len(plan.delete)} checkpoint(s), {human_bytes(freed)}; kept {len(plan.keep)}")
+
+
+# ---------------------------------------------------------------------------------------- export / promote
+
+MODEL_REF_HELP = REF_HELP + "  models:/NAME@ALIAS | models:/NAME/VERSION   a version `promote` registered\n"
+
+
+@cli.command("export", epilog=MODEL_REF_HELP + "\n" + EXIT_CODES_HELP)
+@click.argument("ref", metavar="REF")
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The file to write.")  # fmt: skip
+@click.option("--format", "fmt", type=click.Choice(["safetensors", "torch"]), default="safetensors", show_default=True,
+              help="safetensors: one .safetensors file; torch: torch.save({'model': ..., 'tracked_ckpt': ...})")
+@click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
+@_common
+@_reads
+def export_cmd(ref: str, out: Path, fmt: str, force: bool, tracking_uri: str | None) -> None:
+    """Write the model weights of a checkpoint to one file, verified first (DCP shards are consolidated).
+
+    The source run, step, checkpoint and digest go in the file's metadata (safetensors: the header's
+    __metadata__). Optimizer, scheduler and RNG state are left out. safetensors needs
+    pip install 'tracked-ckpt[export]'.
+
+    \b
+    Examples:
+      tracked-ckpt export RUN_ID@best -o model.safetensors
+      tracked-ckpt export RUN_ID --format torch -o model.pt
+      python -c "from safetensors.torch import load_file; print(list(load_file('model.safetensors')))"
+    """
+    from .export import export_model
+    from .progress import human_bytes
+
+    if not ref.startswith("models:/"):
+        _parse(ref)  # a bad reference is a usage error (exit 2), before anything is read
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to overwrite it or -o another file")
+    path = export_model(ref, out, format=fmt, tracking_uri=tracking_uri, overwrite=force)  # type: ignore[arg-type]
+    click.echo(f"exported the model weights of {ref} to {path} ({fmt}, {human_bytes(path.stat().st_size)})")
+
+
+@cli.command("promote", epilog=MODEL_REF_HELP + "\n" + EXIT_CODES_HELP)
+@click.argument("ref", metavar="REF")
+@click.option("--name", required=True, help="Registered model name (created if missing).")
+@click.option("--alias", help="Point this alias of the model (e.g. prod, champion) at the new version.")
+@_common
+@_reads
+def promote_cmd(ref: str, name: str, alias: str | None, tracking_uri: str | None) -> None:
+    """Register a checkpoint in the MLflow Model Registry as a new version of model NAME.
+
+    The checkpoint is verified first; it gets a LoggedModel linked to its run at its step, a model version
+    whose source is that LoggedModel, and the run tag tracked_ckpt.promoted, so retention and prune never delete
+    it. Load it back with tracked_ckpt.load("models:/NAME@ALIAS", model).
+
+    \b
+    Examples:
+      tracked-ckpt promote RUN_ID@best --name cartpole --alias prod
+      tracked-ckpt show RUN_ID@best
+    """
+    from .lifecycle import promote
+
+    if not ref.startswith("models:/"):
+        _parse(ref)
+    p = promote(ref, name, alias=alias, tracking_uri=tracking_uri)
+    with_alias = f", alias {alias!r}" if alias else ""
+    click.echo(f"registered {p.checkpoint} (step {p.step}) as {name!r} version {p.version}{with_alias}; "
+               f"load it with tracked_ckpt.load({p.uri!r}, model)")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- sync

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-id", default=None, help="resume this MLflow run (default: this save_dir's run)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fork-from", default=None, metavar="REF", help="fork: a new run from this checkpoint (RUN_ID@10)")
     args = p.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
@@ -103,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         retention=KeepLast(3) | KeepBest(1),
         monitor="reward",
         mode="max",
+        fork_from=args.fork_from,
     ) as mgr:
         meta = mgr.load(policy, optimizer, scheduler=scheduler)
         start = int(meta.get("step", 0))
-        print(f"{'resumed run ' + mgr.run_id + ' at iteration ' + str(start) if meta else 'new run ' + mgr.run_id}")
+        forked = not mgr.get_latest_checkpoint() and args.fork_from is not None
+        said = f"resumed run {mgr.run_id} at iteration {start}" if meta else f"new run {mgr.run_id}"
+        print(f"new run {mgr.run_id}, forked from {args.fork_from} at iteration {start}" if forked else said)
         reward = float(meta.get("reward", 0.0))
         for step in range(start + 1, start + args.iterations + 1):
             objective, lengths = rollout(policy, args.episodes)

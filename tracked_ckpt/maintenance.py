@@ -30,7 +30,7 @@ from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
-from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, pruned_value, summary_tags
+from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, promoted_paths, pruned_value, summary_tags
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ def plan_prune(
     infos = [r.info for r in catalog.scan()]
     # The tagged latest/best stay even when --metric picks another "best": what the run advertises must exist.
     tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p}
-    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged)
+    promoted = promoted_paths(tags)  # registered in the Model Registry (lifecycle.promote): never deleted
+    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged | promoted)
     gone = {c.path for c in doomed}
     keep = [c for c in infos if c.path not in gone]
     latest = max(infos, key=lambda c: c.seq).path if infos else None
@@ -152,6 +153,7 @@ def plan_prune(
                 ("latest", c.path == latest),
                 (f"best {metric}", best is not None and c.path == best.path),
                 ("tagged", c.path in tagged),
+                ("promoted", c.path in promoted),
                 ("policy", c.path in by_policy),
             )
             if hit

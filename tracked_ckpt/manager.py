@@ -81,6 +81,10 @@ class CheckpointManager:
         lease_timeout: seconds without a heartbeat after which another process may take over this run.
         store_factory: makes the run's storage seam, ``(client, run_id, *, connect=True) -> RunStore``; tests
             pass a subclass of ``RunStore`` that injects faults.
+        fork_from: start a *new* run from this checkpoint of another run (``"RUN@best"``, ``"RUN@120"``,
+            ``"runs:/RUN/checkpoints/NAME"``, ``"models:/NAME@ALIAS"``): the first ``load()`` restores it, the run
+            records its parent, and a relaunch resumes the fork itself (lifecycle.py, docs/lifecycle.md).
+        fork_metrics: with ``fork_from``, copy the parent's metric history up to the fork step into the new run.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CheckpointManager:
@@ -111,6 +115,8 @@ class CheckpointManager:
         save_on_sigterm: bool = False,
         lease_timeout: float = 60.0,
         store_factory: StoreFactory = RunStore,
+        fork_from: str | None = None,
+        fork_metrics: bool = True,
     ) -> None:
         if resume == "never" and run_id is not None:
             raise ConfigError(f"resume='never' starts a new run, but run_id={run_id!r} was passed; drop one")
@@ -133,7 +139,7 @@ class CheckpointManager:
         self._dir_lock = DirLock(self.save_dir)
         self._session = RunSession(self.client, self.local, self.options)
         try:
-            self._session.open(run_id, experiment, run_name)
+            self._session.open(run_id, experiment, run_name, _fork(fork_from, fork_metrics))
             self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
             if save_on_sigterm:
                 self._sigterm.install()
@@ -267,6 +273,9 @@ class CheckpointManager:
         rec = self.recorder
         if checkpoint_path is None and which == "latest":
             got = first_that_loads(self._latest_candidates(), lambda r: self._load_one(self.run_id, r, state))
+            if got is None and (parent := self._decide(self._fork_parent)) is not None:
+                got = parent[1], self._load_one(parent[0], parent[1], state)  # a fork's first launch
+                log.info("fork %s starts from its parent %s", self.run_id, ref_for(parent[0], parent[1].path))
             if got is None:
                 if self.options.resume == "must":
                     raise CheckpointNotFoundError(f"resume='must' but run {self.run_id} has no committed checkpoint")
@@ -294,6 +303,13 @@ class CheckpointManager:
     def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
         catalog = self.recorder.catalog_of(run_id)
         return load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
+
+    def _fork_parent(self) -> tuple[str, Resolved] | None:
+        """A fork without checkpoints of its own starts from its parent's (the run's fork tag names it)."""
+        from .lifecycle import fork_parent
+
+        ref = fork_parent(self.store.tags_at_open)
+        return None if ref is None else self.recorder.resolve_path(ref)
 
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
@@ -390,6 +406,14 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager(run_id={self.run_id!r}, save_dir={str(self.save_dir)!r}, server={self._server!r})"
+
+
+def _fork(fork_from: str | None, copy_metrics: bool) -> Any:
+    if fork_from is None:
+        return None
+    from .lifecycle import Fork
+
+    return Fork(fork_from, copy_metrics)
 
 
 def _distributed_active() -> bool:

@@ -37,6 +37,7 @@ from .runtags import (
     TAG_LATEST,
     TAG_PRUNED,
     TAG_SKIPPED,
+    promoted_paths,
     pruned_value,
     summary_tags,
 )
@@ -385,6 +386,11 @@ class RunRecorder:
         doomed = plan_deletions(
             list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
         )
+        if doomed:  # a checkpoint registered in the Model Registry (lifecycle.promote) is never deleted
+            protected |= promoted_paths(self.store.tags())
+            doomed = plan_deletions(
+                list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
+            )
         for c in doomed:
             t0 = time.perf_counter()
             try:

@@ -13,6 +13,10 @@ the read side (catalog.py verifies every one against a manifest), never the reco
                                              the full path is the run *param* of the same name (a relaunch
                                              searches it; runs made before 0.2 carry the full path in the tag)
     tracked_ckpt.lease                       the writer's heartbeat (lease.py)
+    tracked_ckpt.forked_from                 a fork's parent checkpoint, ``runs:/PARENT/checkpoints/NAME``
+    tracked_ckpt.parent_run / parent_step    the same, split for search (lifecycle.py)
+    tracked_ckpt.promoted                    checkpoint folders registered in the Model Registry (retention keeps
+                                             them), comma-separated names: ``step-00000040,step-00000100``
     mlflow.note.content                      the run page's description: how to resume (written by tracked_ckpt
                                              only while it starts with NOTE_MARK, so a user's own note stays)
 """
@@ -34,6 +38,10 @@ TAG_BYTES = "tracked_ckpt.bytes"
 TAG_PRUNED = "tracked_ckpt.pruned_last"
 TAG_SAVE_DIR = "tracked_ckpt.save_dir"
 TAG_SKIPPED = "tracked_ckpt.skipped"  # steps whose files a backlog did not upload (retention would delete them)
+TAG_FORKED_FROM = "tracked_ckpt.forked_from"
+TAG_PARENT_RUN = "tracked_ckpt.parent_run"
+TAG_PARENT_STEP = "tracked_ckpt.parent_step"
+TAG_PROMOTED = "tracked_ckpt.promoted"
 TAG_NOTE = "mlflow.note.content"
 
 # What each save cost, logged as metrics at its step. The "system/" prefix puts their charts on the run page's
@@ -85,10 +93,30 @@ def pruned_value(deleted: Iterable[CheckpointInfo]) -> str:
     return ", ".join(f"step {c.step}" for c in deleted)[:500]
 
 
-def run_note(run_id: str, save_dir_name: str, monitor: str, mode: str) -> str:
-    """The run page's description (markdown): what the checkpoints are and how to resume."""
+def promoted_paths(tags: Mapping[str, str]) -> set[str]:
+    """The checkpoint folders of a run registered in the Model Registry (``TAG_PROMOTED``): never deleted."""
+    return {f"checkpoints/{n.strip()}" for n in tags.get(TAG_PROMOTED, "").split(",") if n.strip()}
+
+
+def fork_note(tags: Mapping[str, str]) -> str:
+    """The run page's paragraph naming a fork's parent ("" for a run that is not a fork)."""
+    ref = tags.get(TAG_FORKED_FROM)
+    if not ref:
+        return ""
+    parent, step = tags.get(TAG_PARENT_RUN, "?"), tags.get(TAG_PARENT_STEP, "?")
     return (
-        f"{NOTE_MARK}\n### Checkpoints (tracked_ckpt)\n"
+        f"**Forked from** run `{parent}` at step {step} (`{ref}`): it started from that checkpoint, and its "
+        f"metric history up to step {step} is the parent's. `tracked-ckpt runs --tree` shows the lineage.\n\n"
+    )
+
+
+def run_note(run_id: str, save_dir_name: str, monitor: str, mode: str, preface: str = "") -> str:
+    """The run page's description (markdown): what the checkpoints are and how to resume.
+
+    ``preface`` (e.g. ``fork_note``) comes first: the UI shows only the first lines until "Show more".
+    """
+    return (
+        f"{NOTE_MARK}\n{preface}### Checkpoints (tracked_ckpt)\n"
         f"Checkpoints of this run are the artifact folders under `checkpoints/`; the tags "
         f"`{TAG_LATEST}` and `{TAG_BEST}` name the latest and the best (by `{monitor}`, {mode}).\n\n"
         f"**Resume this run** from Python:\n\n```python\nfrom tracked_ckpt import CheckpointManager\n"

@@ -14,7 +14,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow.tracking import MlflowClient
 
@@ -24,8 +24,11 @@ from .local import LocalDir
 from .policies import Mode, RetentionPolicy, SavePolicy, check_mode
 from .recorder import RunRecorder
 from .runs import FoundRun, find_run, known_locally
-from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, monitor_value, run_note
+from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, fork_note, monitor_value, run_note
 from .store import RunStore, redact
+
+if TYPE_CHECKING:
+    from .lifecycle import Fork
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +80,18 @@ class RunSession:
         self.server = redact(str(client.tracking_uri))
         self.how = ""
         self.owns_status = True  # False for the user's own mlflow.start_run(): the user ends it
+        self.fork: Fork | None = None
 
     @property
     def run_id(self) -> str:
         return self.store.run_id
 
-    def open(self, run_id: str | None, experiment: str | None, run_name: str | None) -> None:
-        """Find the run and attach to it; when the server is unreachable, start from save_dir and record later."""
+    def open(self, run_id: str | None, experiment: str | None, run_name: str | None, fork: Fork | None = None) -> None:
+        """Find the run and attach to it; when the server is unreachable, start from save_dir and record later.
+
+        ``fork``: on a new run, record its parent checkpoint (lifecycle.py) before the run-page note is written.
+        """
+        self.fork = fork
         self._attach(run_id, experiment, run_name)
         if self.options.resume == "must" and not self.recorder.index:
             raise CheckpointNotFoundError(
@@ -119,6 +127,8 @@ class RunSession:
         self.lease = self._lease()
         # The save_dir lock is held already, so a holder that wrote through this save_dir is gone.
         self.lease.acquire(self.store.tags_at_open)
+        if self.fork is not None:
+            self.fork.attach(self.store, found.how)
         self.recorder = self._recorder()
         if found.how != "new":
             self.recorder.recover()
@@ -174,7 +184,7 @@ class RunSession:
             self.store.set_status("RUNNING")
         note = self.store.tags_at_open.get(TAG_NOTE)
         if note is None or note.startswith(NOTE_MARK):  # a note the user wrote stays
-            note = run_note(self.run_id, self.local.root.name, o.monitor, o.mode)
+            note = run_note(self.run_id, self.local.root.name, o.monitor, o.mode, fork_note(self.store.tags_at_open))
             self.store.set_tags({TAG_NOTE: note, TAG_MONITOR: monitor_value(o.monitor, o.mode)})
 
     def finish(self, status: str, drained: bool) -> None:

@@ -8,7 +8,8 @@ per numeric metadata key logged with the checkpoints (reward, loss, ...).
 
 ``list_runs`` columns: run_id, run_name, experiment_id, status, start_time (datetime64[ns, UTC]),
 checkpoints (Int64), latest_step (Int64), best_step (Int64), monitor, best_value (float64),
-size_bytes (Int64), latest_ref, best_ref. It costs one ``search_runs`` call per experiment.
+size_bytes (Int64), latest_ref, best_ref, forked_from (a fork's parent checkpoint, ``runs:/PARENT/checkpoints/NAME``;
+<NA> for a run that is not a fork), fork_step (Int64). It costs one ``search_runs`` call per experiment.
 
 Both only read: a tracking store that does not exist raises StoreNotFoundError instead of being created.
 """
@@ -38,9 +39,11 @@ from .runtags import (
     TAG_BEST_VALUE,
     TAG_BYTES,
     TAG_COUNT,
+    TAG_FORKED_FROM,
     TAG_LATEST,
     TAG_LATEST_STEP,
     TAG_MONITOR,
+    TAG_PARENT_STEP,
     monitor_of,
 )
 from .store import RunStore, describe_mlflow_error, redact
@@ -78,6 +81,8 @@ RUN_COLUMNS = [
     "size_bytes",
     "latest_ref",
     "best_ref",
+    "forked_from",
+    "fork_step",
 ]
 
 
@@ -159,7 +164,7 @@ def tracked_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[An
             )
         except MlflowException as e:
             raise describe_mlflow_error(e, "search runs", server) from e
-        runs += [r for r in page if TAG_COUNT in r.data.tags or TAG_LATEST in r.data.tags]
+        runs += [r for r in page if {TAG_COUNT, TAG_LATEST, TAG_FORKED_FROM} & r.data.tags.keys()]
         token = page.token
         if not token:
             return runs
@@ -222,14 +227,16 @@ def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:
                 "size_bytes": _int(tags.get(TAG_BYTES)),
                 "latest_ref": ref_for(run.info.run_id, tags[TAG_LATEST]) if TAG_LATEST in tags else None,
                 "best_ref": ref_for(run.info.run_id, tags[TAG_BEST]) if TAG_BEST in tags else None,
+                "forked_from": tags.get(TAG_FORKED_FROM),
+                "fork_step": _int(tags.get(TAG_PARENT_STEP)),
             }
         )
     df = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    for col in ("checkpoints", "latest_step", "best_step", "size_bytes"):
+    for col in ("checkpoints", "latest_step", "best_step", "size_bytes", "fork_step"):
         df[col] = pd.array(df[col].tolist(), dtype="Int64")
     df["start_time"] = utc_times(df["start_time"], "ms")
     df["best_value"] = df["best_value"].astype("float64")
-    for col in ("run_id", "run_name", "experiment_id", "status", "monitor", "latest_ref", "best_ref"):
+    for col in ("run_id", "run_name", "experiment_id", "status", "monitor", "latest_ref", "best_ref", "forked_from"):
         df[col] = df[col].astype("string")
     return df
 
