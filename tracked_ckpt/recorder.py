@@ -206,6 +206,29 @@ class RunRecorder:
             raise SaveError(f"step {manifest.step}: could not commit the checkpoint in {self.local.root}: {e}") from e
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
+    def commit_foreign(self, src: Path, name: str, fields: Mapping[str, Any], fmt: str, t0: float) -> Path:
+        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS): link it in, commit locally, record.
+
+        Returns the local copy. Its files are hard links (a copy across filesystems): the library may delete
+        ``src`` right after this returns.
+        """
+        latest = self._latest_step()
+        folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+        self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
+        return folder
+
+    def delete(self, path: str) -> None:
+        """Delete one committed checkpoint from the run and ``save_dir``: what a library's own rotation removed."""
+        t0 = time.perf_counter()
+        gone = self.index.get(path)
+        self.store.delete(path)
+        self.local.remove(self.run_id, path.rpartition("/")[2])
+        self.index = {p: c for p, c in self.index.items() if p != path}
+        if gone is not None:
+            self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value([gone])})
+        log.info("deleted %s (%s) in %.2f s", path, "step %d" % gone.step if gone else "not indexed",
+                 time.perf_counter() - t0)  # fmt: skip
+
     def _latest_step(self) -> int | None:
         return max(self.index.values(), key=lambda c: c.seq).step if self.index else None
 
@@ -253,7 +276,8 @@ class RunRecorder:
             return
         path = f"{ARTIFACT_PREFIX}/{p.name}"
         for f in manifest.files:
-            self.store.upload(folder / f.name, path)
+            sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
+            self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
         self.index = {**self.index, path: info_of(manifest, path)}
