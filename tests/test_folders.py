@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ def make_folder(root: Path, name: str, seed: int) -> Path:
     folder = root / name
     (folder / "sub" / "deeper").mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(os.urandom(1000) + bytes([seed]))
-    (folder / "trainer_state.json").write_text('{"global_step": %d}' % seed)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": seed}))
     (folder / "sub" / "deeper" / "shard-0.bin").write_bytes(bytes(range(seed % 256)) * 10)
     return folder
 

@@ -125,7 +125,8 @@ class Manifest:
             files = tuple(FileEntry(str(f["name"]), int(f["size"]), str(f["blake3"])) for f in data["files"])
             for f in files:
                 check_relpath(f.name, f"file name in manifest {source}")
-                if ("/" in f.name and fmt not in FOREIGN_FORMATS) or not re.fullmatch(r"[0-9a-f]{64}", f.blake3) or f.size < 0:
+                nested = "/" in f.name and fmt not in FOREIGN_FORMATS  # only a foreign folder has subfolders
+                if nested or not re.fullmatch(r"[0-9a-f]{64}", f.blake3) or f.size < 0:
                     raise CheckpointCorruptError(f"manifest {source} has an invalid file entry {f!r}")
             return cls(
                 run_id=str(data["run_id"]),

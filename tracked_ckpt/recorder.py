@@ -226,7 +226,7 @@ class RunRecorder:
         self.index = {p: c for p, c in self.index.items() if p != path}
         if gone is not None:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value([gone])})
-        log.info("deleted %s (%s) in %.2f s", path, "step %d" % gone.step if gone else "not indexed",
+        log.info("deleted %s (%s) in %.2f s", path, f"step {gone.step}" if gone else "not indexed",
                  time.perf_counter() - t0)  # fmt: skip
 
     def _latest_step(self) -> int | None:
