@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..catalog import Resolved, RunCatalog
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
-from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, verify_file
+from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, verify_file
 from ..reading import read_client, reading
 from ..refs import Which, ref_for
 from ..runtags import monitor_of
@@ -86,6 +86,22 @@ def fetch_folder(
     ``metric``/``mode``, default the run's own monitor) or a step. ``format`` restricts the candidates to one
     library's checkpoints. An existing ``dest/<source>`` is reused only if it verifies; else CheckpointCorruptError.
     """
+    return fetch_checkpoint(
+        run_id, dest, which=which, format=format, tracking_uri=tracking_uri, metric=metric, mode=mode
+    )[0]
+
+
+def fetch_checkpoint(
+    run_id: str,
+    dest: str | Path,
+    *,
+    which: Which = "latest",
+    format: str | None = None,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+) -> tuple[Path, Manifest]:
+    """``fetch_folder``, and the checkpoint's manifest (step, epoch, metrics, metadata)."""
     dest = Path(dest)
     with reading():
         catalog = RunCatalog(RunStore(read_client(tracking_uri), run_id))
@@ -99,7 +115,7 @@ def fetch_folder(
         first_error: Exception | None = None
         for r in candidates:
             try:
-                return _fetch_one(catalog, r, dest)
+                return _fetch_one(catalog, r, dest), r.manifest
             except CheckpointCorruptError as e:
                 if which != "latest":
                     raise
