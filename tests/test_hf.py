@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 pytest.importorskip("transformers")
 
-from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR  # noqa: E402
+from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "hf_job.py"

@@ -27,7 +27,7 @@ FORMAT = "hf-trainer"
 _NOT_METRICS = {"epoch", "step", "total_flos"}
 
 
-class TrackedCheckpoints(TrainerCallback):  # type: ignore[misc]
+class TrackedCheckpoints(TrainerCallback):
     """Record every checkpoint the Trainer saves in the MLflow run; mirror its ``save_total_limit`` deletions.
 
     The run: ``run_id`` if given, else the one HF's own ``MLflowCallback`` started (``report_to="mlflow"``;
@@ -51,24 +51,24 @@ class TrackedCheckpoints(TrainerCallback):  # type: ignore[misc]
         if not state.is_world_process_zero or self.manager is not None:
             return
         metric, mode = monitor_of_args(args)
-        save_dir = self.save_dir if self.save_dir is not None else Path(args.output_dir) / "tracked_ckpt"
+        save_dir = self.save_dir if self.save_dir is not None else _output_dir(args) / "tracked_ckpt"
         kwargs = {"monitor": metric, "mode": mode, **self.manager_kwargs}
         self.manager = CheckpointManager(save_dir, run_id=self.run_id, **kwargs)
         # Folders already in output_dir (the one resumed from): HF's rotation may delete them; mirror that.
-        out = Path(args.output_dir)
+        out = _output_dir(args)
         self._sources = {s: p for s, p in recorded_sources(self.manager, FORMAT).items() if (out / s).is_dir()}
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.manager is None:
             return
         # HF has already rotated (rotation runs before on_save); the new folder is recorded before we return.
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = _output_dir(args) / f"checkpoint-{state.global_step}"
         epoch = math.floor(state.epoch or 0.0)
         meta = {**latest_logs(state), "step": state.global_step, "epoch": epoch}
         ref = record_folder(self.manager, folder, meta, format=FORMAT, step=state.global_step)
         self._sources[folder.name] = parse_ref(ref)[1]
         for source, path in list(self._sources.items()):
-            if not (Path(args.output_dir) / source).exists():  # save_total_limit removed it
+            if not (_output_dir(args) / source).exists():  # save_total_limit removed it
                 self.manager.recorder.delete(path)
                 del self._sources[source]
 
@@ -77,6 +77,10 @@ class TrackedCheckpoints(TrainerCallback):  # type: ignore[misc]
         if self.manager is not None:
             self.manager.close()
             self.manager = None
+
+
+def _output_dir(args: TrainingArguments) -> Path:
+    return Path(args.output_dir or "trainer_output")  # the Trainer's own default when output_dir is None
 
 
 def monitor_of_args(args: TrainingArguments) -> tuple[str, str]:

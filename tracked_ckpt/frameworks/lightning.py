@@ -25,8 +25,8 @@ try:  # the unified package first, the standalone one otherwise
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
     from lightning.pytorch import Callback
 except ImportError:  # pragma: no cover - only pytorch_lightning installed
-    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[no-redef]
-    from pytorch_lightning import Callback  # type: ignore[no-redef,assignment]
+    from lightning_fabric.plugins.io.checkpoint_io import CheckpointIO  # type: ignore[assignment,unused-ignore]
+    from pytorch_lightning import Callback  # type: ignore[assignment,unused-ignore]
 
 from ..errors import ConfigError
 from ..manager import CheckpointManager
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 FORMAT = "lightning"
 
 
-class TrackedCheckpoints(Callback):  # type: ignore[misc]
+class TrackedCheckpoints(Callback):
     """Record each checkpoint Lightning saves in the MLflow run; delete what ModelCheckpoint removes.
 
     The run: ``run_id`` if given, else the trainer's MLFlowLogger's run (metrics and checkpoints together),
@@ -120,7 +120,7 @@ class TrackedCheckpoints(Callback):  # type: ignore[misc]
         return out
 
 
-class _RecordingIO(CheckpointIO):  # type: ignore[misc]
+class _RecordingIO(CheckpointIO):
     """The strategy's own CheckpointIO, with each save recorded and each removal mirrored."""
 
     def __init__(self, inner: Any, owner: TrackedCheckpoints) -> None:
@@ -130,8 +130,10 @@ class _RecordingIO(CheckpointIO):  # type: ignore[misc]
         self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
         self.owner.saved(checkpoint, Path(path))
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, **kwargs: Any) -> dict[str, Any]:
-        result: dict[str, Any] = self.inner.load_checkpoint(path, map_location=map_location, **kwargs)
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = self.inner.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         return result
 
     def remove_checkpoint(self, path: Any) -> None:
