@@ -22,6 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ class LocalDir:
         final = self.folder(run_id, name)
         try:
             staging.mkdir(parents=True)
-            files = tuple(_link_durably(path, staging, rel) for rel, path in foreign_files(src))
+            files = _link_durably([(rel, path) for rel, path in foreign_files(src)], staging)
             manifest = Manifest(
                 run_id=run_id, files=files, library_version=__version__, torch_version=torch.__version__,
                 format=fmt, **fields,
@@ -194,24 +195,37 @@ def foreign_files(src: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _link_durably(src: Path, staging: Path, rel: str) -> FileEntry:
-    # A hard link costs nothing at any size and survives the library deleting src (its rotation does).
-    dst = staging / rel
-    if not dst.parent.is_dir():
-        dst.parent.mkdir(parents=True)
-    try:
-        os.link(src, dst)
-    except OSError:  # another filesystem, or links not supported: a copy
-        shutil.copyfile(src, dst)
-    fd = os.open(dst, os.O_RDONLY)  # the library may not have fsynced it
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if dst.parent != staging:
-        fsync_dir(dst.parent)
-    size, digest = hash_file(dst)
-    return FileEntry(rel, size, digest)
+def _link_durably(found: list[tuple[str, Path]], staging: Path) -> tuple[FileEntry, ...]:
+    """Hard-link (else copy) each file into staging; fsync and hash them, the two overlapped.
+
+    A hard link costs nothing at any size and survives the library deleting its folder (its rotation does).
+    The library did not fsync what it wrote: one thread fsyncs (disk-bound) while this one hashes (from the
+    page cache), which halves the time of doing one after the other (600 MB: ~0.26 s and ~0.22 s).
+    """
+    for rel, src in found:
+        dst = staging / rel
+        if not dst.parent.is_dir():
+            dst.parent.mkdir(parents=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not supported: a copy
+            shutil.copyfile(src, dst)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-fsync") as pool:
+        synced = pool.submit(_fsync_all, [staging / rel for rel, _ in found], staging)
+        entries = tuple(FileEntry(rel, *hash_file(staging / rel)) for rel, _ in found)
+        synced.result()
+    return entries
+
+
+def _fsync_all(paths: list[Path], staging: Path) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted({p.parent for p in paths} - {staging}, reverse=True):  # nested folders; staging's own later
+        fsync_dir(d)
 
 
 def _torch_save(payload: Mapping[str, Any], path: Path) -> FileEntry:
