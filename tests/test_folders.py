@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
@@ -83,3 +84,11 @@ def test_folders_are_not_tracked_ckpt_states_and_bad_folders_are_refused(tmp_pat
         run_id = mgr.run_id
     with pytest.raises(CheckpointNotFoundError, match="format 'lightning'"):
         fetch_folder(run_id, tmp_path / "dest", format="lightning")
+
+
+def test_no_framework_is_imported_unless_its_adapter_is(tmp_path: Path) -> None:
+    code = (
+        "import sys, tracked_ckpt, tracked_ckpt.frameworks, tracked_ckpt.frameworks.accelerate\n"
+        "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules))"
+    )
+    assert run_python(code, tmp_path).strip() == "[]"

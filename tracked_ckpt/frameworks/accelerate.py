@@ -38,14 +38,12 @@ class TrackedState:
         self.accelerator = accelerator
         self.manager: CheckpointManager | None = None
         self._sources: dict[Path, str] = {}  # folder accelerate wrote -> recorded checkpoint path
+        self.run_id: str | None = None  # the run (main process): what to resume from; kept after close()
         if accelerator.is_main_process:
             root = Path(accelerator.project_dir or ".")
             self.manager = CheckpointManager(save_dir if save_dir is not None else root / "tracked_ckpt",
                                              **manager_kwargs)  # fmt: skip
-
-    @property
-    def run_id(self) -> str | None:
-        return self.manager.run_id if self.manager is not None else None
+            self.run_id = self.manager.run_id
 
     def save_state(
         self, output_dir: str | Path | None = None, metadata: dict[str, Any] | None = None, *, step: int | None = None,

@@ -54,6 +54,7 @@ class TrackedCheckpoints(TrainerCallback):
         save_dir = self.save_dir if self.save_dir is not None else _output_dir(args) / "tracked_ckpt"
         kwargs = {"monitor": metric, "mode": mode, **self.manager_kwargs}
         self.manager = CheckpointManager(save_dir, run_id=self.run_id, **kwargs)
+        self.run_id = self.manager.run_id  # what to resume from; kept after training ends
         # Folders already in output_dir (the one resumed from): HF's rotation may delete them; mirror that.
         out = _output_dir(args)
         self._sources = {s: p for s, p in recorded_sources(self.manager, FORMAT).items() if (out / s).is_dir()}

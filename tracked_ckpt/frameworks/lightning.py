@@ -79,6 +79,7 @@ class TrackedCheckpoints(Callback):
         save_dir = self.save_dir if self.save_dir is not None else Path(trainer.default_root_dir) / "tracked_ckpt"
         kwargs = {"monitor": metric, "mode": mode, **self.manager_kwargs}
         self.manager = CheckpointManager(save_dir, run_id=run_id, tracking_uri=uri, **kwargs)
+        self.run_id = self.manager.run_id  # what to resume from; kept after fit ends
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self.manager is not None:
