@@ -92,3 +92,22 @@ def test_no_framework_is_imported_unless_its_adapter_is(tmp_path: Path) -> None:
         "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules))"
     )
     assert run_python(code, tmp_path).strip() == "[]"
+
+
+@pytest.mark.server
+def test_nested_folder_through_a_server_fetch_and_cli(tmp_path: Path, experiment: str, mlflow_server: str) -> None:
+    from click.testing import CliRunner
+
+    from tracked_ckpt.cli import cli
+
+    with CheckpointManager(tmp_path / "ckpt", experiment=experiment, tracking_uri=mlflow_server) as mgr:
+        src = make_folder(tmp_path / "out", "checkpoint-7", 7)
+        record_folder(mgr, src, {"step": 7, "loss": 0.5}, format="hf-trainer")
+        run_id = mgr.run_id
+    assert tree(fetch_folder(run_id, tmp_path / "fresh", tracking_uri=mlflow_server)) == tree(src)
+    runner = CliRunner()
+    verified = runner.invoke(cli, ["verify", run_id, "--tracking-uri", mlflow_server])
+    assert verified.exit_code == 0, verified.output
+    pulled = runner.invoke(cli, ["pull", run_id, "-o", str(tmp_path / "pulled"), "--tracking-uri", mlflow_server])
+    assert pulled.exit_code == 0, pulled.output
+    assert tree(tmp_path / "pulled") == {**tree(src), MANIFEST_NAME: (tmp_path / "pulled" / MANIFEST_NAME).read_bytes()}
