@@ -11,9 +11,18 @@ from conftest import run_python
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
-from tracked_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, SaveError
+from tracked_ckpt.errors import (
+    CheckpointCorruptError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    SaveError,
+    StoreError,
+)
 from tracked_ckpt.frameworks import fetch_folder, record_folder
+from tracked_ckpt.frameworks.folders import delete_removed
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest
+from tracked_ckpt.refs import parse_ref
+from tracked_ckpt.store import RunStore
 
 
 def make_folder(root: Path, name: str, seed: int) -> Path:
@@ -111,3 +120,29 @@ def test_nested_folder_through_a_server_fetch_and_cli(tmp_path: Path, experiment
     pulled = runner.invoke(cli, ["pull", run_id, "-o", str(tmp_path / "pulled"), "--tracking-uri", mlflow_server])
     assert pulled.exit_code == 0, pulled.output
     assert tree(tmp_path / "pulled") == {**tree(src), MANIFEST_NAME: (tmp_path / "pulled" / MANIFEST_NAME).read_bytes()}
+
+
+class NoDeleteStore(RunStore):
+    down = False
+
+    def delete(self, path: str) -> None:
+        if NoDeleteStore.down:
+            raise StoreError(f"injected: connection refused (delete {path})")
+        super().delete(path)
+
+
+def test_a_removal_mirrored_during_an_outage_waits_for_the_next_save(tmp_path: Path, experiment: str) -> None:
+    with CheckpointManager(tmp_path / "ckpt", experiment=experiment, store_factory=NoDeleteStore) as mgr:
+        sources = {}
+        for step in (1, 2):
+            ref = record_folder(mgr, make_folder(tmp_path, f"c{step}", step), {"step": step})
+            sources[f"c{step}"] = parse_ref(ref)[1]
+        NoDeleteStore.down = True
+        try:
+            delete_removed(mgr, sources, lambda s: s == "c1")  # warns, never raises into the training loop
+        finally:
+            NoDeleteStore.down = False
+        assert "c1" in sources and [r.manifest.step for r in mgr.recorder.committed()] == [1, 2]
+        delete_removed(mgr, sources, lambda s: s == "c1")
+        assert list(sources) == ["c2"] and [r.manifest.step for r in mgr.recorder.committed()] == [2]
+        assert not (tmp_path / "ckpt" / mgr.run_id / "step-00000001").exists()

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..manager import CheckpointManager
 from ..refs import Which, parse_ref
-from .folders import fetch_checkpoint, record_folder
+from .folders import delete_removed, fetch_checkpoint, record_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,7 @@ class TrackedState:
         if self.manager is not None:
             ref = record_folder(self.manager, folder, metadata, format=FORMAT, step=step)
             self._sources[folder.resolve()] = parse_ref(ref)[1]
-            for src, path in list(self._sources.items()):
-                if not src.exists():  # ProjectConfiguration(total_limit=...) rotated it away
-                    self.manager.recorder.delete(path)
-                    del self._sources[src]
+            delete_removed(self.manager, self._sources, lambda src: not src.exists())  # total_limit rotated it
         self.accelerator.wait_for_everyone()
         return str(folder)
 

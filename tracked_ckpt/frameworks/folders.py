@@ -14,12 +14,12 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..catalog import Resolved, RunCatalog
-from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
+from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, verify_file
 from ..reading import read_client, reading
 from ..refs import Which, ref_for
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+K = TypeVar("K")
 SOURCE_KEY = "source"  # the manifest metadata key naming the folder (or file) as the library called it
 
 
@@ -59,6 +60,24 @@ def record_folder(
     mgr.recorder.commit_foreign(src, name, fields, format, t0)
     mgr._last_save_time = time.time()
     return ref_for(mgr.run_id, f"{ARTIFACT_PREFIX}/{name}")
+
+
+def delete_removed(mgr: CheckpointManager, sources: dict[K, str], removed: Callable[[K], bool]) -> None:
+    """Delete from the run each recorded checkpoint whose source the library removed (``removed(key)``).
+
+    ``sources`` maps the library's name for a checkpoint to its recorded path; entries deleted are dropped. With
+    MLflow unreachable, a deletion waits for the next call (a warning): the training loop never fails on it.
+    """
+    for key, path in list(sources.items()):
+        if not removed(key):
+            continue
+        try:
+            mgr.recorder.delete(path)
+        except StoreError as e:
+            log.warning("run %s: could not delete %s, which the library removed (%s); retrying after the next save",
+                        mgr.run_id, path, e)  # fmt: skip
+            continue
+        del sources[key]
 
 
 def recorded_sources(mgr: CheckpointManager, format: str) -> dict[str, str]:

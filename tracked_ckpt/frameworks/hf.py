@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..manager import CheckpointManager
 from ..refs import Which, parse_ref
-from .folders import fetch_folder, record_folder, recorded_sources
+from .folders import delete_removed, fetch_folder, record_folder, recorded_sources
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,8 @@ class TrackedCheckpoints(TrainerCallback):
         meta = {**latest_logs(state), "step": state.global_step, "epoch": epoch}
         ref = record_folder(self.manager, folder, meta, format=FORMAT, step=state.global_step)
         self._sources[folder.name] = parse_ref(ref)[1]
-        for source, path in list(self._sources.items()):
-            if not (_output_dir(args) / source).exists():  # save_total_limit removed it
-                self.manager.recorder.delete(path)
-                del self._sources[source]
+        out = _output_dir(args)
+        delete_removed(self.manager, self._sources, lambda source: not (out / source).exists())  # save_total_limit
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:  # fmt: skip

@@ -31,7 +31,7 @@ except ImportError:  # pragma: no cover - only pytorch_lightning installed
 from ..errors import ConfigError
 from ..manager import CheckpointManager
 from ..refs import Which, parse_ref
-from .folders import fetch_folder, record_folder
+from .folders import delete_removed, fetch_folder, record_folder
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class TrackedCheckpoints(Callback):
         self.trainer: Any = None
         self._sources: dict[str, str] = {}  # absolute file path -> recorded checkpoint path
         self._last_step: int | None = None
+        self._removed: set[str] = set()  # files the inner CheckpointIO removed
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.manager is not None:
@@ -102,12 +103,15 @@ class TrackedCheckpoints(Callback):
         finally:
             shutil.rmtree(holder.parent, ignore_errors=True)
         self._sources[str(path.resolve())] = parse_ref(ref)[1]
+        self._removed.discard(str(path.resolve()))  # a name written again is a new checkpoint
         self._last_step = step
+        delete_removed(self.manager, self._sources, self._removed.__contains__)  # those an outage held back
 
     def removed(self, path: Path) -> None:
-        recorded = self._sources.pop(str(path.resolve()), None)
-        if self.manager is not None and recorded is not None:
-            self.manager.recorder.delete(recorded)
+        """The inner CheckpointIO removed ``path`` (save_top_k): delete its record (or retry after the next save)."""
+        self._removed.add(str(path.resolve()))
+        if self.manager is not None:
+            delete_removed(self.manager, self._sources, self._removed.__contains__)
 
     def _metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
