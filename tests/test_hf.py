@@ -84,3 +84,22 @@ def test_shares_the_run_of_hf_mlflow_callback(tmp_path: Path, experiment: str, m
 
 def steps_from_server(client: MlflowClient, run_id: str) -> list[str]:
     return sorted(a.path.rpartition("/")[2] for a in client.list_artifacts(run_id, "checkpoints"))
+
+
+@pytest.mark.slow
+def test_killed_trainer_with_hf_mlflow_callback_resumes_through_mlflow_run_id(tmp_path: Path, experiment: str) -> None:
+    env = {"MLFLOW_EXPERIMENT_NAME": experiment}
+    job(tmp_path / "full", "w.pt")
+    rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--report-mlflow", "--kill-at", "10", env=env, check=False)
+    assert rc == -9, out
+    run_id = run_id_of(out)
+    # MLflow's convention: both HF's MLflowCallback and TrackedCheckpoints attach to MLFLOW_RUN_ID.
+    _, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, "--report-mlflow",
+                 env={**env, "MLFLOW_RUN_ID": run_id})  # fmt: skip
+    assert run_id_of(out) == run_id and steps_of(run_id) == [6, 9, 12]
+    full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    client = MlflowClient()
+    assert [h.step for h in client.get_metric_history(run_id, "loss")][-3:] == [11, 12, 12]  # HF's own logging
+    assert [a.path for a in client.list_artifacts(run_id)] == ["checkpoints"]
