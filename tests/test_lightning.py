@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -66,3 +67,33 @@ def test_killed_fit_resumes_by_run_id_with_the_same_weights(tmp_path: Path, expe
         assert torch.equal(full[k], resumed[k]), k
     best = resume_path(run_id, tmp_path / "best", which="best")
     assert Path(best).name == "epoch=3-step=32.ckpt" and torch.load(best, weights_only=False)["global_step"] == 32
+
+
+def test_pytorch_lightning_package_works_too(tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pl = pytest.importorskip("pytorch_lightning")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from tracked_ckpt.frameworks.lightning import TrackedCheckpoints
+
+    class M(pl.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+            loss = self.net(batch[0]).pow(2).mean()
+            self.log("train_loss", loss, on_epoch=True)
+            return loss
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    monkeypatch.chdir(tmp_path)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 4)), batch_size=4)
+    tracked = TrackedCheckpoints(experiment=experiment)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[ModelCheckpoint(dirpath="c", monitor="train_loss", save_top_k=1), tracked])
+    trainer.fit(M(), data)
+    assert tracked.run_id is not None and len(steps_of(tracked.run_id)) == 1  # save_top_k=1, mirrored
+    ckpt = resume_path(tracked.run_id, tmp_path / "restore")
+    assert torch.load(ckpt, weights_only=False)["global_step"] == steps_of(tracked.run_id)[0]
