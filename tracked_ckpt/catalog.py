@@ -201,7 +201,7 @@ class RunCatalog:
                     local = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
                 except (FileNotFoundError, StoreError, CheckpointCorruptError) as e:
                     raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
-                folder = local.parent
+                folder = local.parents[f.name.count("/")]  # a nested name ("sub/x.bin") lies deeper
         for f in r.manifest.files:
             verify_file(folder / f.name, f, where)
         return folder
@@ -211,7 +211,7 @@ def _check_listing(names: list[str], m: Manifest, where: str) -> None:
     """The folder must hold exactly the manifest's files: an extra one means tampering or a mixed-up folder."""
     # Hidden "*.tmp" names are in-flight uploads (ours and MLflow's local store write a temp, then rename).
     names = [n for n in names if not (n.startswith(".") and n.endswith(".tmp"))]
-    expected = {f.name for f in m.files} | {MANIFEST_NAME}
+    expected = m.top_level  # a foreign folder's subfolders are checked file by file (verify_file)
     if extra := sorted(set(names) - expected):
         raise CheckpointCorruptError(
             f"{where}: the folder holds {extra} that its manifest does not list (planted, or files of another "
@@ -262,5 +262,5 @@ def _cache_matches(folder: Path, m: Manifest) -> bool:
         local = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder))
     except (OSError, CheckpointCorruptError):
         return False
-    exact = {p.name for p in folder.iterdir()} == {f.name for f in m.files} | {MANIFEST_NAME}
+    exact = {p.name for p in folder.iterdir()} == m.top_level
     return exact and local.files == m.files and local.run_id == m.run_id and local.seq == m.seq

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .catalog import Resolved, RunCatalog
-from .errors import CheckpointCorruptError, CheckpointNotFoundError, UnsafeCheckpointError
+from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
+from .manifest import FOREIGN_FORMATS
 from .refs import ref_for
 from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
 
@@ -60,6 +61,12 @@ def load_resolved(
 
         load_resolved_dcp(catalog, r, state, cache_dir)
         return dict(r.manifest.metadata)
+    if r.manifest.format in FOREIGN_FORMATS:
+        raise CheckpointMismatchError(
+            f"{where} is a {r.manifest.format!r} folder that its own library wrote, not a tracked_ckpt state; fetch "
+            f"it with tracked_ckpt.frameworks.fetch_folder({catalog.run_id!r}, dest) and resume it with that library "
+            "(docs/lightning.md, docs/huggingface.md, docs/accelerate.md)"
+        )
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
         folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
         names = {f.name for f in r.manifest.files}

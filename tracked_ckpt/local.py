@@ -22,6 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,17 @@ import torch
 
 from ._faults import fault_point
 from ._version import __version__
-from .errors import SaveError
-from .manifest import MANIFEST_NAME, FileEntry, HashingWriter, Manifest, fsync_dir, write_file
+from .errors import CheckpointCorruptError, SaveError
+from .manifest import (
+    MANIFEST_NAME,
+    FileEntry,
+    HashingWriter,
+    Manifest,
+    check_relpath,
+    fsync_dir,
+    hash_file,
+    write_file,
+)
 from .state import RNG_FILE, STATE_FILE
 
 POINTER_NAME = "tracked_ckpt.json"
@@ -111,6 +121,34 @@ class LocalDir:
             raise
         return final, manifest
 
+    def write_foreign(
+        self,
+        run_id: str,
+        name: str,
+        src: Path,
+        fields: Mapping[str, Any],
+        fmt: str,
+        before_commit: Callable[[], None] | None = None,
+    ) -> tuple[Path, Manifest]:
+        """Link (else copy) every file of ``src`` into staging, fsynced and hashed; commit it as ``name``."""
+        staging = self.root / STAGING / uuid.uuid4().hex
+        final = self.folder(run_id, name)
+        try:
+            staging.mkdir(parents=True)
+            files = _link_durably([(rel, path) for rel, path in foreign_files(src)], staging)
+            manifest = Manifest(
+                run_id=run_id, files=files, library_version=__version__, torch_version=torch.__version__,
+                format=fmt, **fields,
+            )  # fmt: skip
+            self.commit(staging, final, manifest, before_commit)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise SaveError(f"could not record the {fmt} checkpoint {src} (step {fields.get('step')}): {e}") from e
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return final, manifest
+
     def commit(
         self, staging: Path, final: Path, manifest: Manifest, before_commit: Callable[[], None] | None = None
     ) -> None:
@@ -132,6 +170,62 @@ class LocalDir:
 
     def remove(self, run_id: str, name: str) -> None:
         shutil.rmtree(self.folder(run_id, name), ignore_errors=True)
+
+
+def foreign_files(src: Path) -> list[tuple[str, Path]]:
+    """Every file under ``src`` as (relative POSIX name, path), sorted; SaveError for what cannot be recorded."""
+    if not src.is_dir():
+        raise SaveError(f"{src} is not a folder (it does not exist, or is a file); pass the checkpoint folder")
+    found = []
+    for path in sorted(src.rglob("*")):
+        rel = path.relative_to(src).as_posix()
+        if path.is_symlink() or not (path.is_dir() or path.is_file()):
+            raise SaveError(f"{path} in checkpoint folder {src} is a symlink or special file; record real files only")
+        if path.is_dir():
+            continue
+        try:
+            check_relpath(rel, "file name")
+        except CheckpointCorruptError as e:
+            raise SaveError(f"checkpoint folder {src}: {e}; rename that file to record the folder") from e
+        if rel == MANIFEST_NAME:
+            raise SaveError(f"checkpoint folder {src} holds a {MANIFEST_NAME}, tracked_ckpt's commit marker; rename it")
+        found.append((rel, path))
+    if not found:
+        raise SaveError(f"checkpoint folder {src} holds no file; nothing to record")
+    return found
+
+
+def _link_durably(found: list[tuple[str, Path]], staging: Path) -> tuple[FileEntry, ...]:
+    """Hard-link (else copy) each file into staging; fsync and hash them, the two overlapped.
+
+    A hard link costs nothing at any size and survives the library deleting its folder (its rotation does).
+    The library did not fsync what it wrote: one thread fsyncs (disk-bound) while this one hashes (from the
+    page cache), which halves the time of doing one after the other (600 MB: ~0.26 s and ~0.22 s).
+    """
+    for rel, src in found:
+        dst = staging / rel
+        if not dst.parent.is_dir():
+            dst.parent.mkdir(parents=True)
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or links not supported: a copy
+            shutil.copyfile(src, dst)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-fsync") as pool:
+        synced = pool.submit(_fsync_all, [staging / rel for rel, _ in found], staging)
+        entries = tuple(FileEntry(rel, *hash_file(staging / rel)) for rel, _ in found)
+        synced.result()
+    return entries
+
+
+def _fsync_all(paths: list[Path], staging: Path) -> None:
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    for d in sorted({p.parent for p in paths} - {staging}, reverse=True):  # nested folders; staging's own later
+        fsync_dir(d)
 
 
 def _torch_save(payload: Mapping[str, Any], path: Path) -> FileEntry:

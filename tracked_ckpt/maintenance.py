@@ -205,6 +205,7 @@ def pull(
         done = 0
         for f in r.manifest.files:
             src = f"{r.path}/{f.name}"
+            (staging / f.name).parent.mkdir(parents=True, exist_ok=True)  # a foreign folder's nested file
             try:
                 _fetch_into(catalog, src, staging / f.name, bar, done)
             except (FileNotFoundError, StoreError) as e:
@@ -217,6 +218,7 @@ def pull(
         _fetch_into(catalog, f"{r.path}/{MANIFEST_NAME}", staging / MANIFEST_NAME, None, 0)
         bar.close()
         for n in names:  # the manifest last, as in a save
+            (out_dir / n).parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / n, out_dir / n)
     finally:
         bar.close()

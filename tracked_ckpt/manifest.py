@@ -23,6 +23,9 @@ from ._faults import fault_point
 from .errors import CheckpointCorruptError
 
 FORMAT_VERSION = 1
+# Folders another library wrote, recorded as they are (tracked_ckpt.frameworks): their files may sit in
+# subfolders, so their manifest names are relative POSIX paths ("sub/x.bin"), each checked by check_relpath.
+FOREIGN_FORMATS = ("folder", "lightning", "hf-trainer", "accelerate")
 MANIFEST_NAME = "MANIFEST.json"
 # Every artifact tracked_ckpt writes lives under this prefix of the run; retention deletes nothing else.
 ARTIFACT_PREFIX = "checkpoints"
@@ -82,9 +85,15 @@ class Manifest:
     library_version: str = ""
     torch_version: str = ""
     format_version: int = FORMAT_VERSION
-    # "torch": one state.pt (single process); "dcp": a torch.distributed.checkpoint folder of shards.
+    # "torch": one state.pt (single process); "dcp": a torch.distributed.checkpoint folder of shards;
+    # one of FOREIGN_FORMATS: a folder another library wrote (a Lightning .ckpt, an HF checkpoint-N/, ...).
     format: str = "torch"
     world_size: int = 1
+
+    @property
+    def top_level(self) -> set[str]:
+        """The names directly inside the checkpoint folder: its files, the first folder of nested ones."""
+        return {f.name.split("/")[0] for f in self.files} | {MANIFEST_NAME}
 
     @property
     def size(self) -> int:
@@ -112,10 +121,12 @@ class Manifest:
                     f"manifest {source} has format_version {version!r}; this tracked_ckpt reads version "
                     f"{FORMAT_VERSION}. Upgrade tracked_ckpt or load it with the version that wrote it"
                 )
+            fmt = _checked_format(data.get("format", "torch"), source)
             files = tuple(FileEntry(str(f["name"]), int(f["size"]), str(f["blake3"])) for f in data["files"])
             for f in files:
                 check_relpath(f.name, f"file name in manifest {source}")
-                if "/" in f.name or not re.fullmatch(r"[0-9a-f]{64}", f.blake3) or f.size < 0:
+                nested = "/" in f.name and fmt not in FOREIGN_FORMATS  # only a foreign folder has subfolders
+                if nested or not re.fullmatch(r"[0-9a-f]{64}", f.blake3) or f.size < 0:
                     raise CheckpointCorruptError(f"manifest {source} has an invalid file entry {f!r}")
             return cls(
                 run_id=str(data["run_id"]),
@@ -129,7 +140,7 @@ class Manifest:
                 resumed_from=data.get("resumed_from"),
                 library_version=str(data.get("library_version", "")),
                 torch_version=str(data.get("torch_version", "")),
-                format=_checked_format(data.get("format", "torch"), source),
+                format=fmt,
                 world_size=int(data.get("world_size", 1)),
             )
         except CheckpointCorruptError:
@@ -141,8 +152,11 @@ class Manifest:
 
 
 def _checked_format(value: Any, source: str) -> str:
-    if value not in ("torch", "dcp"):
-        raise CheckpointCorruptError(f"manifest {source} has format {value!r}; tracked_ckpt reads 'torch' or 'dcp'")
+    if value not in ("torch", "dcp", *FOREIGN_FORMATS):
+        raise CheckpointCorruptError(
+            f"manifest {source} has format {value!r}; this tracked_ckpt reads 'torch', 'dcp' and "
+            f"{', '.join(map(repr, FOREIGN_FORMATS))}. Upgrade tracked_ckpt to read it"
+        )
     return str(value)
 
 

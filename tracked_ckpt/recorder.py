@@ -244,6 +244,29 @@ class RunRecorder:
             self._committed(manifest.seq)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
+    def commit_foreign(self, src: Path, name: str, fields: Mapping[str, Any], fmt: str, t0: float) -> Path:
+        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS): link it in, commit locally, record.
+
+        Returns the local copy. Its files are hard links (a copy across filesystems): the library may delete
+        ``src`` right after this returns.
+        """
+        latest = self._latest_step()
+        folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+        self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
+        return folder
+
+    def delete(self, path: str) -> None:
+        """Delete one committed checkpoint from the run and ``save_dir``: what a library's own rotation removed."""
+        t0 = time.perf_counter()
+        gone = self.index.get(path)
+        self.store.delete(path)
+        self.local.remove(self.run_id, path.rpartition("/")[2])
+        self.index = {p: c for p, c in self.index.items() if p != path}
+        if gone is not None:
+            self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value([gone])})
+        log.info("deleted %s (%s) in %.2f s", path, f"step {gone.step}" if gone else "not indexed",
+                 time.perf_counter() - t0)  # fmt: skip
+
     def _latest_step(self) -> int | None:
         return max(self.index.values(), key=lambda c: c.seq).step if self.index else None
 
@@ -306,7 +329,8 @@ class RunRecorder:
         for f in manifest.files:
             if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
-            self.store.upload(folder / f.name, path)
+            sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
+            self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.

@@ -1,0 +1,94 @@
+"""A tiny Lightning job for tests/test_lightning.py: an MLP on synthetic data, MLFlowLogger, ModelCheckpoint.
+
+    python lightning_job.py OUT_WEIGHTS [--kill-at STEP] [--resume RUN_ID] [--tracked]
+
+Prints ``RUN_ID <id>`` once the run is known; ``--kill-at`` SIGKILLs the process after that training step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import MLFlowLogger
+
+from tracked_ckpt.frameworks.lightning import TrackedCheckpoints, resume_path
+
+EPOCHS, BATCHES = 4, 8
+
+
+class MLP(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+
+    def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def loader() -> torch.utils.data.DataLoader[Any]:
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(BATCHES * 8, 8, generator=g)
+    y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(BATCHES * 8, 1, generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+class Kill(L.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class PrintRun(L.Callback):
+    def __init__(self, tracked: TrackedCheckpoints) -> None:
+        self.tracked = tracked
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if self.tracked.manager is not None:
+            print("RUN_ID", self.tracked.manager.run_id, flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("out_weights")
+    p.add_argument("--kill-at", type=int)
+    p.add_argument("--resume")
+    p.add_argument("--tracked", action="store_true")
+    a = p.parse_args()
+    L.seed_everything(0, verbose=False)
+    model = MLP()
+    callbacks: list[Any] = [ModelCheckpoint(dirpath="ckpts", monitor="train_loss", mode="min", save_top_k=2)]
+    logger: Any = False
+    if a.tracked or a.resume:
+        logger = MLFlowLogger(experiment_name=os.environ["MLFLOW_EXPERIMENT_NAME"], run_id=a.resume,
+                              tracking_uri=os.environ["MLFLOW_TRACKING_URI"])  # fmt: skip
+        tracked = TrackedCheckpoints()
+        callbacks += [tracked, PrintRun(tracked)]
+    if a.kill_at:
+        callbacks.append(Kill(a.kill_at))
+    trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
+    ckpt = resume_path(a.resume, "restore") if a.resume else None
+    trainer.fit(model, loader(), ckpt_path=ckpt)
+    print("FINAL_STEP", trainer.global_step, flush=True)
+    torch.save(model.state_dict(), a.out_weights)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Accelerate: ``accelerator.save_state`` folders recorded in the MLflow run, ``load_state`` from a run ID.
+
+::
+
+    tracked = TrackedState(accelerator)                  # the manager lives on the main process only
+    tracked.save_state(metadata={"step": step, "loss": loss})      # instead of accelerator.save_state()
+    meta = load_state(accelerator, run_id)               # in a fresh process: fetched, verified, loaded
+
+Accelerate writes and rotates the folders itself (``ProjectConfiguration(total_limit=...)``); what it deletes
+is deleted from the run. Importing this module imports nothing of Accelerate's; its objects are passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ..manager import CheckpointManager
+from ..refs import Which, parse_ref
+from .folders import delete_removed, fetch_checkpoint, record_folder
+
+log = logging.getLogger(__name__)
+
+FORMAT = "accelerate"
+
+
+class TrackedState:
+    """Record each ``accelerator.save_state`` folder as a checkpoint of the run (main process only).
+
+    Args:
+        accelerator: the ``accelerate.Accelerator``.
+        save_dir: local commit folder; default ``<project_dir or .>/tracked_ckpt`` (same filesystem: hard links).
+        manager_kwargs: passed on to CheckpointManager (run_id=, experiment=, monitor=, mode=, ...).
+    """
+
+    def __init__(self, accelerator: Any, save_dir: str | Path | None = None, **manager_kwargs: Any) -> None:
+        self.accelerator = accelerator
+        self.manager: CheckpointManager | None = None
+        self._sources: dict[Path, str] = {}  # folder accelerate wrote -> recorded checkpoint path
+        self.run_id: str | None = None  # the run (main process): what to resume from; kept after close()
+        if accelerator.is_main_process:
+            root = Path(accelerator.project_dir or ".")
+            self.manager = CheckpointManager(save_dir if save_dir is not None else root / "tracked_ckpt",
+                                             **manager_kwargs)  # fmt: skip
+            self.run_id = self.manager.run_id
+
+    def save_state(
+        self, output_dir: str | Path | None = None, metadata: dict[str, Any] | None = None, *, step: int | None = None,
+        **save_kwargs: Any,
+    ) -> str:  # fmt: skip
+        """``accelerator.save_state(output_dir)``, then record the folder (``metadata`` as for ``mgr.save``)."""
+        where = self.accelerator.save_state(None if output_dir is None else str(output_dir), **save_kwargs)
+        folder = Path(where if where is not None else output_dir)  # type: ignore[arg-type]
+        if self.manager is not None:
+            ref = record_folder(self.manager, folder, metadata, format=FORMAT, step=step)
+            self._sources[folder.resolve()] = parse_ref(ref)[1]
+            delete_removed(self.manager, self._sources, lambda src: not src.exists())  # total_limit rotated it
+        self.accelerator.wait_for_everyone()
+        return str(folder)
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None
+
+
+def load_state(
+    accelerator: Any, run_id: str, dest: str | Path = "restore", *, which: Which = "latest",
+    tracking_uri: str | None = None, **load_kwargs: Any,
+) -> dict[str, Any]:  # fmt: skip
+    """Fetch checkpoint ``which`` of ``run_id`` verified into ``dest``, ``accelerator.load_state`` it.
+
+    Returns the metadata it was saved with (``step`` among them). The main process downloads; the others
+    wait, then verify the same folder.
+    """
+    if accelerator.is_main_process:
+        fetch_checkpoint(run_id, dest, which=which, format=FORMAT, tracking_uri=tracking_uri)
+    accelerator.wait_for_everyone()
+    folder, manifest = fetch_checkpoint(run_id, dest, which=which, format=FORMAT, tracking_uri=tracking_uri)
+    accelerator.load_state(str(folder), **load_kwargs)
+    log.info("accelerate state of step %d loaded from run %s (%s)", manifest.step, run_id, folder)
+    return {**manifest.metadata, "step": manifest.step}
