@@ -251,7 +251,10 @@ class RunRecorder:
         ``src`` right after this returns.
         """
         latest = self._latest_step()
-        folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+        try:
+            folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+        finally:
+            self._committed(fields["seq"])
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
         return folder
 
@@ -261,7 +264,8 @@ class RunRecorder:
         gone = self.index.get(path)
         self.store.delete(path)
         self.local.remove(self.run_id, path.rpartition("/")[2])
-        self.index = {p: c for p, c in self.index.items() if p != path}
+        with self._lock:  # the publisher adds to the index meanwhile
+            self.index = {p: c for p, c in self.index.items() if p != path}
         if gone is not None:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value([gone])})
         log.info("deleted %s (%s) in %.2f s", path, f"step {gone.step}" if gone else "not indexed",
@@ -334,7 +338,8 @@ class RunRecorder:
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
-        self.index = {**self.index, path: info_of(manifest, path)}
+        with self._lock:
+            self.index = {**self.index, path: info_of(manifest, path)}
         fault_point("tags")
         with self._lock:
             late = list(self._late)
@@ -427,7 +432,8 @@ class RunRecorder:
                                 "only. This warning is shown once per manager", c.path, e)  # fmt: skip
                     self._warned_no_delete = True
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
-            self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
+            with self._lock:
+                self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
