@@ -154,3 +154,20 @@ def test_each_save_logs_what_it_cost(tmp_path: Path, experiment: str) -> None:
     df = tracked_ckpt.list_checkpoints(run_id)
     assert df[["blocked_s", "commit_s", "record_s"]].notna().all().all()
     assert (df["blocked_s"] > 0).all() and str(df["record_s"].dtype) == "float64"
+
+
+def test_save_policies_see_checkpoints_that_are_only_queued(tmp_path: Path, experiment: str) -> None:
+    from tracked_ckpt import EveryNSteps, OnImprovement
+
+    model, opt, _ = make_training()
+    policy = EveryNSteps(2) | OnImprovement()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, store_factory=FlakyStore, publish_timeout=1,
+                           save_policy=policy) as mgr:  # fmt: skip
+        mgr.save(model, opt, {"step": 1, "reward": 1.0})
+        FlakyStore.uploads_down = True
+        mgr.save(model, opt, {"step": 2, "reward": 5.0})  # queued: MLflow's record still says step 1, reward 1
+        assert [p.step for p in mgr.outbox.pending(mgr.run_id)] == [2]
+        assert not mgr.should_save(2, {"reward": 3.0})  # step 2 is saved, and 3 does not beat the queued 5
+        assert mgr.should_save(3, {"reward": 6.0})  # 6 beats the queued best
+        FlakyStore.uploads_down = False
+        assert mgr.sync(timeout=30)

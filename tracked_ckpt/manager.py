@@ -139,7 +139,7 @@ class CheckpointManager:
         self._dir_lock = DirLock(self.save_dir)
         self._session = RunSession(self.client, self.local, self.options)
         try:
-            self._session.open(run_id, experiment, run_name, _fork(fork_from, fork_metrics))
+            self._session.open(run_id, experiment, run_name, fork_from, fork_metrics)
             self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
             if save_on_sigterm:
                 self._sigterm.install()
@@ -273,7 +273,7 @@ class CheckpointManager:
         rec = self.recorder
         if checkpoint_path is None and which == "latest":
             got = first_that_loads(self._latest_candidates(), lambda r: self._load_one(self.run_id, r, state))
-            if got is None and (parent := self._decide(self._fork_parent)) is not None:
+            if got is None and (parent := self._decide(rec.fork_parent)) is not None:
                 got = parent[1], self._load_one(parent[0], parent[1], state)  # a fork's first launch
                 log.info("fork %s starts from its parent %s", self.run_id, ref_for(parent[0], parent[1].path))
             if got is None:
@@ -303,13 +303,6 @@ class CheckpointManager:
     def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
         catalog = self.recorder.catalog_of(run_id)
         return load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
-
-    def _fork_parent(self) -> tuple[str, Resolved] | None:
-        """A fork without checkpoints of its own starts from its parent's (the run's fork tag names it)."""
-        from .lifecycle import fork_parent
-
-        ref = fork_parent(self.store.tags_at_open)
-        return None if ref is None else self.recorder.resolve_path(ref)
 
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
@@ -406,14 +399,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager(run_id={self.run_id!r}, save_dir={str(self.save_dir)!r}, server={self._server!r})"
-
-
-def _fork(fork_from: str | None, copy_metrics: bool) -> Any:
-    if fork_from is None:
-        return None
-    from .lifecycle import Fork
-
-    return Fork(fork_from, copy_metrics)
 
 
 def _distributed_active() -> bool:

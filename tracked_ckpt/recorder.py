@@ -79,6 +79,7 @@ class RunRecorder:
         self._late: list[tuple[str, float, int, int]] = []  # costs of earlier saves, for the next log_batch
         self._manifests: dict[int, CheckpointInfo] = {}  # queued checkpoints' infos, by seq (coalescing)
         self._committing: set[int] = set()  # seqs queued whose local commit is not over yet
+        self._local: dict[str, CheckpointInfo] = {}  # committed locally, not yet recorded (by path)
         self._lock = threading.Lock()  # the dicts above: the saving thread writes them, the publisher reads
         self._deferred = on_connect
         self.publisher = Publisher(
@@ -166,7 +167,9 @@ class RunRecorder:
         self, step: int, metrics: Mapping[str, float] | None, pending: CheckpointInfo | None, last_time: float
     ) -> SaveContext:
         """What a save policy decides on: the index (plus the async save in flight), the time of the last save."""
-        known = list(self.index.values()) + ([pending] if pending is not None else [])
+        with self._lock:  # recorded, committed locally and queued (an outage), and the async save in flight
+            known = list({**self._local, **self.index}.values())
+        known += [pending] if pending is not None else []
         latest = max(known, key=lambda c: c.seq, default=None)
         best = best_of(known, self.monitor, self.mode)
         return SaveContext(
@@ -211,9 +214,11 @@ class RunRecorder:
 
         return add
 
-    def _committed(self, seq: int) -> None:
+    def _committed(self, seq: int, manifest: Manifest | None = None, name: str = "") -> None:
         with self._lock:
             self._committing.discard(seq)
+            if manifest is not None:  # known to save policies before MLflow records it
+                self._local[f"{ARTIFACT_PREFIX}/{name}"] = info_of(manifest, f"{ARTIFACT_PREFIX}/{name}")
 
     def commit(
         self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any], fields: Mapping[str, Any], t0: float
@@ -225,8 +230,10 @@ class RunRecorder:
             folder, manifest = self.local.write(self.run_id, name, payload, rng_json, fields, self._queue(name, fields))
             self.note_cost(manifest.seq, METRIC_COMMIT_S, time.perf_counter() - t1)
             self.note_cost(manifest.seq, METRIC_BYTES, float(manifest.size))
-        finally:
+        except BaseException:
             self._committed(fields["seq"])
+            raise
+        self._committed(fields["seq"], manifest, name)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
 
     def commit_folder(self, staging: Path, name: str, manifest: Manifest, t0: float) -> None:
@@ -238,10 +245,13 @@ class RunRecorder:
         try:
             self.local.commit(staging, final, manifest, self._queue(name, fields))
         except OSError as e:
+            self._committed(manifest.seq)
             shutil.rmtree(staging, ignore_errors=True)
             raise SaveError(f"step {manifest.step}: could not commit the checkpoint in {self.local.root}: {e}") from e
-        finally:
+        except BaseException:
             self._committed(manifest.seq)
+            raise
+        self._committed(manifest.seq, manifest, name)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
     def commit_foreign(self, src: Path, name: str, fields: Mapping[str, Any], fmt: str, t0: float) -> Path:
@@ -253,8 +263,10 @@ class RunRecorder:
         latest = self._latest_step()
         try:
             folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
-        finally:
+        except BaseException:
             self._committed(fields["seq"])
+            raise
+        self._committed(fields["seq"], manifest, name)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, folder), latest, t0)
         return folder
 
@@ -353,6 +365,7 @@ class RunRecorder:
         with self._lock:
             self._costs.pop(seq, None)
             self._manifests.pop(seq, None)
+            self._local = {p: c for p, c in self._local.items() if c.seq != seq}
 
     def note_cost(self, seq: int, name: str, value: float) -> None:
         """A cost of the save ``seq`` known on the saving side (blocked, commit, bytes), logged with its record."""
@@ -503,6 +516,13 @@ class RunRecorder:
     def catalog_of(self, run_id: str) -> RunCatalog:
         """This run's catalog, or a read-only one of another run on the same server."""
         return self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.store.client, run_id))
+
+    def fork_parent(self) -> tuple[str, Resolved] | None:
+        """A fork without checkpoints of its own starts from its parent's (the run's fork tag names it)."""
+        from .lifecycle import fork_parent
+
+        ref = fork_parent(self.store.tags_at_open)
+        return None if ref is None else self.resolve_path(ref)
 
     def best(self) -> Resolved | None:
         try:

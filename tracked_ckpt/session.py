@@ -86,12 +86,18 @@ class RunSession:
     def run_id(self) -> str:
         return self.store.run_id
 
-    def open(self, run_id: str | None, experiment: str | None, run_name: str | None, fork: Fork | None = None) -> None:
+    def open(
+        self, run_id: str | None, experiment: str | None, run_name: str | None, fork_from: str | None = None,
+        fork_metrics: bool = True,
+    ) -> None:  # fmt: skip
         """Find the run and attach to it; when the server is unreachable, start from save_dir and record later.
 
-        ``fork``: on a new run, record its parent checkpoint (lifecycle.py) before the run-page note is written.
+        ``fork_from``: on a new run, record its parent checkpoint (lifecycle.py) before the run-page note is written.
         """
-        self.fork = fork
+        if fork_from is not None:
+            from .lifecycle import Fork
+
+            self.fork = Fork(fork_from, fork_metrics)
         self._attach(run_id, experiment, run_name)
         if self.options.resume == "must" and not self.recorder.index:
             raise CheckpointNotFoundError(
