@@ -125,6 +125,7 @@ class Publisher:
         self._in_outage = False
         self._probes_failed = 0  # consecutive failed probes of the current outage
         self._passes = 0  # completed drain_once() passes
+        self._passes_failed = 0  # consecutive passes that ended in a transient failure
         self._refusal: PermanentStoreError | None = None  # the last refusal, until a save reports it
         self._warned = False  # one warning per outage
         self._thread: threading.Thread | None = None
@@ -214,7 +215,9 @@ class Publisher:
         while True:
             with self._cond:
                 if not self._wake and not self._stopped:
-                    interval = PROBE_INTERVALS[min(self._probes_failed, len(PROBE_INTERVALS) - 1)]
+                    # Back off on failed probes and on failed passes alike (a probe can answer while uploads fail).
+                    tries = max(self._probes_failed, self._passes_failed)
+                    interval = PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
                     self._cond.wait(interval if self._in_outage else None)
                 if self._stopped:
                     return
@@ -289,6 +292,7 @@ class Publisher:
                             self._server, p.step)  # fmt: skip
             with self._cond:
                 self._in_outage, self._probes_failed, self._warned, self._refusal = False, 0, False, None
+                self._passes_failed = 0
                 self._done.add(p.seq)
                 self._cond.notify_all()
         if self._in_outage:  # nothing was queued, but the probe answered: the outage is over
@@ -309,5 +313,6 @@ class Publisher:
             return
         with self._cond:
             self._in_outage = True
+            self._passes_failed += 1
             self._cond.notify_all()  # savers waiting for their record stop waiting now
         self._warn(f"is unreachable ({e})", p.step if p is not None else None)
