@@ -400,12 +400,10 @@ class RunRecorder:
         for q in queued:
             info = self._manifests.get(q.seq)  # read once per queued checkpoint, not once per publish
             if info is None:
-                folder = self.local.folder(q.run_id, q.name)
-                try:
-                    m = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
-                except (OSError, CheckpointCorruptError):
+                copy = self._local_copy(q.name)
+                if copy is None:
                     continue
-                info = self._manifests[q.seq] = info_of(m, f"{ARTIFACT_PREFIX}/{q.name}")
+                info = self._manifests[q.seq] = copy.info
             future[info.path] = info
         protected = {self.resumed_from} if self.resumed_from else set()
         doomed = plan_deletions(list(future.values()), self.retention, metric=self.monitor, mode=self.mode,
@@ -453,23 +451,25 @@ class RunRecorder:
 
     # --------------------------------------------------------------------------------------- reading
 
+    def _local_copy(self, name: str) -> Resolved | None:
+        """The committed local copy ``save_dir/<run>/<name>`` (manifest present, readable, of this run), or None."""
+        manifest = self.local.folder(self.run_id, name) / MANIFEST_NAME
+        try:
+            m = Manifest.from_json(manifest.read_bytes(), str(manifest))
+        except (OSError, CheckpointCorruptError):
+            return None
+        return Resolved(f"{ARTIFACT_PREFIX}/{name}", m) if m.run_id == self.run_id else None
+
     def local_committed(self) -> list[Resolved]:
-        """The run's committed local copies (manifest present and readable), in commit order; no network."""
+        """The run's committed local copies, in commit order; no network."""
         root = self.local.root / self.run_id
-        found = []
-        for d in sorted(root.iterdir()) if root.is_dir() else []:
-            try:
-                m = Manifest.from_json((d / MANIFEST_NAME).read_bytes(), str(d / MANIFEST_NAME))
-            except (OSError, CheckpointCorruptError):
-                continue
-            if m.run_id == self.run_id:
-                found.append(Resolved(f"{ARTIFACT_PREFIX}/{d.name}", m))
-        return sorted(found, key=lambda r: r.manifest.seq)
+        found = [self._local_copy(d.name) for d in root.iterdir()] if root.is_dir() else []
+        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.seq)
 
     def queued(self) -> list[Resolved]:
-        """Checkpoints committed locally and not yet recorded in MLflow, in commit order."""
-        waiting = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
-        return [r for r in self.local_committed() if r.path in waiting]
+        """Checkpoints committed locally and not yet recorded in MLflow, in commit order (reads only those)."""
+        found = [self._local_copy(p.name) for p in self.outbox.pending(self.run_id)]
+        return sorted((r for r in found if r is not None), key=lambda r: r.manifest.seq)
 
     def latest_first(self) -> Iterator[Resolved]:
         """Candidates for "latest", newest first: never older than a checkpoint committed in save_dir.
@@ -534,8 +534,10 @@ class RunRecorder:
         """A ``checkpoint_path`` (see refs.parse_path); this run's queued checkpoints resolve to their local copy."""
         run_id, path = parse_path(text, self.run_id)
         if run_id == self.run_id:
-            mine = next((r for r in self.local_committed() if r.path == path), None)
-            if mine is not None and (not self.store.connected or mine in self.queued()):
+            name = path.rpartition("/")[2]
+            mine = self._local_copy(name)
+            waiting = mine is not None and any(p.name == name for p in self.outbox.pending(self.run_id))
+            if mine is not None and (not self.store.connected or waiting):
                 return run_id, mine
         return run_id, Resolved(path, self.catalog_of(run_id).manifest(path))
 
