@@ -11,11 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import accelerate  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
 import torch
 from mlflow.tracking import MlflowClient
-
-pytest.importorskip("accelerate")
 
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR

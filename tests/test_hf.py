@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
 from mlflow.tracking import MlflowClient
-
-pytest.importorskip("transformers")
 
 from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR
 

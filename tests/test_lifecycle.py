@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch  # installed by the [test] extra
 import torch
 from click.testing import CliRunner
 from conftest import TinyNet, assert_same_state, make_training, train_steps
@@ -23,8 +24,6 @@ from tracked_ckpt.errors import CheckpointMismatchError, CheckpointNotFoundError
 from tracked_ckpt.export import export_model, warm_start
 from tracked_ckpt.lifecycle import FLAVOR, MODEL_TAG_CHECKPOINT, promote
 from tracked_ckpt.runtags import TAG_FORKED_FROM, TAG_NOTE, TAG_PARENT_RUN, TAG_PARENT_STEP, TAG_PROMOTED
-
-safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
 def train_parent(save_dir: Path, experiment: str, tracking_uri: str | None = None) -> tuple[str, dict[int, TinyNet]]:

@@ -12,11 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-
-pytest.importorskip("lightning")
 
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.frameworks.lightning import resume_path
@@ -70,7 +69,7 @@ def test_killed_fit_resumes_by_run_id_with_the_same_weights(tmp_path: Path, expe
 
 
 def test_pytorch_lightning_package_works_too(tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    pl = pytest.importorskip("pytorch_lightning")
+    import pytorch_lightning as pl  # installed with lightning (its dependency)
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from tracked_ckpt.frameworks.lightning import TrackedCheckpoints
