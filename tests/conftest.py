@@ -196,3 +196,31 @@ def run_python(code: str, cwd: Path, env: dict[str, str] | None = None, timeout:
     if p.returncode != 0:
         raise AssertionError(f"subprocess failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p.stdout
+
+
+def run_job(
+    script: Path, cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> tuple[int, str]:
+    """Run a job script in a fresh interpreter in ``cwd``: (return code, stdout); fails with stderr if ``check``."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    p = subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+                       timeout=300)  # fmt: skip
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script.name} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
+    return p.returncode, p.stdout
+
+
+def checkpoint_steps(run_id: str) -> list[int]:
+    """The steps of the run's committed checkpoints, as MLflow records them, in commit order."""
+    from mlflow.tracking import MlflowClient
+
+    from tracked_ckpt.catalog import RunCatalog
+    from tracked_ckpt.store import RunStore
+
+    return [r.manifest.step for r in RunCatalog(RunStore(MlflowClient(), run_id)).scan()]
+
+
+def printed_run_id(stdout: str) -> str:
+    """The run ID a job printed on its ``RUN_ID <id>`` line."""
+    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("RUN_ID "))

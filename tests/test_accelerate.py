@@ -6,39 +6,21 @@ with the same weights as an uninterrupted run (Accelerate saves and restores the
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import accelerate  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
 import torch
+from conftest import checkpoint_steps, printed_run_id, run_job
 from mlflow.tracking import MlflowClient
 
-from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR
-from tracked_ckpt.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "accelerate_job.py"
 
 
 def job(cwd: Path, *args: str, env: dict[str, str], check: bool = True) -> tuple[int, str]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    p = subprocess.run([sys.executable, str(JOB), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
-    if check and p.returncode != 0:
-        raise AssertionError(f"accelerate_job {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
-    return p.returncode, p.stdout
-
-
-def steps_of(run_id: str) -> list[int]:
-    return [r.manifest.step for r in RunCatalog(RunStore(MlflowClient(), run_id)).scan()]
-
-
-def run_id_of(stdout: str) -> str:
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("RUN_ID "))
+    return run_job(JOB, cwd, *args, env=env, check=check)
 
 
 def test_killed_loop_resumes_by_run_id_with_the_same_weights(tmp_path: Path, experiment: str) -> None:
@@ -46,15 +28,15 @@ def test_killed_loop_resumes_by_run_id_with_the_same_weights(tmp_path: Path, exp
     job(tmp_path / "full", "w.pt", env=env)  # uninterrupted, untracked
     rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--kill-at", "17", env=env, check=False)
     assert rc == -9, out
-    run_id = run_id_of(out)
+    run_id = printed_run_id(out)
     # Saves at 5, 10, 15; total_limit=2: Accelerate removed the first folder, and so did the run.
-    assert steps_of(run_id) == [10, 15]
+    assert checkpoint_steps(run_id) == [10, 15]
     tags = MlflowClient().get_run(run_id).data.tags
     assert tags[TAG_LATEST_STEP] == "15" and tags[TAG_MONITOR] == "loss:min" and TAG_BEST_STEP in tags
 
     rc, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, env=env)
-    assert "FINAL_STEP 20" in out and run_id_of(out) == run_id
-    assert steps_of(run_id) == [10, 15, 20]
+    assert "FINAL_STEP 20" in out and printed_run_id(out) == run_id
+    assert checkpoint_steps(run_id) == [10, 15, 20]
     full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
     resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
     for k in full:

@@ -6,14 +6,12 @@ with the same weights as an uninterrupted run (HF restores its RNG state; on CPU
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
+from conftest import checkpoint_steps, printed_run_id, run_job
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR
@@ -23,24 +21,7 @@ JOB = ROOT / "tests" / "hf_job.py"
 
 
 def job(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> tuple[int, str]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **(env or {})}
-    p = subprocess.run([sys.executable, str(JOB), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
-    if check and p.returncode != 0:
-        raise AssertionError(f"hf_job {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
-    return p.returncode, p.stdout
-
-
-def steps_of(run_id: str) -> list[int]:
-    from tracked_ckpt.catalog import RunCatalog
-    from tracked_ckpt.store import RunStore
-
-    return [r.manifest.step for r in RunCatalog(RunStore(MlflowClient(), run_id)).scan()]
-
-
-def run_id_of(stdout: str) -> str:
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("RUN_ID "))
+    return run_job(JOB, cwd, *args, env={"HF_HUB_OFFLINE": "1", **(env or {})}, check=check)
 
 
 def test_killed_trainer_resumes_by_run_id_with_the_same_weights(tmp_path: Path, experiment: str) -> None:
@@ -48,16 +29,16 @@ def test_killed_trainer_resumes_by_run_id_with_the_same_weights(tmp_path: Path, 
     job(tmp_path / "full", "w.pt")  # the uninterrupted run, no tracking at all
     rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--kill-at", "10", env=env, check=False)
     assert rc == -9, out
-    run_id = run_id_of(out)
+    run_id = printed_run_id(out)
     # Saves at 3, 6, 9 with save_total_limit=2: HF removed checkpoint-3, and so did the run.
-    assert steps_of(run_id) == [6, 9]
+    assert checkpoint_steps(run_id) == [6, 9]
     tags = MlflowClient().get_run(run_id).data.tags
     assert tags[TAG_LATEST_STEP] == "9" and tags[TAG_MONITOR] == "loss:min"
 
     # A fresh process, another working directory, an empty local folder: everything comes from the run.
     rc, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, env=env)
-    assert "FINAL_STEP 12" in out and run_id_of(out) == run_id
-    assert steps_of(run_id) == [6, 9, 12]
+    assert "FINAL_STEP 12" in out and printed_run_id(out) == run_id
+    assert checkpoint_steps(run_id) == [6, 9, 12]
     full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
     resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
     assert full.keys() == resumed.keys()
@@ -72,7 +53,7 @@ def test_killed_trainer_resumes_by_run_id_with_the_same_weights(tmp_path: Path, 
 def test_shares_the_run_of_hf_mlflow_callback(tmp_path: Path, experiment: str, mlflow_server: str) -> None:
     env = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": experiment}
     _, out = job(tmp_path / "a", "w.pt", "--tracked", "--report-mlflow", env=env)
-    run_id = run_id_of(out)
+    run_id = printed_run_id(out)
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)
     assert "learning_rate" in run.data.params  # HF's MLflowCallback logged into this very run
@@ -91,11 +72,11 @@ def test_killed_trainer_with_hf_mlflow_callback_resumes_through_mlflow_run_id(tm
     job(tmp_path / "full", "w.pt")
     rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--report-mlflow", "--kill-at", "10", env=env, check=False)
     assert rc == -9, out
-    run_id = run_id_of(out)
+    run_id = printed_run_id(out)
     # MLflow's convention: both HF's MLflowCallback and TrackedCheckpoints attach to MLFLOW_RUN_ID.
     _, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, "--report-mlflow",
                  env={**env, "MLFLOW_RUN_ID": run_id})  # fmt: skip
-    assert run_id_of(out) == run_id and steps_of(run_id) == [6, 9, 12]
+    assert printed_run_id(out) == run_id and checkpoint_steps(run_id) == [6, 9, 12]
     full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
     resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
     assert all(torch.equal(full[k], resumed[k]) for k in full)

@@ -6,42 +6,24 @@ end with the same weights as an uninterrupted run (no dropout, no shuffling: Lig
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
 import pytest
 import torch
+from conftest import checkpoint_steps, printed_run_id, run_job
 from mlflow.tracking import MlflowClient
 
-from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.frameworks.lightning import resume_path
 from tracked_ckpt.runtags import TAG_BEST_STEP, TAG_LATEST_STEP, TAG_MONITOR
-from tracked_ckpt.store import RunStore
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "lightning_job.py"
 
 
 def job(cwd: Path, *args: str, env: dict[str, str], check: bool = True) -> tuple[int, str]:
-    cwd.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    p = subprocess.run([sys.executable, str(JOB), *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-                       timeout=300)  # fmt: skip
-    if check and p.returncode != 0:
-        raise AssertionError(f"lightning_job {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr[-4000:]}")
-    return p.returncode, p.stdout
-
-
-def steps_of(run_id: str) -> list[int]:
-    return [r.manifest.step for r in RunCatalog(RunStore(MlflowClient(), run_id)).scan()]
-
-
-def run_id_of(stdout: str) -> str:
-    return next(line.split()[1] for line in stdout.splitlines() if line.startswith("RUN_ID "))
+    return run_job(JOB, cwd, *args, env=env, check=check)
 
 
 def test_killed_fit_resumes_by_run_id_with_the_same_weights(tmp_path: Path, experiment: str) -> None:
@@ -49,17 +31,17 @@ def test_killed_fit_resumes_by_run_id_with_the_same_weights(tmp_path: Path, expe
     job(tmp_path / "full", "w.pt", env=env)  # uninterrupted, untracked
     rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--kill-at", "27", env=env, check=False)
     assert rc == -9, out
-    run_id = run_id_of(out)
+    run_id = printed_run_id(out)
     # Epoch ends at steps 8, 16, 24; save_top_k=2 by train_loss (falling): step 8 removed, in the run too.
-    assert steps_of(run_id) == [16, 24]
+    assert checkpoint_steps(run_id) == [16, 24]
     tags = MlflowClient().get_run(run_id).data.tags
     assert tags[TAG_LATEST_STEP] == "24" and tags[TAG_MONITOR] == "train_loss:min" and tags[TAG_BEST_STEP] == "24"
     assert [h.step for h in MlflowClient().get_metric_history(run_id, "epoch")][:1] == [8]
 
     rc, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, env=env)
-    assert "FINAL_STEP 32" in out and run_id_of(out) == run_id
+    assert "FINAL_STEP 32" in out and printed_run_id(out) == run_id
     # In another dirpath ModelCheckpoint forgets its earlier top-k (Lightning warns): it never removes step 16.
-    assert steps_of(run_id) == [16, 24, 32]
+    assert checkpoint_steps(run_id) == [16, 24, 32]
     full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
     resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
     for k in full:
@@ -93,6 +75,6 @@ def test_pytorch_lightning_package_works_too(tmp_path: Path, experiment: str, mo
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[ModelCheckpoint(dirpath="c", monitor="train_loss", save_top_k=1), tracked])
     trainer.fit(M(), data)
-    assert tracked.run_id is not None and len(steps_of(tracked.run_id)) == 1  # save_top_k=1, mirrored
+    assert tracked.run_id is not None and len(checkpoint_steps(tracked.run_id)) == 1  # save_top_k=1, mirrored
     ckpt = resume_path(tracked.run_id, tmp_path / "restore")
-    assert torch.load(ckpt, weights_only=False)["global_step"] == steps_of(tracked.run_id)[0]
+    assert torch.load(ckpt, weights_only=False)["global_step"] == checkpoint_steps(tracked.run_id)[0]
