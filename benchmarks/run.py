@@ -409,12 +409,12 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(work: Path) -> Iterator[str]:
-    """A loopback `mlflow server` with proxied artifacts, stopped (by its process group) on exit."""
+def mlflow_server(work: Path, destination: str | None = None) -> Iterator[str]:
+    """A loopback `mlflow server` proxying artifacts (to a local folder, or ``destination``), stopped on exit."""
     port = _free_port()
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{work / 'server.db'}", "--artifacts-destination",
-           str(work / "server-artifacts"), "--workers", "1"]  # fmt: skip
+           destination or str(work / "server-artifacts"), "--workers", "1"]  # fmt: skip
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     with open(work / "server.log", "wb") as log:

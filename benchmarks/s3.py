@@ -29,14 +29,16 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from run import make_state, parse_size, restore  # noqa: E402
+from run import make_state, mlflow_server, parse_size, restore  # noqa: E402
 
 BUCKET = "bench"
 
@@ -62,32 +64,59 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def tiny_steps(seconds: float) -> float:
-    """Steps per second of a GIL-bound loop of tiny tensor ops, over ``seconds``."""
+def steps_while(busy: Callable[[], bool]) -> float:
+    """Steps per second of a GIL-bound loop of tiny tensor ops, for as long as ``busy()`` (at least 0.5 s)."""
     x = torch.ones(8)
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while busy() or time.perf_counter() - t0 < 0.5:
         for _ in range(50):
             x = (x * 1.0001 + 0.5).relu()
         n += 1
     return n / (time.perf_counter() - t0)
 
 
-def interference(mgr: object, model: torch.nn.Module, opt: torch.optim.Optimizer, work: Path,
-                 repeats: int) -> tuple[float, float]:  # fmt: skip
-    """Median step rates of the tiny loop during a background save, and during a raw write of as many bytes."""
+def during(work: Callable[[], object]) -> float:
+    """The loop's step rate while ``work`` runs on another thread."""
+    t = threading.Thread(target=work)
+    t.start()
+    rate = steps_while(t.is_alive)
+    t.join()
+    return rate
+
+
+def uploader(endpoint: str) -> subprocess.Popen[str]:
+    """Another process that uploads a file to the bucket with boto3 when given its path on stdin."""
+    code = (
+        "import sys, boto3\n"
+        f"s3 = boto3.client('s3', endpoint_url={endpoint!r})\n"
+        "print('ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    path, key = line.split()\n"
+        f"    s3.upload_file(path, {BUCKET!r}, key)\n"
+        "    print('done', flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def interference(mgr: object, model: torch.nn.Module, opt: torch.optim.Optimizer, work: Path, repeats: int,
+                 endpoint: str | None = None) -> dict[str, float]:  # fmt: skip
+    """Median step rates of the loop during a background save, during a raw write of as many bytes (the floor), and
+    (``endpoint``) during another process's boto3 upload of the checkpoint to the bucket (a floor holding the object
+    store's and the upload's CPU work, without sharing the training process's GIL)."""
     from tracked_ckpt import CheckpointManager
 
     assert isinstance(mgr, CheckpointManager)
+    rates: dict[str, list[float]] = {"save": [], "write": [], "other process uploads": []}
+    up = uploader(endpoint) if endpoint else None
     with mgr:
         mgr.save(model, opt, {"step": 0})
         mgr.wait()  # staging buffers allocated
-        blob = bytes((mgr.save_dir / mgr.run_id / "step-00000000" / "state.pt").stat().st_size)
-        during_save, during_write = [], []
+        state = mgr.save_dir / mgr.run_id / "step-00000000" / "state.pt"
+        blob = bytes(state.stat().st_size)
         for i in range(1, repeats + 1):
-            mgr.save(model, opt, {"step": i})
-            during_save.append(tiny_steps(1.5))
-            mgr.wait()
+            rates["save"].append(during(partial(save_and_wait, mgr, model, opt, i)))
 
             def write(i: int = i) -> None:
                 with open(work / f"raw-{mgr.run_id}-{i}.bin", "wb") as f:
@@ -95,11 +124,57 @@ def interference(mgr: object, model: torch.nn.Module, opt: torch.optim.Optimizer
                     f.flush()
                     os.fsync(f.fileno())
 
-            t = threading.Thread(target=write)
-            t.start()
-            during_write.append(tiny_steps(1.5))
-            t.join()
-    return statistics.median(during_save), statistics.median(during_write)
+            rates["write"].append(during(write))
+            if up is not None:
+                rates["other process uploads"].append(during(partial(tell, up, f"{state} floor/{mgr.run_id}-{i}.pt")))
+    if up is not None:
+        up.kill()
+    return {k: statistics.median(v) for k, v in rates.items() if v}
+
+
+def save_and_wait(mgr: Any, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    mgr.save(model, opt, {"step": step})
+    mgr.wait()
+
+
+def tell(proc: subprocess.Popen[str], line: str) -> None:
+    """Hand ``proc`` (an ``uploader``) one line of work and wait until it is done."""
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline().strip() == "done"
+
+
+def resume_rows(run_id: str, size: str, repeats: int, work: Path, tracking_uri: str | None = None,
+                mlflow_env: dict[str, dict[str, str]] | None = None) -> dict[str, float]:  # fmt: skip
+    """Median seconds of ``tracked_ckpt.load(run_id)`` with nothing local, and of MLflow's ``download_artifacts`` +
+    ``torch.load`` + ``load_state_dict`` of the same file, once per environment in ``mlflow_env``."""
+    from mlflow.tracking import MlflowClient
+
+    import tracked_ckpt
+
+    client, uri = MlflowClient(tracking_uri), tracking_uri
+    fresh, fresh_opt = make_state(parse_size(size))
+    path = f"checkpoints/step-{repeats:08d}/state.pt"
+    rows: dict[str, list[float]] = {"tracked_ckpt": []}
+    for i in range(repeats):
+        rows["tracked_ckpt"].append(timed(lambda: tracked_ckpt.load(run_id, fresh, fresh_opt, tracking_uri=uri)))
+        for name, env in (mlflow_env or {"MLflow": {}}).items():
+            dst = work / f"dl-{run_id}-{name.replace(' ', '_')}-{i}"
+            dst.mkdir()
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            try:
+                t0 = time.perf_counter()
+                restore(Path(client.download_artifacts(run_id, path, str(dst))), fresh, fresh_opt)
+                rows.setdefault(name, []).append(time.perf_counter() - t0)
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+    return {k: statistics.median(v) for k, v in rows.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -111,7 +186,6 @@ def main(argv: list[str] | None = None) -> None:
     import boto3
     from mlflow.tracking import MlflowClient
 
-    import tracked_ckpt
     from tracked_ckpt import CheckpointManager
 
     endpoint, proc = moto()
@@ -123,47 +197,60 @@ def main(argv: list[str] | None = None) -> None:
     client = MlflowClient()
     client.create_experiment("s3-bench", artifact_location=f"s3://{BUCKET}/exp")
     model, opt = make_state(parse_size(a.size))
-    rows: dict[str, list[float]] = {k: [] for k in ("record", "upload_file", "resume", "download+load")}
+    up: dict[str, list[float]] = {k: [] for k in ("save", "upload_file", "proxied save", "proxied log_artifact")}
     try:
         with CheckpointManager(work / "ck", experiment="s3-bench") as mgr:
             run_id = mgr.run_id
             for i in range(1, a.repeats + 1):
-                rows["record"].append(timed(lambda i=i: mgr.save(model, opt, {"step": i})))
+                up["save"].append(timed(partial(mgr.save, model, opt, {"step": i})))
                 state = work / "ck" / run_id / f"step-{i:08d}" / "state.pt"
-                rows["upload_file"].append(timed(lambda s=state, i=i: s3.upload_file(str(s), BUCKET, f"raw/{i}.pt")))
-        fresh, fresh_opt = make_state(parse_size(a.size))
-        path = f"checkpoints/step-{a.repeats:08d}/state.pt"
-        for i in range(a.repeats):
-            rows["resume"].append(timed(lambda: tracked_ckpt.load(run_id, fresh, fresh_opt)))
-            dst = work / f"dl{i}"
-            dst.mkdir()
+                up["upload_file"].append(timed(partial(s3.upload_file, str(state), BUCKET, f"raw/{i}.pt")))
+        record = statistics.median(m.value for m in client.get_metric_history(run_id, "system/checkpoint_record_s"))
+        direct = resume_rows(run_id, a.size, a.repeats, work)
 
-            def download_then_load(d: Path = dst, path: str = path) -> None:
-                local = client.download_artifacts(run_id, path, str(d))
-                restore(Path(local), fresh, fresh_opt)
+        (work / "server").mkdir()
+        with mlflow_server(work / "server", f"s3://{BUCKET}/proxied") as url:
+            pclient = MlflowClient(url)
+            with CheckpointManager(work / "ck-proxied", experiment="s3-proxied", tracking_uri=url) as mgr:
+                prun = mgr.run_id
+                for i in range(1, a.repeats + 1):
+                    up["proxied save"].append(timed(partial(mgr.save, model, opt, {"step": i})))
+                    state = work / "ck-proxied" / prun / f"step-{i:08d}" / "state.pt"
+                    up["proxied log_artifact"].append(timed(partial(pclient.log_artifact, prun, str(state), f"raw{i}")))
+            precord = statistics.median(m.value for m in pclient.get_metric_history(prun, "system/checkpoint_record_s"))
+            single = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
+            proxied = resume_rows(prun, a.size, a.repeats, work, url,
+                                  {"MLflow (its default: presigned, parallel)": {}, "MLflow, one stream": single})
 
-            rows["download+load"].append(timed(download_then_load))
-        record_s = [m.value for m in client.get_metric_history(run_id, "system/checkpoint_record_s")]
-        # Interference: the loop's rate during a background save vs during a raw write of the same bytes. With S3
-        # the (Python) moto server shares this machine's cores; the local store shows the client side alone.
         client.create_experiment("local-bench", artifact_location=str(work / "local-artifacts"))
-        rates = {}
-        for exp in ("local-bench", "s3-bench"):
-            rates[exp] = interference(CheckpointManager(work / f"ck-{exp}", experiment=exp, async_save=True),
-                                      model, opt, work, a.repeats)  # fmt: skip
+        rates = {
+            "local": interference(CheckpointManager(work / "ck-local", experiment="local-bench", async_save=True),
+                                  model, opt, work, a.repeats),
+            "S3": interference(CheckpointManager(work / "ck-s3", experiment="s3-bench", async_save=True),
+                               model, opt, work, a.repeats, endpoint),
+        }  # fmt: skip
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    upload = statistics.median(record_s)
+    med = {k: statistics.median(v) for k, v in up.items()}
     print(f"S3 (moto on loopback), state {a.size}, {a.repeats} repeats, medians")
-    print(f"record in S3:  the upload part of a save (its record_s) {upload:.2f} s vs boto3 upload_file "
-          f"{med['upload_file']:.2f} s: {upload / med['upload_file']:.2f}x (target <= 1.1x); save() end to end "
-          f"(serialize, fsync, hash, upload, record) {med['record']:.2f} s: {med['record'] / med['upload_file']:.2f}x")
-    print(f"resume:        tracked_ckpt.load {med['resume']:.2f} s vs download_artifacts+torch.load "
-          f"{med['download+load']:.2f} s: {med['resume'] / med['download+load']:.2f}x (target <= 1.0x)")  # fmt: skip
-    for exp, (rate_save, rate_write) in rates.items():
-        print(f"interference ({exp.split('-')[0]} store): loop rate during a background save {rate_save:.0f}/s vs "
-              f"during a raw write {rate_write:.0f}/s: {rate_save / rate_write:.2f}x (target >= 0.95x)")
+    print(f"direct  record:  the upload part of a save (its record_s) {record:.2f} s vs boto3 upload_file "
+          f"{med['upload_file']:.2f} s: {record / med['upload_file']:.2f}x (target <= 1.1x); save() end to end "
+          f"(serialize, fsync, hash, upload, record) {med['save']:.2f} s: {med['save'] / med['upload_file']:.2f}x")
+    print(f"direct  resume:  tracked_ckpt.load {direct['tracked_ckpt']:.2f} s vs download_artifacts+torch.load "
+          f"{direct['MLflow']:.2f} s: {direct['tracked_ckpt'] / direct['MLflow']:.2f}x (target <= 1.0x)")
+    print(f"proxied record:  the upload part of a save {precord:.2f} s vs MLflow's log_artifact "
+          f"{med['proxied log_artifact']:.2f} s: {precord / med['proxied log_artifact']:.2f}x; save() end to end "
+          f"{med['proxied save']:.2f} s")
+    for name, secs in proxied.items():
+        if name != "tracked_ckpt":
+            print(f"proxied resume:  tracked_ckpt.load {proxied['tracked_ckpt']:.2f} s vs {name} download_artifacts+"
+                  f"torch.load {secs:.2f} s: {proxied['tracked_ckpt'] / secs:.2f}x")
+    for store, r in rates.items():
+        for floor, rate in r.items():
+            if floor != "save":
+                print(f"interference ({store} store): loop rate during a background save {r['save']:.0f}/s vs during "
+                      f"{'a raw write' if floor == 'write' else 'another process uploading it'} {rate:.0f}/s: "
+                      f"{r['save'] / rate:.2f}x (target >= 0.95x)")
 
 
 if __name__ == "__main__":

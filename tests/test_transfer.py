@@ -4,23 +4,29 @@ from __future__ import annotations
 
 import base64
 import http.server
+import logging
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
-from conftest import assert_same_state
+from conftest import assert_same_state, free_port
+from mlflow.entities.presigned_download import PresignedDownloadUrlResponse
+from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager, transfer
-from tracked_ckpt.manifest import hash_file
+from tracked_ckpt.errors import CheckpointCorruptError
+from tracked_ckpt.manifest import FileEntry, hash_file, verify_file
 from tracked_ckpt.store import RunStore
 
-BIG = 20 << 20  # above the 8 MB probe: the rest comes in parallel ranges
+BIG = 40 << 20  # over two ranges of transfer.CHUNK: the rest comes in parallel
 
 
 class FileHandler(http.server.BaseHTTPRequestHandler):
@@ -98,44 +104,109 @@ def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FileServe
     srv.server_close()
 
 
-def test_large_file_comes_in_parallel_ranges(files: FileServer, tmp_path: Path) -> None:
-    dst = transfer.download(files.url, "ck/big.bin", tmp_path / "out" / "big.bin")
-    assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
-    assert files.ranges[0] == f"bytes=0-{(8 << 20) - 1}"
-    assert len(files.ranges) == 1 + transfer.PARTS
+def served(files: FileServer, name: str = "big.bin") -> tuple[int, str]:
+    return hash_file(files.root / "artifacts" / "ck" / name)
+
+
+def ranges_for(size: int) -> int:
+    return -(-size // transfer.CHUNK)
+
+
+def test_large_file_comes_in_parallel_ranges_hashed_on_the_way(files: FileServer, tmp_path: Path) -> None:
+    dst = tmp_path / "out" / "big.bin"
+    digest = transfer.download_proxied(files.url, "ck/big.bin", dst)
+    size, expected = served(files)
+    assert digest == expected and hash_file(dst) == (size, expected)
+    assert files.ranges[0] == f"bytes=0-{transfer.CHUNK - 1}"
+    assert len(files.ranges) == ranges_for(size) > 2
 
 
 def test_a_server_ignoring_range_gets_one_streamed_get(files: FileServer, tmp_path: Path) -> None:
     files.ignore_range = True
-    dst = transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
-    assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
-    assert len(files.ranges) == 1
-    assert transfer.download(files.url, "ck/empty.bin", tmp_path / "empty.bin").read_bytes() == b""
+    digest = transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin")
+    assert (digest, len(files.ranges)) == (served(files)[1], 1)
+    assert transfer.download_proxied(files.url, "ck/empty.bin", tmp_path / "empty.bin") == served(files, "empty.bin")[1]
+    assert (tmp_path / "empty.bin").read_bytes() == b""
 
 
 def test_a_failed_part_is_fetched_again_not_the_whole_file(files: FileServer, tmp_path: Path) -> None:
     files.drop_parts = 2
-    dst = transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
-    assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
-    assert files.drop_parts == 0 and len(files.ranges) == 1 + transfer.PARTS + 2  # only the two parts, again
+    digest = transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin")
+    size, expected = served(files)
+    assert digest == expected and hash_file(tmp_path / "big.bin") == (size, expected)
+    assert files.drop_parts == 0 and len(files.ranges) == ranges_for(size) + 2  # only the two parts, again
 
 
 def test_a_short_part_is_an_error_not_a_file(files: FileServer, tmp_path: Path) -> None:
-    files.truncate = True
+    files.truncate = True  # every part but the first comes one byte short, every time it is asked again
     with pytest.raises(OSError, match="cut short"):
-        transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
+        transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin")
 
 
 def test_missing_file_and_credentials(files: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError):
-        transfer.download(files.url, "ck/nope.bin", tmp_path / "nope.bin")
+        transfer.download_proxied(files.url, "ck/nope.bin", tmp_path / "nope.bin")
     files.password = "s3cret"
     with pytest.raises(OSError, match="401"):
-        transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
+        transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret")  # MLflow's own variables, as MLflow reads them
-    dst = transfer.download(files.url, "ck/big.bin", tmp_path / "big.bin")
-    assert hash_file(dst) == hash_file(files.root / "artifacts" / "ck" / "big.bin")
+    assert transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin") == served(files)[1]
+
+
+def test_pieces_are_hashed_in_file_order_and_a_runaway_range_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-order hasher: pieces handed in out of order by threads give the file's digest; a piece WINDOW bytes past
+    the hashed position waits until the hasher catches up (bounded memory), and a cancel releases it."""
+    monkeypatch.setattr(transfer, "WINDOW", 4)
+    data = bytes(range(256)) * 4
+    pieces = [(i, data[i : i + 64]) for i in range(0, len(data), 64)]
+    h = transfer._InOrderHash()
+    threads = [threading.Thread(target=h.feed, args=p) for p in reversed(pieces[1:])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert h.done == 0  # nothing hashed while the first piece is missing
+    h.feed(*pieces[0])
+    assert h.done == len(data) and h.hexdigest() == hash_bytes(data)
+
+    h = transfer._InOrderHash()
+    waited = threading.Event()
+
+    def runaway() -> None:
+        with pytest.raises(transfer._Cancelled):
+            h.wait_turn(100)  # 100 >= 0 + WINDOW
+        waited.set()
+
+    t = threading.Thread(target=runaway)
+    t.start()
+    time.sleep(0.3)
+    assert not waited.is_set()
+    h.cancel()
+    t.join(timeout=5)
+    assert waited.is_set()
+
+
+def test_a_streamed_digest_is_trusted_the_file_is_not_read_again(tmp_path: Path) -> None:
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    entry = FileEntry("x.bin", 3, hash_bytes(b"xyz"))
+    verify_file(f, entry, "here", digest=entry.blake3)  # the digest the download computed stands for the bytes
+    with pytest.raises(CheckpointCorruptError, match="BLAKE3"):
+        verify_file(f, entry, "here")  # without one, the file is hashed
+    with pytest.raises(CheckpointCorruptError, match="BLAKE3"):
+        verify_file(f, entry, "here", digest=hash_bytes(b"abc"))
+
+
+def test_upload_part_size_fits_s3s_limits() -> None:
+    assert transfer.part_size(100 << 20) == transfer.UPLOAD_PART
+    big = 6 << 40  # 6 TiB: 16 MiB parts would be 393,216 of them
+    part = transfer.part_size(big)
+    assert -(-big // part) <= 10_000 and part % (1 << 20) == 0 and part <= 5 << 30
+
+
+def hash_bytes(data: bytes) -> str:
+    return str(blake3.blake3(data).hexdigest())
 
 
 @pytest.mark.server
@@ -155,4 +226,32 @@ def test_resume_through_a_real_server_uses_ranged_downloads(
     path = ref.split("/", 2)[2] + "/state.pt"
     entry = mgr.catalog.manifest(ref.split("/", 2)[2]).file("state.pt")
     got = RunStore(MlflowClient(mlflow_server), mgr.run_id).fetch(path, tmp_path / "dl")
-    assert hash_file(got) == (entry.size, entry.blake3)
+    assert hash_file(got.path) == (entry.size, entry.blake3) and got.blake3 == entry.blake3
+
+
+class UnreachableBucket(MlflowArtifactsRepository):
+    """A tracking server whose presigned URLs point at an object store this machine cannot reach."""
+
+    def _is_multipart_download_enabled(self) -> bool:
+        return True
+
+    def _get_presigned_download_url(self, remote_file_path: str) -> PresignedDownloadUrlResponse:
+        return PresignedDownloadUrlResponse(f"http://127.0.0.1:{free_port()}/bucket/{remote_file_path}", {}, None)
+
+
+@pytest.mark.server
+def test_an_unreachable_presigned_url_falls_back_to_the_server(
+    tmp_path: Path, experiment: str, mlflow_server: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2300, 2300)
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, tracking_uri=mlflow_server) as mgr:
+        ref = mgr.save(model, None, {"step": 1})
+    folder = ref.split("/", 2)[2]
+    entry = mgr.catalog.manifest(folder).file("state.pt")
+    artifact_uri = MlflowClient(mlflow_server).get_run(mgr.run_id).info.artifact_uri
+    repo = UnreachableBucket(artifact_uri, tracking_uri=mlflow_server)
+    with caplog.at_level(logging.WARNING, logger="tracked_ckpt"):
+        digest = transfer.download(repo, f"{folder}/state.pt", tmp_path / "dl" / "state.pt")
+    assert digest == entry.blake3 and hash_file(tmp_path / "dl" / "state.pt") == (entry.size, entry.blake3)
+    assert "not reachable from here" in caplog.text and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" in caplog.text

@@ -80,6 +80,11 @@ def bounded(policy: CallPolicy | None = None) -> Iterator[CallPolicy]:
         _policy.reset(token)
 
 
+def current() -> CallPolicy:
+    """The policy of the enclosing ``bounded()`` block, else ``CALL`` (for requests tracked_ckpt makes itself)."""
+    return _policy.get() or CALL.effective()
+
+
 def in_context(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` carrying the caller's policy: worker threads (a ThreadPoolExecutor) keep the caller's budget."""
     policy = _policy.get()

@@ -80,7 +80,7 @@ class RunCatalog:
             with open_in_place(root, artifact, self.run_id) as f:
                 return f.read()
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-            return self.store.fetch(artifact, Path(tmp)).read_bytes()
+            return self.store.fetch(artifact, Path(tmp)).path.read_bytes()
 
     def scan(self) -> list[Resolved]:
         """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
@@ -191,6 +191,7 @@ class RunCatalog:
     def fetch_verified(self, r: Resolved, tmp_dir: Path, cache_dir: Path | None = None) -> Path:
         """A local folder with every file of ``r`` checked against its manifest (size and BLAKE3)."""
         where = f"checkpoint {ref_for(self.run_id, r.path)} (step {r.manifest.step})"
+        streamed: dict[str, str | None] = {}  # digests computed while downloading: nothing is read twice
         if cache_dir is not None and _cache_matches(cache_dir, r.manifest):
             folder = cache_dir
         else:
@@ -198,12 +199,12 @@ class RunCatalog:
             _check_listing([e.path.rpartition("/")[2] for e in self.store.list(r.path)], r.manifest, where)
             for f in r.manifest.files:
                 try:
-                    local = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
+                    local, streamed[f.name] = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
                 except (FileNotFoundError, StoreError, CheckpointCorruptError) as e:
                     raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
                 folder = local.parents[f.name.count("/")]  # a nested name ("sub/x.bin") lies deeper
         for f in r.manifest.files:
-            verify_file(folder / f.name, f, where)
+            verify_file(folder / f.name, f, where, digest=streamed.get(f.name))
         return folder
 
 

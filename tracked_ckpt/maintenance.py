@@ -36,6 +36,7 @@ from .store import RunStore
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 
+
 def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
     """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable.
 
@@ -207,14 +208,14 @@ def pull(
             src = f"{r.path}/{f.name}"
             (staging / f.name).parent.mkdir(parents=True, exist_ok=True)  # a foreign folder's nested file
             try:
-                _fetch_into(catalog, src, staging / f.name, bar, done)
+                digest = _fetch_into(catalog, src, staging / f.name, bar, done)
             except (FileNotFoundError, StoreError) as e:
                 if isinstance(e, StoreError) and catalog.store.exists(src):
                     raise  # the file is there: the store failed (unreachable, permissions)
                 raise CheckpointCorruptError(f"{where}: file {f.name!r} listed in the manifest is missing") from e
             done += f.size
             bar.update_to(done)
-            verify_file(staging / f.name, f, where)
+            verify_file(staging / f.name, f, where, digest=digest)
         _fetch_into(catalog, f"{r.path}/{MANIFEST_NAME}", staging / MANIFEST_NAME, None, 0)
         bar.close()
         for n in names:  # the manifest last, as in a save
@@ -234,7 +235,8 @@ def pull(
     return [out_dir / n for n in names]
 
 
-def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None, base: int) -> None:
+def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None, base: int) -> str | None:
+    """Copy or download artifact ``path`` to ``dest``; its BLAKE3 if a download computed it on the way."""
     root = catalog.store.local_dir
     if root is not None:  # a local artifact store: copy in chunks, so the bar moves
         with open_in_place(root, check_relpath(path, "artifact path"), catalog.run_id) as src, open(dest, "wb") as out:
@@ -242,7 +244,7 @@ def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None
                 out.write(chunk)
                 if bar is not None:
                     bar.advance(len(chunk))
-        return
+        return None
     download = dest.parent / ".download"
     download.mkdir(exist_ok=True)
     if bar is None:
@@ -250,4 +252,5 @@ def _fetch_into(catalog: RunCatalog, path: str, dest: Path, bar: Progress | None
     else:
         with watch_file(download / path, bar, base):
             got = catalog.store.fetch(path, download)
-    os.replace(got, dest)
+    os.replace(got.path, dest)
+    return got.blake3

@@ -211,8 +211,11 @@ def hash_file(path: Path) -> tuple[int, str]:
     return size, str(h.hexdigest())
 
 
-def verify_file(path: Path, entry: FileEntry, where: str) -> None:
-    """Raise CheckpointCorruptError unless ``path`` has exactly the size and digest the manifest says."""
+def verify_file(path: Path, entry: FileEntry, where: str, digest: str | None = None) -> None:
+    """Raise CheckpointCorruptError unless ``path`` has exactly the size and digest the manifest says.
+
+    ``digest``: the file's BLAKE3, already computed while it was written (a download); else the file is hashed.
+    """
     try:
         st = path.lstat()
     except FileNotFoundError as e:
@@ -225,7 +228,7 @@ def verify_file(path: Path, entry: FileEntry, where: str) -> None:
             f"{where}: file {entry.name!r} is {size} bytes, the manifest says {entry.size} "
             "(truncated or replaced); refusing to load it"
         )
-    if hash_file(path)[1] != entry.blake3:
+    if (digest if digest is not None else hash_file(path)[1]) != entry.blake3:
         raise CheckpointCorruptError(
             f"{where}: file {entry.name!r} does not match its BLAKE3 digest (bit rot or tampering); refusing to load it"
         )

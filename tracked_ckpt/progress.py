@@ -100,7 +100,8 @@ def watch_file(path: Path, progress: Progress, base: int = 0) -> Iterator[None]:
     def poll() -> None:
         while not stop.wait(_REDRAW_S):
             with contextlib.suppress(OSError):  # not created yet
-                progress.update_to(base + path.stat().st_size)
+                st = path.stat()  # allocated blocks: a parallel download sizes its file first, then fills it in
+                progress.update_to(base + min(st.st_size, st.st_blocks * 512))
 
     t = threading.Thread(target=poll, name="tracked_ckpt-progress", daemon=True)
     t.start()

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
@@ -42,6 +42,13 @@ class Entry:
     path: str
     is_dir: bool
     size: int | None
+
+
+class Fetched(NamedTuple):
+    """A local file holding an artifact; ``blake3``: its digest, computed as the bytes arrived (None: not known)."""
+
+    path: Path
+    blake3: str | None
 
 
 _HTTP_STATUS = re.compile(r"(?:error code|status code|status)\D{0,4}(4\d\d)\b|\b(4\d\d) Client Error")
@@ -196,7 +203,13 @@ class RunStore:
         if root is not None:
             _link_or_copy(local_file, root / artifact_dir / local_file.name)
             return
-        self._call(lambda: self.repo.log_artifact(str(local_file), artifact_dir), f"upload {local_file.name}")
+        self._call(
+            lambda: (
+                transfer.upload(self.repo, local_file, artifact_dir)  # in parallel parts, where it can
+                or self.repo.log_artifact(str(local_file), artifact_dir)
+            ),
+            f"upload {local_file.name}",
+        )
 
     def list(self, path: str) -> list[Entry]:
         check_relpath(path, "artifact path")
@@ -213,7 +226,7 @@ class RunStore:
         parent, _, name = path.rpartition("/")
         return any(e.path.rpartition("/")[2] == name for e in self.list(parent))
 
-    def fetch(self, path: str, tmp_dir: Path) -> Path:
+    def fetch(self, path: str, tmp_dir: Path) -> Fetched:
         """A local path holding artifact ``path``: in place for a local store, else downloaded into tmp_dir."""
         check_relpath(path, "artifact path")
         root = self.local_dir
@@ -224,16 +237,16 @@ class RunStore:
                 raise CheckpointCorruptError(
                     f"artifact {path} of run {self.run_id} is a symlink (to {local.resolve()}); refusing to follow it"
                 )
-            return local
-        if transfer.is_http(self.repo):  # parallel ranged GETs, ~3x download_artifacts (docs/performance.md)
-            dst = tmp_dir / path
-            self._call(lambda: transfer.download(self.repo.artifact_uri, path, dst), f"download {path}")
-            return dst
+            return Fetched(local, None)
+        dst = tmp_dir / path  # S3 or a tracking server: parallel ranges, hashed as they arrive (transfer.py)
+        digest = self._call(lambda: transfer.download(self.repo, path, dst), f"download {path}")
+        if digest is not None:
+            return Fetched(dst, digest)
         local = self._call(lambda: self.repo.download_artifacts(path, str(tmp_dir)), f"download {path}")
         result = Path(local)
         if result.is_symlink():
             raise StoreError(f"download of {path} produced a symlink; refusing to follow it")
-        return result
+        return Fetched(result, None)
 
     def delete(self, path: str) -> None:
         """Delete one checkpoint folder; only ``checkpoints/<name>`` is accepted (delete_artifacts trusts paths)."""
