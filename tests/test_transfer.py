@@ -8,7 +8,6 @@ import logging
 import re
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def served(files: FileServer, name: str = "big.bin") -> tuple[int, str]:
 
 
 def ranges_for(size: int) -> int:
-    return -(-size // transfer.CHUNK)
+    return 1 + len(transfer.plan(transfer.MIN_CHUNK, size))  # the first request, then the plan
 
 
 def test_large_file_comes_in_parallel_ranges_hashed_on_the_way(files: FileServer, tmp_path: Path) -> None:
@@ -117,7 +116,7 @@ def test_large_file_comes_in_parallel_ranges_hashed_on_the_way(files: FileServer
     digest = transfer.download_proxied(files.url, "ck/big.bin", dst)
     size, expected = served(files)
     assert digest == expected and hash_file(dst) == (size, expected)
-    assert files.ranges[0] == f"bytes=0-{transfer.CHUNK - 1}"
+    assert files.ranges[0] == f"bytes=0-{transfer.MIN_CHUNK - 1}"
     assert len(files.ranges) == ranges_for(size) > 2
 
 
@@ -154,37 +153,35 @@ def test_missing_file_and_credentials(files: FileServer, tmp_path: Path, monkeyp
     assert transfer.download_proxied(files.url, "ck/big.bin", tmp_path / "big.bin") == served(files)[1]
 
 
-def test_pieces_are_hashed_in_file_order_and_a_runaway_range_waits(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The in-order hasher: pieces handed in out of order by threads give the file's digest; a piece WINDOW bytes past
-    the hashed position waits until the hasher catches up (bounded memory), and a cancel releases it."""
-    monkeypatch.setattr(transfer, "WINDOW", 4)
-    data = bytes(range(256)) * 4
-    pieces = [(i, data[i : i + 64]) for i in range(0, len(data), 64)]
-    h = transfer._InOrderHash()
-    threads = [threading.Thread(target=h.feed, args=p) for p in reversed(pieces[1:])]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert h.done == 0  # nothing hashed while the first piece is missing
-    h.feed(*pieces[0])
-    assert h.done == len(data) and h.hexdigest() == hash_bytes(data)
+def test_pieces_are_hashed_in_file_order_far_ahead_ones_from_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The in-order hasher: pieces handed in out of order by threads give the file's digest. Those within WINDOW of
+    the hashed position are hashed from memory; those further ahead are read back from the file (bounded memory)."""
+    data = bytes(range(256)) * 64
+    pieces = [(i, data[i : i + 1024]) for i in range(0, len(data), 1024)]
+    for window, reread in ((len(data), 0), (4096, len(data) - 4096)):  # 4 pieces of 1 KiB in the window
+        monkeypatch.setattr(transfer, "WINDOW", window)
+        f = tmp_path / f"w{window}.bin"
+        f.write_bytes(data)  # as the workers' pwrite left it
+        with open(f, "rb") as fh:
+            h = transfer._InOrderHash(fh.fileno())
+            threads = [threading.Thread(target=h.feed, args=p) for p in reversed(pieces[1:])]
+            for t in threads:
+                t.start()
+                t.join()  # last piece first: the worst order
+            assert h.done == 0  # nothing hashed while the first piece is missing
+            h.feed(*pieces[0])
+        assert (h.done, h.hexdigest(), h.reread) == (len(data), hash_bytes(data), reread)
 
-    h = transfer._InOrderHash()
-    waited = threading.Event()
 
-    def runaway() -> None:
-        with pytest.raises(transfer._Cancelled):
-            h.wait_turn(100)  # 100 >= 0 + WINDOW
-        waited.set()
-
-    t = threading.Thread(target=runaway)
-    t.start()
-    time.sleep(0.3)
-    assert not waited.is_set()
-    h.cancel()
-    t.join(timeout=5)
-    assert waited.is_set()
+def test_ranges_fit_the_file_and_mlflows_chunk_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    mb = 1 << 20
+    assert transfer.plan(0, 40 * mb) == [(0, 16 * mb), (16 * mb, 32 * mb), (32 * mb, 40 * mb)]  # 16 MB at least
+    assert len(transfer.plan(0, 200 * mb)) == transfer.PARTS  # one range per worker
+    assert {b - a for a, b in transfer.plan(0, 1000 * mb)} == {100 * mb}  # MLflow's 100 MB at most
+    monkeypatch.setenv("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE", str(32 * mb))
+    assert len(transfer.plan(0, 1000 * mb)) == 32
 
 
 def test_a_streamed_digest_is_trusted_the_file_is_not_read_again(tmp_path: Path) -> None:

@@ -2,12 +2,13 @@
 
 MLflow's client moves a file as one stream where tracked_ckpt needs more, so the large transfers go here:
 
-**Downloads** (``download``): the file comes as ranges of ``CHUNK`` bytes, taken in file order by ``PARTS`` workers.
-Each piece is written in place (``pwrite``) and handed to one BLAKE3 hasher in file order, so the digest is known
-when the last byte lands and the file is never read back. A worker that runs more than ``WINDOW`` bytes ahead of
-the hasher waits: memory stays bounded, never a whole file. A range that fails is fetched again from the byte
-where it stopped (``PART_ATTEMPTS`` tries), not the whole file. Every byte count is checked (truncated downloads
-were reported, mlflow#7360). Where the bytes come from:
+**Downloads** (``download``): the file comes as byte ranges taken in file order by ``PARTS`` workers (``plan``: at
+least one range per worker, 16 MB to 100 MB each). Each piece is written in place (``pwrite``) and handed to one
+BLAKE3 hasher in file order, so the digest is known when the last byte lands: pieces within ``WINDOW`` of the hashed
+position wait in memory, pieces further ahead are read back from the page cache when their turn comes. Memory
+stays bounded, no worker waits, and the file is read again only where ranges run far apart. A range that fails is
+fetched again from the byte where it stopped (``PART_ATTEMPTS`` tries), not the whole file. Every byte count is
+checked (truncated downloads were reported, mlflow#7360). Where the bytes come from:
 
 - S3 reached directly (MLflow's S3 repository): a presigned URL to the object, from MLflow's own
   ``get_download_presigned_url``.
@@ -53,8 +54,8 @@ from . import _http
 log = logging.getLogger(__name__)
 
 PARTS = 4  # parallel ranges: 4 was the fastest of 1/2/4/8 against a loopback server on 2 cores
-CHUNK = 16 << 20  # bytes per ranged GET: large enough that per-request costs vanish, small enough to keep order
-WINDOW = (PARTS + 2) * CHUNK  # the most bytes written but not yet hashed (the memory a download holds)
+MIN_CHUNK = 16 << 20  # bytes per ranged GET at least (and the first request's size when the size is unknown)
+WINDOW = 256 << 20  # pieces this far ahead of the hashed position are read back from the file instead of held
 PART_ATTEMPTS = 3
 _PIECE = 1 << 20  # bytes per read from a response
 UPLOAD_MIN = 64 << 20  # smaller files take one request: parts would not pay for their extra calls
@@ -127,6 +128,7 @@ def download_presigned(presign: Callable[[], Any], dst: Path, path: str) -> str:
     policy = _http.current()
     lock = threading.Lock()
     url = [presign()]
+    size = url[0].file_size
     sessions = threading.local()
     first = [True]
 
@@ -152,33 +154,43 @@ def download_presigned(presign: Callable[[], Any], dst: Path, path: str) -> str:
                     url[0] = presign()
         raise AssertionError("unreachable")
 
-    return _fetch(get, dst, path, PARTS)
+    return _fetch(get, dst, path, PARTS, int(size) if size is not None else None)
 
 
-def _fetch(get: Getter, dst: Path, path: str, parts: int) -> str:
+def plan(start: int, total: int, parts: int = PARTS) -> list[tuple[int, int]]:
+    """The byte ranges [a, b) that cover [start, total): one per worker at least, each ``MIN_CHUNK`` or more, and
+    at most ``MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE`` (MLflow's own size for presigned downloads, 100 MB)."""
+    most = max(MIN_CHUNK, int(_env("MLFLOW_MULTIPART_DOWNLOAD_CHUNK_SIZE").get()))
+    chunk = min(most, max(MIN_CHUNK, -(-(total - start) // parts)))
+    return [(a, min(a + chunk, total)) for a in range(start, total, chunk)]
+
+
+def _fetch(get: Getter, dst: Path, path: str, parts: int, size: int | None = None) -> str:
+    """Fetch the whole file into ``dst``; ``size``: known up front (no first request to learn it)."""
     t0 = time.perf_counter()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    digest = _InOrderHash()
+    fd = os.open(dst, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    digest = _InOrderHash(fd)
+    copy = _Copier(get, fd, digest, path)
     try:
-        resp = _first(get, f"bytes=0-{CHUNK - 1}" if parts > 1 else None, path)
-        if resp.status_code == 206:
-            total = int(resp.headers["Content-Range"].rpartition("/")[2])
-        else:  # 200: the server ignores Range (or the file is empty): the whole body, streamed
-            length = resp.headers.get("Content-Length")
-            total = int(length) if length is not None else -1
+        if size is not None and parts > 1:
+            total, jobs = size, [functools.partial(copy.range, a, b) for a, b in plan(0, size, parts)]
+        else:  # a first request tells the size (and whether Range is honored); its body is the first range
+            resp = _first(get, f"bytes=0-{MIN_CHUNK - 1}" if parts > 1 else None, path)
+            if resp.status_code == 206:
+                total = int(resp.headers["Content-Range"].rpartition("/")[2])
+                head = min(MIN_CHUNK, total)
+                rest = plan(head, total, parts)
+            else:  # 200: the server ignores Range (or the file is empty): the whole body, streamed
+                length = resp.headers.get("Content-Length")
+                total = head = int(length) if length is not None else -1
+                rest = []
+            jobs = [functools.partial(copy.range, 0, head, resp)]
+            jobs += [functools.partial(copy.range, a, b) for a, b in rest]
         os.ftruncate(fd, max(total, 0))
-        head = min(CHUNK, total) if resp.status_code == 206 else total
-        ranges = [(a, min(a + CHUNK, total)) for a in range(head, total, CHUNK)] if resp.status_code == 206 else []
-        copy = _Copier(get, fd, digest, path)
-
-        def first_range() -> None:
-            copy.range(0, head, resp)
-
-        jobs: list[Callable[[], None]] = [first_range] + [functools.partial(copy.range, a, b) for a, b in ranges]
         if len(jobs) == 1:
-            first_range()
-        else:
+            jobs[0]()
+        elif jobs:
             with ThreadPoolExecutor(max_workers=min(parts, len(jobs)), thread_name_prefix="tracked_ckpt-fetch") as pool:
                 futures = [pool.submit(_http.in_context(job)) for job in jobs]  # taken in file order
                 wait(futures, return_when=FIRST_EXCEPTION)
@@ -194,7 +206,8 @@ def _fetch(get: Getter, dst: Path, path: str, parts: int) -> str:
             raise OSError(f"download of {path} was cut short: {digest.done} of {total} bytes")
     finally:
         os.close(fd)
-    log.debug("downloaded %s (%.1f MB) in %.2f s", path, total / 1e6, time.perf_counter() - t0)
+    log.debug("downloaded %s (%.1f MB, %.1f MB hashed from the page cache) in %.2f s",
+              path, total / 1e6, digest.reread / 1e6, time.perf_counter() - t0)  # fmt: skip
     return digest.hexdigest()
 
 
@@ -227,20 +240,21 @@ class _Copier:
         pos = a
         for attempt in range(PART_ATTEMPTS):
             try:
-                if resp is None:
+                if resp is None and a < b:
                     resp = self.get(f"bytes={pos}-{b - 1}")
                     _check_status(resp, self.path)
                     if resp.status_code != 206:
                         resp.close()
                         raise OSError(f"the server stopped honoring Range for {self.path} (status {resp.status_code})")
-                pos = self._copy(resp, pos, b)
+                if resp is not None:
+                    pos = self._copy(resp, pos, b)
                 if b < 0 or pos == b:
                     return
                 raise OSError(f"download of {self.path} was cut short: {pos - a} of {b - a} bytes at offset {a}")
             except (FileNotFoundError, _Cancelled):
                 raise
             except Exception as e:  # OSError, or MLflow's wrapping of a dropped connection or a 5xx
-                if attempt == PART_ATTEMPTS - 1:
+                if attempt == PART_ATTEMPTS - 1 or b < 0:  # a stream of unknown length cannot be resumed
                     raise
                 log.debug("range %d-%d of %s failed at %d (%s); fetching the rest again", a, b, self.path, pos, e)
                 time.sleep(0.2 * 2**attempt)
@@ -251,9 +265,10 @@ class _Copier:
 
     def _copy(self, resp: Any, pos: int, end: int) -> int:
         for chunk in resp.iter_content(_PIECE):
+            if self.digest.cancelled:
+                raise _Cancelled()
             if 0 <= end < pos + len(chunk):
                 raise OSError(f"the server sent more than the {end - pos} bytes asked at offset {pos} of {self.path}")
-            self.digest.wait_turn(pos)
             view = memoryview(chunk)
             at = pos
             while view:
@@ -272,55 +287,59 @@ class _InOrderHash:
     """BLAKE3 of pieces that arrive out of order from parallel ranges, hashed in file order as soon as they can be.
 
     Whoever hands in the piece at the hashed position hashes every piece that is ready (``update`` releases the GIL),
-    one thread at a time. ``wait_turn`` holds a piece that lies ``WINDOW`` bytes or more past the hashed position: the
-    piece at that position belongs to a range that is running and never waits, so this cannot deadlock.
+    one thread at a time. A piece within ``WINDOW`` bytes of the hashed position is kept in memory until its turn;
+    one further ahead is only written, and read back from the file (the page cache) when its turn comes. So memory
+    stays bounded and nothing waits, and the file is read again only where ranges run that far apart.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fd: int) -> None:
         self._h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+        self._fd = fd
         self.done = 0
-        self._pending: dict[int, bytes] = {}
+        self.reread = 0  # bytes hashed from the file rather than from memory
+        self.cancelled = False
+        self._pending: dict[int, bytes | int] = {}  # offset -> the bytes, or their length when only on disk
         self._busy = False
-        self._cancelled = False
-        self._cv = threading.Condition()
-
-    def wait_turn(self, offset: int) -> None:
-        with self._cv:
-            while offset >= self.done + WINDOW and not self._cancelled:
-                self._cv.wait()
-            if self._cancelled:
-                raise _Cancelled()
+        self._lock = threading.Lock()
 
     def feed(self, offset: int, data: bytes) -> None:
-        with self._cv:
-            self._pending[offset] = data
+        with self._lock:
+            self._pending[offset] = data if offset - self.done < WINDOW else len(data)
             if self._busy:
                 return  # the thread hashing now takes this piece too when it is next
             self._busy = True
-        while True:
-            with self._cv:
-                piece = self._pending.pop(self.done, None)
-                if piece is None:
-                    self._busy = False
-                    self._cv.notify_all()
-                    return
-            try:
+        try:
+            while True:
+                with self._lock:
+                    piece = self._pending.pop(self.done, None)
+                    if piece is None:
+                        self._busy = False
+                        return
+                if isinstance(piece, int):
+                    piece = self._read(self.done, piece)
+                    self.reread += len(piece)
                 self._h.update(piece)
-            except BaseException:
-                with self._cv:
-                    self._busy = False
-                    self._cancelled = True
-                    self._cv.notify_all()
-                raise
-            with self._cv:
-                self.done += len(piece)
-                self._cv.notify_all()
+                with self._lock:
+                    self.done += len(piece)
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            raise
+
+    def _read(self, offset: int, n: int) -> bytes:
+        parts = []
+        while n:
+            got = os.pread(self._fd, n, offset)
+            if not got:
+                raise OSError(f"the downloaded file ends at {offset}, before bytes already written there")
+            parts.append(got)
+            offset, n = offset + len(got), n - len(got)
+        return b"".join(parts)
 
     def cancel(self) -> None:
-        with self._cv:
-            self._cancelled = True
+        with self._lock:
+            self.cancelled = True
             self._pending.clear()
-            self._cv.notify_all()
 
     def hexdigest(self) -> str:
         return str(self._h.hexdigest())
