@@ -17,6 +17,7 @@ import torch
 from conftest import assert_same_state, free_port
 from mlflow.entities.presigned_download import PresignedDownloadUrlResponse
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
 from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
@@ -35,6 +36,11 @@ class FileHandler(http.server.BaseHTTPRequestHandler):
         srv = self.server
         assert isinstance(srv, FileServer)
         srv.ranges.append(self.headers.get("Range"))
+        if srv.status is not None:  # e.g. 403: an object store refusing presigned URLs
+            self.send_response(srv.status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if srv.password is not None:
             expected = "Basic " + base64.b64encode(f"alice:{srv.password}".encode()).decode()
             if self.headers.get("Authorization") != expected:
@@ -82,6 +88,7 @@ class FileServer(http.server.ThreadingHTTPServer):
         self.truncate = False
         self.drop_parts = 0
         self.password: str | None = None
+        self.status: int | None = None
 
     @property
     def url(self) -> str:
@@ -252,3 +259,26 @@ def test_an_unreachable_presigned_url_falls_back_to_the_server(
         digest = transfer.download(repo, f"{folder}/state.pt", tmp_path / "dl" / "state.pt")
     assert digest == entry.blake3 and hash_file(tmp_path / "dl" / "state.pt") == (entry.size, entry.blake3)
     assert "not reachable from here" in caplog.text and "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" in caplog.text
+
+
+class PresigningS3(S3ArtifactRepository):
+    """MLflow's S3 repository, its presigned URLs pointing at ``url`` (the test's file server)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__("s3://bucket/prefix")
+        self.url = url
+
+    def get_download_presigned_url(self, artifact_path: str, expiration: int = 300) -> PresignedDownloadUrlResponse:
+        return PresignedDownloadUrlResponse(f"{self.url}/{artifact_path}", {"x-amz-test": "1"}, None)
+
+
+def test_direct_s3_downloads_through_presigned_urls_and_falls_back_when_refused(
+    files: FileServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = PresigningS3(files.url)
+    assert transfer.download(repo, "ck/big.bin", tmp_path / "big.bin") == served(files)[1]
+    assert len(files.ranges) == ranges_for(served(files)[0])
+    files.status = 403
+    with caplog.at_level(logging.WARNING, logger="tracked_ckpt"):
+        assert transfer.download(repo, "ck/big.bin", tmp_path / "again.bin") is None  # the caller uses MLflow's client
+    assert "refused a presigned URL" in caplog.text and "HTTP 403" in caplog.text

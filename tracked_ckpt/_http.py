@@ -61,6 +61,10 @@ PROBE = CallPolicy(max_retries=0, backoff_factor=0.0, timeout=5.0, transfer_time
 # at once, a hung one within ~10 s, instead of MLflow's minutes. Downloads keep the long between-bytes timeout.
 READ = CallPolicy(max_retries=1, backoff_factor=0.5, timeout=5.0, transfer_timeout=60.0)
 
+# Completing a multipart upload: the object store assembles the parts before it answers (S3 documents "several
+# minutes" for large objects; moto took ~48 s for 5.2 GiB here). Not retried: a second "complete" of one upload fails.
+FINISH = CallPolicy(max_retries=0, backoff_factor=0.0, timeout=15.0, transfer_timeout=900.0)
+
 _policy: contextvars.ContextVar[CallPolicy | None] = contextvars.ContextVar("tracked_ckpt_http_policy", default=None)
 
 

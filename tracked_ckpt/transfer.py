@@ -77,15 +77,22 @@ def is_http(repo: Any) -> bool:
 
 def download(repo: Any, path: str, dst: Path) -> str | None:
     """Download artifact ``path`` of ``repo`` into ``dst``; its BLAKE3 digest, or None if ``repo`` is not ours to do."""
+    from requests import HTTPError
+
     if isinstance(repo, _mlflow("mlflow.store.artifact.artifact_repo").MultipartDownloadMixin):  # S3, directly
-        return download_presigned(lambda: repo.get_download_presigned_url(path, expiration=3600), dst, path)
+        try:
+            return download_presigned(lambda: repo.get_download_presigned_url(path, expiration=3600), dst, path)
+        except HTTPError as e:  # an S3-compatible store that takes the client's calls but not presigned URLs
+            if e.response is None or e.response.status_code not in (400, 403, 501):
+                raise
+            log.warning("the object store refused a presigned URL for %s (HTTP %d); downloading it with MLflow's "
+                        "client instead (hashed after)", path, e.response.status_code)  # fmt: skip
+            return None
     if not is_http(repo):
         return None
     offers_presigned = getattr(repo, "_is_multipart_download_enabled", None)
     if offers_presigned is None or not offers_presigned():
         return download_proxied(repo.artifact_uri, path, dst)
-    from requests import HTTPError
-
     try:
         return download_presigned(lambda: repo._get_presigned_download_url(path), dst, path)
     except HTTPError as e:  # the server advertised presigned downloads, then refused one (404: maybe no such file)
@@ -376,7 +383,8 @@ def upload(repo: Any, local_file: Path, artifact_dir: str) -> bool:
         with open(local_file, "rb") as f, ThreadPoolExecutor(PARTS, thread_name_prefix="tracked_ckpt-put") as pool:
             put = _http.in_context(lambda c: _put_part(c, f.fileno(), (c.part_number - 1) * part, part, size))
             done = list(pool.map(put, created.credentials))
-        repo.complete_multipart_upload(str(local_file), created.upload_id, done, artifact_dir)
+        with _http.bounded(_http.FINISH):
+            repo.complete_multipart_upload(str(local_file), created.upload_id, done, artifact_dir)
     except BaseException:
         with contextlib.suppress(Exception):  # what was sent is discarded by the bucket, not left half-written
             repo.abort_multipart_upload(str(local_file), created.upload_id, artifact_dir)
