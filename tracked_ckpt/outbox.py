@@ -128,6 +128,7 @@ class Publisher:
         self._passes_failed = 0  # consecutive passes that ended in a transient failure
         self._refusal: PermanentStoreError | None = None  # the last refusal, until a save reports it
         self._warned = False  # one warning per outage
+        self._current: tuple[int, float] | None = None  # (step, since) of the checkpoint being published now
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._run, name=f"tracked_ckpt-publisher-{run_id[:8]}", daemon=True)
@@ -171,10 +172,15 @@ class Publisher:
             self._cond.notify_all()
 
     def note_timeout(self, step: int, timeout: float) -> None:
-        """A save gave up waiting: the server hangs (or is slow); later saves do not wait until it answers."""
+        """A save gave up waiting: the server hangs, or an upload is slow; later saves do not wait until it answers."""
         with self._cond:
             self._in_outage = True
-        self._warn(f"did not answer within {timeout:.0f} s", step)
+            current = self._current
+        if current is None:
+            self._warn(f"did not answer within {timeout:.0f} s", step)
+        else:  # nothing tells a large upload that is still moving from a server that stopped answering
+            self._warn(f"has been recording checkpoint step {current[0]} for {time.monotonic() - current[1]:.0f} s "
+                       "(a large upload still running, or a server that does not answer)", step)  # fmt: skip
 
     def _warn(self, what: str, step: int | None) -> None:
         with self._cond:
@@ -273,6 +279,8 @@ class Publisher:
         for p in self.outbox.pending(self.run_id):
             if self._stopped:
                 return False
+            with self._cond:
+                self._current = (p.step, time.monotonic())
             try:
                 self._publish(p)
             except NotReady:
@@ -286,9 +294,12 @@ class Publisher:
                                   self.outbox.dir)  # fmt: skip
                 self._fail(StoreError("unexpected error (logged above)"), p)
                 return False
+            finally:
+                with self._cond:
+                    self._current = None
             self.outbox.done(p)
             if self._in_outage:
-                log.warning("MLflow at %s is reachable again: recording the queued checkpoints (step %d recorded)",
+                log.warning("MLflow at %s recorded queued checkpoint step %d; recording the rest of the queue",
                             self._server, p.step)  # fmt: skip
             with self._cond:
                 self._in_outage, self._probes_failed, self._warned, self._refusal = False, 0, False, None
