@@ -374,8 +374,9 @@ def upload(repo: Any, local_file: Path, artifact_dir: str) -> bool:
     try:
         created = repo.create_multipart_upload(str(local_file), count, artifact_dir)
     except HTTPError as e:  # a server whose destination cannot: MLflow's own client falls back the same way
+        unsupported = _mlflow("mlflow.exceptions")._UnsupportedMultipartUploadException.MESSAGE
         message = _json(e.response).get("message", "")
-        if isinstance(message, str) and message.startswith("Multipart upload is not supported"):
+        if isinstance(message, str) and message.startswith(unsupported):
             return False
         raise
     t0 = time.perf_counter()
