@@ -31,6 +31,7 @@ from conftest import free_port, make_training, train_steps
 from demo_store import DEMO_ITERATIONS, DemoServer, demo_server
 from mlflow.tracking import MlflowClient
 
+import tracked_ckpt
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.cli import cli
 from tracked_ckpt.maintenance import open_catalog, parse, plan_prune
@@ -216,6 +217,26 @@ def test_show_prints_manifest_files_sizes_and_digests(run5: tuple[str, str]) -> 
         assert data["files"] and all(len(f["blake3"]) == 64 for f in data["files"])
     code, out, _ = invoke("show", run_id + "@best", "--metric", "reward", "--mode", "min", "--format", "json")
     assert code == 0 and json.loads(out)["step"] == 10
+
+
+def test_best_of_a_loss_min_run_is_the_same_for_load_cli_and_manager(tmp_path: Path) -> None:
+    """'best' is the run's own monitor everywhere, not reward:max (a loss/min run has no reward at all)."""
+    losses = {10: 0.9, 20: 0.2, 30: 0.5}  # the best is step 20, the latest step 30
+    model, opt, sched = make_training()
+    kwargs: dict[str, object] = {"experiment": f"cli-{uuid.uuid4().hex[:8]}", "monitor": "loss", "mode": "min"}
+    with CheckpointManager(tmp_path / "ckpt", resume="never", **kwargs) as mgr:  # type: ignore[arg-type]
+        for step, loss in losses.items():
+            train_steps(model, opt, sched, 1)
+            mgr.save(model, opt, {"step": step, "loss": loss})
+        run_id = mgr.run_id
+    fresh, fresh_opt, _ = make_training()
+    assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best")["step"] == 20
+    code, out, err = invoke("show", f"{run_id}@best", "--format", "json")
+    assert code == 0 and json.loads(out)["step"] == 20, err
+    with CheckpointManager(tmp_path / "ckpt", resume="must", **kwargs) as mgr:  # type: ignore[arg-type]
+        assert mgr.load(fresh, fresh_opt, which="best")["step"] == 20
+    # An explicit metric still wins over the run's monitor (the loss's worst, by max).
+    assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best", metric="loss", mode="max")["step"] == 10
 
 
 def test_pull_writes_verified_files_and_refuses_to_overwrite(run5: tuple[str, str], tmp_path: Path) -> None:

@@ -15,7 +15,6 @@ from mlflow.tracking import MlflowClient
 from .catalog import RunCatalog
 from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
-from .policies import check_mode
 from .reading import read_client, reading
 from .refs import Which
 from .state import Stateful, TrainingState
@@ -34,11 +33,14 @@ def load(
     scaler: Stateful | None = None,
     extra: Mapping[str, Stateful] | None = None,
     tracking_uri: str | None = None,
-    metric: str = "reward",
-    mode: str = "max",
+    metric: str | None = None,
+    mode: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Restore checkpoint ``which`` ("latest", "best" by ``metric``/``mode``, or a step) of run ``run_id``.
+    """Restore checkpoint ``which`` ("latest", "best", or a step) of run ``run_id``.
+
+    "best" is by the run's own monitor (the ``monitor``/``mode`` it was saved with) unless ``metric``/``mode``
+    name another.
 
     ``run_id`` may also be a registered model version made by ``promote``: ``"models:/NAME@ALIAS"`` or
     ``"models:/NAME/VERSION"`` (its checkpoint is loaded, verified like any other; ``which`` is ignored).
@@ -62,7 +64,7 @@ def load(
             if got is None:
                 raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
             return got[1]
-        r = catalog.resolve(which, metric, check_mode(mode))
+        r = catalog.resolve(which, metric, mode)
         return load_resolved(catalog, r, state, cache)
 
 

@@ -23,7 +23,7 @@ from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
 from .policies import CheckpointInfo, Mode, best_of
 from .refs import Which, ref_for
-from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR
+from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR, monitor_of
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -159,11 +159,14 @@ class RunCatalog:
             raise CheckpointCorruptError(f"run {self.run_id}: the checkpoint of step {step} is unusable: {bad[-1]}")
         return matches[-1] if matches else None
 
-    def resolve(self, which: Which, metric: str = "reward", mode: Mode = "max") -> Resolved:
+    def resolve(self, which: Which, metric: str | None = None, mode: str | None = None) -> Resolved:
+        """The committed checkpoint ``which`` names; "best" by ``metric``/``mode``, else by the run's own monitor."""
         if which == "latest":
             r = self.latest()
         elif which == "best":
-            r = self.best(metric, mode)
+            tags = self.store.tags()
+            metric, mode = monitor_of(tags, metric, mode)
+            r = self.best(metric, mode, tags)
         elif isinstance(which, int) and not isinstance(which, bool):
             r = self.at_step(which)
         else:

@@ -49,10 +49,7 @@ def resolve(catalog: RunCatalog, ref: Ref, metric: str | None = None, mode: str 
     """The committed checkpoint ``ref`` names; CheckpointNotFoundError when there is none."""
     if ref.path is not None:
         return Resolved(ref.path, catalog.manifest(ref.path))
-    if ref.which == "best":
-        best_metric, best_mode = monitor_of(catalog.store.tags(), metric, mode)
-        return catalog.resolve("best", best_metric, best_mode)
-    return catalog.resolve(ref.which)
+    return catalog.resolve(ref.which, metric, mode)
 
 
 def markers(catalog: RunCatalog, r: Resolved, metric: str | None = None, mode: str | None = None) -> list[str]:
