@@ -44,7 +44,18 @@ def test_public_api_is_pinned() -> None:
         "EveryInterval", "EveryNSteps", "KeepBest", "KeepEvery", "KeepLast", "OnImprovement", "RunNotFoundError",
         "TrackedCkptError", "__version__", "export_model", "list_checkpoints", "list_runs", "load", "promote",
         "warm_start",
+        # every error a user can catch, and the extension seams (custom policies, the store)
+        "ConfigError", "ExperimentNotFoundError", "InvalidMetadataError", "RunLockedError", "SaveError",
+        "StoreError", "StoreNotFoundError", "UnsafeCheckpointError",
+        "CheckpointInfo", "RetentionPolicy", "SaveContext", "SavePolicy", "RunStore",
     ])  # fmt: skip
+    for name in tracked_ckpt.__all__:
+        assert getattr(tracked_ckpt, name) is not None, name
+    # every exception class in errors.py is reachable from the top level
+    import tracked_ckpt.errors as errors
+
+    raised = {n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception)}
+    assert raised <= set(tracked_ckpt.__all__), raised - set(tracked_ckpt.__all__)
 
 
 def test_round_trip_restores_everything_and_returns_metadata(tmp_path: Path, experiment: str) -> None:

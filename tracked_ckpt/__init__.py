@@ -13,16 +13,36 @@ from .errors import (
     CheckpointCorruptError,
     CheckpointMismatchError,
     CheckpointNotFoundError,
+    ConfigError,
+    ExperimentNotFoundError,
+    InvalidMetadataError,
+    RunLockedError,
     RunNotFoundError,
+    SaveError,
+    StoreError,
+    StoreNotFoundError,
     TrackedCkptError,
+    UnsafeCheckpointError,
 )
-from .policies import EveryInterval, EveryNSteps, KeepBest, KeepEvery, KeepLast, OnImprovement
+from .policies import (
+    CheckpointInfo,
+    EveryInterval,
+    EveryNSteps,
+    KeepBest,
+    KeepEvery,
+    KeepLast,
+    OnImprovement,
+    RetentionPolicy,
+    SaveContext,
+    SavePolicy,
+)
 
 if TYPE_CHECKING:
     from .api import load
     from .export import export_model, warm_start
     from .lifecycle import promote
     from .manager import CheckpointManager
+    from .store import RunStore
     from .views import list_checkpoints, list_runs
 
 # Imported on first use: these pull in mlflow and torch (~3 s), which `tracked-ckpt --help` must not pay.
@@ -34,6 +54,7 @@ _LAZY = {
     "export_model": ".export",
     "warm_start": ".export",
     "promote": ".lifecycle",
+    "RunStore": ".store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }
 
 
@@ -51,17 +72,30 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "CheckpointCorruptError",
+    "CheckpointInfo",
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "ConfigError",
     "EveryInterval",
     "EveryNSteps",
+    "ExperimentNotFoundError",
+    "InvalidMetadataError",
     "KeepBest",
     "KeepEvery",
     "KeepLast",
     "OnImprovement",
+    "RetentionPolicy",
+    "RunLockedError",
     "RunNotFoundError",
+    "RunStore",
+    "SaveContext",
+    "SaveError",
+    "SavePolicy",
+    "StoreError",
+    "StoreNotFoundError",
     "TrackedCkptError",
+    "UnsafeCheckpointError",
     "__version__",
     "export_model",
     "list_checkpoints",
