@@ -34,6 +34,12 @@ SLOW = {
     "docs/distributed.md": "four torchrun launches of the FSDP2 demo (~2 min on 2 cores)",
     "docs/huggingface.md": "two Trainer runs of a GPT-2 (~1 min on 2 cores)",
 }
+# Pages that show a known bug as printed, fixed in another branch of issue 21 (deliverable 3): strict, so the merge
+# that fixes it fails here until the entry is removed.
+KNOWN_BUGS = {
+    "docs/accelerate.md": "Accelerate's checkpoint numbering restarts at checkpoint_0 after load_state, so the resume "
+    "in the same project_dir stops with 'checkpoint_3 already exists' (issue 21, deliverable 3)",
+}
 RUNNABLE = {"python", "bash", "sh", "console"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 MARK = re.compile(r"<!--\s*docs-test:\s*(\w+)\s*(.*?)\s*-->\s*$")
@@ -81,7 +87,9 @@ def not_run() -> list[object]:
 
 
 def page_params() -> list[object]:
-    marks = {p: [pytest.mark.slow] for p in SLOW}
+    marks: dict[str, list[pytest.MarkDecorator]] = {p: [pytest.mark.slow] for p in SLOW}
+    for p, why in KNOWN_BUGS.items():
+        marks.setdefault(p, []).append(pytest.mark.xfail(reason=why, strict=True, raises=AssertionError))
     return [pytest.param(p, id=p, marks=marks.get(p, [])) for p in PAGES]
 
 
