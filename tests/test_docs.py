@@ -4,7 +4,8 @@ A page runs top to bottom in its own temporary working directory with its own sq
 ``./mlflow.db``; no ``MLFLOW_TRACKING_URI``), as a user copying it would. ``python`` blocks run as scripts;
 ``bash``/``sh`` blocks and the ``$ `` lines of ``console`` blocks run in bash (a ``cd`` carries over to the next block;
 a ``console`` command whose printed output shows an error must fail, any other must succeed). In shell commands,
-``RUN_ID`` (and the IDs printed as examples, ``3f2a...`` or 32 hex digits) stand for the first run ID the page printed.
+``RUN_ID`` (and the IDs printed as examples, ``3f2a...`` or 32 hex digits) stand for the run the page's latest
+example announced (``new run ID``, ``run_id ID``: the ID its text tells the reader to use).
 
 An HTML comment right above a block (invisible on GitHub) tells this test what the block is:
 
@@ -43,7 +44,8 @@ KNOWN_BUGS = {
 RUNNABLE = {"python", "bash", "sh", "console"}
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 MARK = re.compile(r"<!--\s*docs-test:\s*(\w+)\s*(.*?)\s*-->\s*$")
-RUN_ID = re.compile(r"\b[0-9a-f]{32}\b")
+# How the examples announce their run ("new run ID", "run_id ID", "run ID: ..."); a fork's announcement is not it.
+ANNOUNCED = re.compile(r"^(?:new run|run_id|run) ([0-9a-f]{32})\b(?!, forked)", re.M)
 PLACEHOLDER = re.compile(r"\bRUN_ID\b|\b[0-9a-f]{32}\b|\b[0-9a-f]{4}\.\.\.")
 
 
@@ -122,8 +124,8 @@ class Page:
 
     @property
     def run_id(self) -> str | None:
-        found = RUN_ID.search(self.output)
-        return found.group(0) if found else None
+        found = ANNOUNCED.findall(self.output)
+        return found[-1] if found else None
 
     def substitute(self, command: str) -> str:
         run_id = self.run_id
