@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 # Pages whose examples take minutes on 2 cores: they run with --run-slow only.
 SLOW = {
+    "docs/lifecycle.md": "ten commands and scripts after a demo (~2 min on 2 cores)",
+    "docs/usage.md": "every CLI command of the page, two demos (~4 min on 2 cores)",
     "docs/distributed.md": "four torchrun launches of the FSDP2 demo (~2 min on 2 cores)",
     "docs/huggingface.md": "two Trainer runs of a GPT-2 (~1 min on 2 cores)",
 }
@@ -152,12 +154,12 @@ class Page:
             self.cwd = Path((self.root / ".docs-test" / "cwd").read_text().strip())
 
     def store(self) -> dict[str, int]:
-        """Every run of the page's store, with its latest checkpoint's step (-1: none)."""
+        """Every run of the store in the current folder, with its latest checkpoint's step (-1: none)."""
         from mlflow.tracking import MlflowClient
 
         from tracked_ckpt.runtags import TAG_LATEST_STEP
 
-        db = self.root / "mlflow.db"
+        db = self.cwd / "mlflow.db"  # MLflow's default store, where the page's commands run
         if not db.exists():
             return {}
         client = MlflowClient(f"sqlite:///{db}")
@@ -190,7 +192,7 @@ def shell_script(block: Block, substitute: object, cwd_file: Path) -> str:
             f"[ $__rc {check} ] || {{ echo 'docs-test: exit '$__rc' from: {cmd.replace(chr(39), '')}' >&2; exit 99; }}",
             "(exit $__rc)",
         ]
-    return "\n".join(lines)
+    return "\n".join([*lines, "exit 0"])
 
 
 @pytest.mark.parametrize("page", page_params())

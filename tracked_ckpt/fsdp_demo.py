@@ -1,11 +1,11 @@
 """A short FSDP2 (or DDP) training script with checkpoints recorded in MLflow; resumable by run ID.
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 40 --save-every 10
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 80 --run-id <RUN_ID>
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 80 --run-id <RUN_ID>  # 41-80
 
-Rank 0 prints the run ID and whether it resumed. Relaunching with ``--run-id`` (or ``MLFLOW_RUN_ID``) resumes from the latest
-checkpoint, at any world size; ``--steps`` counts from the start of the run, so a resume trains further
-only with a larger one. Uses gloo on CPU and NCCL when CUDA is available. The test-only flags
+Rank 0 prints the run ID and whether it resumed. Relaunching with ``--run-id`` (or ``MLFLOW_RUN_ID``) resumes
+from the latest checkpoint, at any world size; ``--steps`` counts from the start of the run, so a resume trains
+further only with a larger one. Uses gloo on CPU and NCCL when CUDA is available. The test-only flags
 (``--dump``, ``--dump-loaded``, ``--dump-saves``) let tests compare runs.
 """
 
