@@ -124,6 +124,7 @@ def test_notebook_writes_nothing_into_the_clone_and_says_where_it_wrote(executed
     artifacts, save_dir = Path(said.group(3).removeprefix("file://")), Path(said.group(4).strip())
     assert not artifacts.is_relative_to(run.clone) and not save_dir.is_relative_to(run.clone)
     assert any(artifacts.rglob("MANIFEST.json")) and (save_dir / "tracked_ckpt.json").is_file()
+    shutil.rmtree(save_dir)  # the notebook's fork save_dir, in the system's temporary folder
 
 
 def first_cell() -> Any:
