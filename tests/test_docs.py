@@ -44,6 +44,7 @@ KNOWN_BUGS = {
     "in the same project_dir stops with 'checkpoint_3 already exists' (issue 21, deliverable 3)",
 }
 RUNNABLE = {"python", "bash", "sh", "console"}
+DISPLAY = {"", "text", "json", "ini", "toml", "yaml"}  # layouts, outputs, grammars: nothing to run
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
 MARK = re.compile(r"<!--\s*docs-test:\s*(\w+)\s*(.*?)\s*-->\s*$")
 # How the examples announce their run ("new run ID", "run_id ID", "run ID: ..."); a fork's announcement is not it.
@@ -98,9 +99,12 @@ def page_params() -> list[object]:
 
 
 def test_every_page_has_its_programs_run_or_marked() -> None:
-    """Every page is here, and every skip says why (the skipped blocks are listed by test_block_not_run)."""
+    """Every page is here, every block is a program or a display, and every skip says why (the skipped blocks are
+    listed by test_block_not_run)."""
     assert "docs/lifecycle.md" in PAGES and "docs/usage.md" in PAGES
     for page in PAGES:
+        langs = {m.group(1) for m in FENCE.finditer((ROOT / page).read_text())}
+        assert langs <= RUNNABLE | DISPLAY, f"{page}: {langs - RUNNABLE - DISPLAY} blocks: run them or add to DISPLAY"
         for b in blocks(page):
             assert b.mark != "skip" or len(b.arg) > 10, f"{b.id}: a skip needs its reason"
             assert b.mark != "file" or b.lang == "python", f"{b.id}: only python blocks are saved as files"
