@@ -204,7 +204,7 @@ def test_export_writes_safetensors_that_load_into_a_fresh_model_with_the_source_
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
-@pytest.mark.parametrize("umask", [0o022, 0o027])
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
 def test_exported_files_are_readable_as_the_umask_allows_whatever_the_format(
     parent: tuple[str, dict[int, TinyNet]], tmp_path: Path, umask: int
 ) -> None:
