@@ -494,7 +494,25 @@ def test_every_help_example_runs_as_printed_after_the_demo(tmp_path: Path) -> No
         assert p.returncode == 0, f"{example}\n{p.stdout}\n{p.stderr}"
         if not run_id:
             run_id = re.search(r"new run ([0-9a-f]{32})", p.stdout).group(1)  # type: ignore[union-attr]
+            # the demo's log lines, as `python -m tracked_ckpt.demo` shows them, sizes for humans
+            assert re.search(r"INFO tracked_ckpt.recorder: saved step 5 to \S+ \(\d+\.\d kB\)", p.stderr), p.stderr
     assert (tmp_path / "best" / "state.pt").is_file() and (tmp_path / "checkpoints.csv").stat().st_size > 0
+
+
+def test_both_demo_entry_points_show_the_same_help_with_every_option_explained() -> None:
+    helps = []
+    for cmd in (["-m", "tracked_ckpt.demo"], ["-m", "tracked_ckpt", "demo"]):
+        p = subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        helps.append(p.stdout)
+    assert helps[0].startswith("usage: python -m tracked_ckpt.demo ")
+    assert helps[1].startswith("usage: tracked-ckpt demo ")
+    options = [h[h.index("\noptions:") :] for h in helps]
+    assert options[0] == options[1]
+    lines = options[0].splitlines()[1:]
+    for i, line in enumerate(lines):  # an option alone on its line has its help on the next one
+        if re.fullmatch(r"  -[-\w]+(?: [A-Z_]+)?(?:, --[-\w]+)?", line):
+            assert i + 1 < len(lines) and re.match(r" {10,}\S", lines[i + 1]), f"no help for {line.strip()}"
 
 
 # ----------------------------------------------------------------------------- a real server, a terminal

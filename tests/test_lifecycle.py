@@ -6,8 +6,10 @@ Against the session's sqlite store, then once against a real `mlflow server`; a 
 
 from __future__ import annotations
 
+import os
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,11 @@ def test_fork_from_is_checked(parent: tuple[str, dict[int, TinyNet]], tmp_path: 
         CheckpointManager(tmp_path / "y", experiment=experiment, fork_from=f"{parent_id}@999")
     assert [r.info.run_id for r in MlflowClient().search_runs(
         [MlflowClient().get_experiment_by_name(experiment).experiment_id])] == [parent_id]  # no empty run left
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # no save_dir holding only a .lock
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays, empty
+    with pytest.raises(CheckpointNotFoundError, match="at step 999"):
+        CheckpointManager(tmp_path / "mine", experiment=experiment, fork_from=f"{parent_id}@999")
+    assert (tmp_path / "mine").is_dir()
     # The parent's own save_dir names a run with checkpoints that is not a fork: forking there is refused.
     with pytest.raises(ConfigError, match=rf"{parent_id}, which has checkpoints of its own and is not a fork"):
         CheckpointManager(tmp_path / "parent", experiment=experiment, fork_from=f"{parent_id}@best")
@@ -195,6 +202,34 @@ def test_export_writes_safetensors_that_load_into_a_fresh_model_with_the_source_
     assert_same_state(fresh, saved[40]) and payload["tracked_ckpt"]["tracked_ckpt.step"] == "40"
     again = CliRunner().invoke(cli, ["export", parent_id, "--format", "torch", "-o", str(tmp_path / "m.pt")])
     assert again.exit_code == 2 and "--force" in again.stderr
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027], ids=["umask-022", "umask-027"])
+def test_exported_files_are_readable_as_the_umask_allows_whatever_the_format(
+    parent: tuple[str, dict[int, TinyNet]], tmp_path: Path, umask: int
+) -> None:
+    parent_id, _ = parent
+    old = os.umask(umask)
+    try:
+        paths = [
+            export_model(parent_id, tmp_path / "m.safetensors"),
+            export_model(parent_id, tmp_path / "m.pt", format="torch"),
+        ]
+    finally:
+        os.umask(old)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o666 & ~umask)] * 2  # not safetensors' own 0600
+
+
+def test_without_safetensors_the_cli_says_how_to_export_in_its_own_words(
+    parent: tuple[str, dict[int, TinyNet]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parent_id, _ = parent
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if safetensors were not installed
+    result = CliRunner().invoke(cli, ["export", parent_id, "-o", str(tmp_path / "m.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert "--format torch" in result.stderr and "pip install" in result.stderr
+    with pytest.raises(ConfigError, match=r"format='torch'"):
+        export_model(parent_id, tmp_path / "m.safetensors")
 
 
 # -------------------------------------------------------------------------------------------------- promote

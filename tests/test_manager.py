@@ -531,3 +531,20 @@ def test_a_manifest_from_a_newer_version_is_never_cleaned_up(tmp_path: Path, exp
         with pytest.raises(CheckpointCorruptError, match="format_version 99"):
             mgr.load(model, opt, checkpoint_path=old)
         assert mgr.load(model, opt)["step"] == 2
+
+
+def test_experiment_of_another_runs_save_dir_is_ignored_and_said(
+    tmp_path: Path, experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    model, opt, _ = make_training()
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
+        mgr.save(model, opt, {"step": 1})
+        run_id = mgr.run_id
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path / "ck", experiment=f"{experiment}-b") as again:
+        assert again.run_id == run_id  # the save_dir's run resumes, where it is
+    assert f"experiment='{experiment}-b' is ignored: save_dir {tmp_path / 'ck'} belongs to run {run_id}" in caplog.text
+    assert f"of experiment '{experiment}'" in caplog.text and "pass another save_dir" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), CheckpointManager(tmp_path / "ck", experiment=experiment):
+        pass
+    assert "is ignored" not in caplog.text  # its own experiment: nothing to say

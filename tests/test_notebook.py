@@ -1,15 +1,19 @@
 """The analysis path: the pandas views, and notebooks/analyze_checkpoints.ipynb run top to bottom by nbclient.
 
 Both read the store the demo job populated (tests/demo_store.py: `python -m tracked_ckpt demo` into a tmp sqlite
-database); the query-count test reads the access log of a real `mlflow server` over that store.
+database); the query-count test reads the access log of a real `mlflow server` over that store. The notebook runs as
+`jupyter lab` and `jupyter nbconvert --execute` run it: the kernel in the notebook's own folder (`notebooks/` of a
+clone whose root holds the demo's `mlflow.db`), without MLFLOW_TRACKING_URI.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +46,57 @@ def store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     return demo_store(request.config, tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def executed(store: DemoStore, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """The notebook, executed in the demo's folder with MLFLOW_TRACKING_URI naming the demo's store."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@dataclass(frozen=True)
+class Executed:
+    nb: Any
+    clone: Path  # a clone's layout: the demo's mlflow.db at its root, the notebook in notebooks/
+    before: list[str]  # the files of the clone before the notebook ran
+    uri: str
+
+
+def files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+
+
+def execute(nb: Any, cwd: Path, allow_errors: bool = False) -> Any:
+    """Run ``nb`` as Jupyter does: the kernel in ``cwd``, with this environment less MLFLOW_TRACKING_URI."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", store.uri)  # the kernel inherits this process's environment
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)  # conftest sets it for the tests; a user's shell has none
         client = NotebookClient(
-            nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(store.root)}}
+            nb,
+            timeout=180,
+            kernel_name="python3",
+            allow_errors=allow_errors,
+            resources={"metadata": {"path": str(cwd)}},
         )
         client.execute()
-    nbformat.write(nb, tmp_path_factory.mktemp("notebook") / NOTEBOOK.name)  # kept for a look after a failure
     return nb
+
+
+@pytest.fixture(scope="module")
+def executed(store: DemoStore, tmp_path_factory: pytest.TempPathFactory) -> Executed:
+    """The committed notebook run from notebooks/ of a clone where the demo ran at the root."""
+    clone = tmp_path_factory.mktemp("clone")
+    (clone / "notebooks").mkdir()
+    shutil.copy(NOTEBOOK, clone / "notebooks" / NOTEBOOK.name)
+    shutil.copy(store.root / "server.db", clone / "mlflow.db")  # the demo's store (its artifacts stay where they are)
+    before = files(clone)
+    nb = execute(nbformat.read(NOTEBOOK, as_version=4), clone / "notebooks")
+    nbformat.write(nb, tmp_path_factory.mktemp("notebook") / NOTEBOOK.name)  # kept for a look after a failure
+    return Executed(nb, clone, before, f"sqlite:///{clone / 'mlflow.db'}")
 
 
 def outputs(nb: Any) -> list[dict[str, Any]]:
     return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
 
 
-def test_notebook_runs_top_to_bottom_and_restores_the_best_checkpoint(executed: Any, store: DemoStore) -> None:
+def test_notebook_runs_top_to_bottom_and_restores_the_best_checkpoint(executed: Executed, store: DemoStore) -> None:
+    run, executed = executed, executed.nb
     errors = [o for o in outputs(executed) if o["output_type"] == "error"]
     assert errors == []
     text = "".join(o.get("text", "") for o in outputs(executed) if o["output_type"] == "stream")
-    tags = MlflowClient(store.uri).get_run(store.run_id).data.tags
+    assert f"tracking URI: {run.uri}\n" in text  # found ../mlflow.db from notebooks/
+    tags = MlflowClient(run.uri).get_run(store.run_id).data.tags
     assert f"best: run {store.run_id}, step {tags[TAG_BEST_STEP]}, " in text
     assert f"(runs:/{store.run_id}/{tags[TAG_BEST]})" in text
     found = re.search(r"restored best ([\d.]+), untrained ([\d.]+)", text)
@@ -75,10 +107,46 @@ def test_notebook_runs_top_to_bottom_and_restores_the_best_checkpoint(executed: 
     said = rf"fork ([0-9a-f]{{32}}) of {store.run_id} at step (\d+): continues its parent up to there: True"
     fork = re.search(said, text)
     assert fork, text  # the last cell forked the run (docs/lifecycle.md) and compared the two reward histories
-    fork_tags = MlflowClient(store.uri).get_run(fork.group(1)).data.tags
+    fork_tags = MlflowClient(run.uri).get_run(fork.group(1)).data.tags
     assert (fork_tags[TAG_PARENT_RUN], fork_tags[TAG_PARENT_STEP]) == (store.run_id, fork.group(2))
     tables = [o["data"]["text/html"] for o in outputs(executed) if "text/html" in o.get("data", {})]
     assert len(tables) == 2 and store.run_id in tables[0] and "is_best" in tables[1]
+
+
+def test_notebook_writes_nothing_into_the_clone_and_says_where_it_wrote(executed: Executed) -> None:
+    run = executed
+    assert files(run.clone) == run.before  # no notebooks/mlflow.db, notebooks/mlruns, notebooks/fork_checkpoints
+    text = "".join(o.get("text", "") for o in outputs(run.nb) if o["output_type"] == "stream")
+    wrote = r"wrote: run ([0-9a-f]{32}) in experiment '[^']+' of (\S+), its checkpoints under (\S+); save_dir (.+)"
+    said = re.search(wrote, text)
+    assert said, text
+    assert said.group(2) == run.uri
+    artifacts, save_dir = Path(said.group(3).removeprefix("file://")), Path(said.group(4).strip())
+    assert not artifacts.is_relative_to(run.clone) and not save_dir.is_relative_to(run.clone)
+    assert any(artifacts.rglob("MANIFEST.json")) and (save_dir / "tracked_ckpt.json").is_file()
+    shutil.rmtree(save_dir)  # the notebook's fork save_dir, in the system's temporary folder
+
+
+def first_cell() -> Any:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = [c for c in nb.cells if c.cell_type == "code"][:1]
+    return nb
+
+
+def test_a_copy_next_to_a_store_finds_it(store: DemoStore, tmp_path: Path) -> None:
+    shutil.copy(store.root / "server.db", tmp_path / "mlflow.db")
+    nb = execute(first_cell(), tmp_path)
+    text = "".join(o.get("text", "") for o in outputs(nb) if o["output_type"] == "stream")
+    assert f"tracking URI: sqlite:///{tmp_path / 'mlflow.db'}\n" in text
+
+
+def test_without_a_store_it_stops_and_creates_none(tmp_path: Path) -> None:
+    nb = execute(first_cell(), tmp_path, allow_errors=True)
+    (error,) = [o for o in outputs(nb) if o["output_type"] == "error"]
+    assert error["ename"] == "FileNotFoundError"
+    assert f"no mlflow.db in {tmp_path} or any folder above it" in error["evalue"], error["evalue"]
+    assert "MLFLOW_TRACKING_URI" in error["evalue"]
+    assert list(tmp_path.iterdir()) == []  # nothing created: no mlflow.db, no mlruns
 
 
 def test_notebook_is_committed_without_outputs() -> None:

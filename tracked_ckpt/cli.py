@@ -910,7 +910,7 @@ def demo_cmd(ctx: click.Context, args: tuple[str, ...]) -> None:
     uri = ctx.meta.get(URI_KEY)
     if uri and not any(a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in args):
         args = ("--tracking-uri", uri, *args)  # given before the command name
-    sys.exit(demo_main(list(args)))
+    sys.exit(demo_main(list(args), prog="tracked-ckpt demo"))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

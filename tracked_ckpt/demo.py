@@ -3,9 +3,11 @@
 Each launch trains ``--iterations`` more policy-gradient iterations, continuing the same MLflow run from
 its latest checkpoint when there is one::
 
-    python -m tracked_ckpt.demo          # first launch: a new run
+    python -m tracked_ckpt.demo          # first launch: a new run (or: tracked-ckpt demo, the same)
     python -m tracked_ckpt.demo          # second launch: resumes that run where it stopped
     mlflow ui                            # browse it (http://127.0.0.1:5000)
+
+It prints one INFO line per save, restore and deletion (step, size, seconds) on stderr.
 """
 
 from __future__ import annotations
@@ -69,23 +71,35 @@ def rollout(policy: Policy, episodes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return objective, lengths
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m tracked_ckpt.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def show_log_lines() -> None:
+    """The demo's own output, the same from both entry points: tracked_ckpt's INFO lines on stderr, with the time.
+
+    `tracked-ckpt` has configured logging already (warnings only, for its reading commands), which would make
+    ``logging.basicConfig`` a no-op; so the demo gives the library's logger a handler of its own.
+    """
+    lib = logging.getLogger("tracked_ckpt")
+    if not any(getattr(h, "_tracked_ckpt_demo", False) for h in lib.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._tracked_ckpt_demo = True  # type: ignore[attr-defined]
+        lib.addHandler(handler)
+        lib.propagate = False
+    lib.setLevel(min(logging.INFO, lib.getEffectiveLevel()))  # `tracked-ckpt -vv demo` keeps its DEBUG lines
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m tracked_ckpt.demo") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iterations", type=int, default=40, help="iterations to train in this launch (default 40)")
     p.add_argument("--episodes", type=int, default=16, help="episodes per iteration (default 16)")
     p.add_argument("--save-every", type=int, default=5, help="save a checkpoint every N iterations (default 5)")
-    p.add_argument("--save-dir", default="./training_checkpoints")
-    p.add_argument("--experiment", default="tracked-ckpt-demo")
+    p.add_argument("--save-dir", default="./training_checkpoints", help="local copies (default ./training_checkpoints)")
+    p.add_argument("--experiment", default="tracked-ckpt-demo", help="MLflow experiment (default tracked-ckpt-demo)")
     p.add_argument("--run-id", default=None, help="resume this MLflow run (default: this save_dir's run)")
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="torch seed of a new run (default 0)")
     p.add_argument("--fork-from", default=None, metavar="REF", help="fork: a new run from this checkpoint (RUN_ID@10)")
     args = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    show_log_lines()
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
     torch.manual_seed(args.seed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -22,6 +23,7 @@ import torch
 
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
+from .progress import human_bytes
 from .refs import ref_for
 from .state import STATE_FILE
 
@@ -199,15 +201,27 @@ def export_model(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    mode = _new_file_mode(tmp)
     if save_file is not None:
         save_file(_unshared(sd), str(tmp), metadata=source_info)
     else:
         torch.save({"model": sd, "tracked_ckpt": source_info}, tmp)
+    tmp.chmod(mode)  # safetensors writes 0600; an exported model is for others to read, like torch.save's file
     tmp.replace(out)  # never a half-written file at ``path``
-    log.info("exported the model of step %d from %s to %s (%s, %.1f MB) in %.2f s", r.manifest.step,
-             source_info["tracked_ckpt.checkpoint"], out, format, out.stat().st_size / 1e6,
+    log.info("exported the model of step %d from %s to %s (%s, %s) in %.2f s", r.manifest.step,
+             source_info["tracked_ckpt.checkpoint"], out, format, human_bytes(out.stat().st_size),
              time.perf_counter() - t0)  # fmt: skip
     return out
+
+
+def _new_file_mode(path: Path) -> int:
+    """Create ``path`` as open() creates a file (0666 less the umask: 0644 usually) and return its mode bits."""
+    path.unlink(missing_ok=True)  # a leftover of a crash keeps whatever mode it had
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
 
 
 def _safetensors_save() -> Callable[..., None]:
@@ -216,7 +230,8 @@ def _safetensors_save() -> Callable[..., None]:
     except ImportError:
         raise ConfigError(
             "format='safetensors' needs the safetensors package, which is not installed; "
-            "pip install 'tracked-ckpt[export]' (or safetensors), or pass format='torch'"
+            "pip install safetensors (the [export] extra: pip install -e '.[export]' in a clone of tracked-ckpt), "
+            "or export in the torch format instead: format='torch' (--format torch from the command line)"
         ) from None
     return save_file
 

@@ -1,10 +1,11 @@
 """A short FSDP2 (or DDP) training script with checkpoints recorded in MLflow; resumable by run ID.
 
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 40 --save-every 10
-    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 80 --run-id <RUN_ID>
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 2 -m tracked_ckpt.fsdp_demo --steps 80 --run-id <RUN_ID>  # 41-80
 
-Rank 0 prints the run ID. Relaunching with ``--run-id`` (or ``MLFLOW_RUN_ID``) resumes from the latest
-checkpoint, at any world size. Uses gloo on CPU and NCCL when CUDA is available. The test-only flags
+Rank 0 prints the run ID and whether it resumed. Relaunching with ``--run-id`` (or ``MLFLOW_RUN_ID``) resumes
+from the latest checkpoint, at any world size; ``--steps`` counts from the start of the run, so a resume trains
+further only with a larger one. Uses gloo on CPU and NCCL when CUDA is available. The test-only flags
 (``--dump``, ``--dump-loaded``, ``--dump-saves``) let tests compare runs.
 """
 
@@ -59,7 +60,7 @@ def full_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=40, help="train up to this step, counting the run's earlier steps")
     p.add_argument("--save-every", type=int, default=10)
     p.add_argument("--width", type=int, default=256, help="model width (256: ~1 MB of weights)")
     p.add_argument("--mode", choices=["fsdp", "ddp"], default="fsdp")
@@ -95,6 +96,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"run_id {mgr.run_id}", flush=True)
     meta = mgr.load(model, opt, scheduler=sched)
     step = int(meta.get("step", 0))
+    if rank == 0:
+        said = f"resumed run {mgr.run_id} from its checkpoint at step {step}" if meta else "no checkpoint: step 0"
+        print(f"{said}; training to step {a.steps} on {dist.get_world_size()} rank(s), {a.mode}", flush=True)
     if a.dump_loaded:
         state = full_state(model, opt)
         if rank == 0:

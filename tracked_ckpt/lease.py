@@ -45,6 +45,7 @@ class DirLock:
     """An exclusive, non-blocking flock on ``save_dir/.lock``; the kernel releases it when the process dies."""
 
     def __init__(self, root: Path) -> None:
+        self.created = not root.exists()  # made by this lock: removed by discard() if nothing else came of it
         root.mkdir(parents=True, exist_ok=True)
         self.path = root / LOCK_NAME
         self._f: IO[str] | None = open(self.path, "a+")  # noqa: SIM115 - held for the manager's lifetime
@@ -70,6 +71,20 @@ class DirLock:
                 fcntl.flock(self._f, fcntl.LOCK_UN)
             self._f.close()
             self._f = None
+
+    def discard(self) -> None:
+        """Release, and remove the save_dir this lock created when it holds nothing but the lock file.
+
+        For a manager that failed to start (a fork of a step the parent no longer has, ``resume="must"``...):
+        the user's folder is left as it was found. The file goes while still locked, so no other process can
+        have taken it in between.
+        """
+        root = self.path.parent
+        if self._f is not None and self.created and [p.name for p in root.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+                root.rmdir()
+        self.release()
 
 
 class Lease:

@@ -22,6 +22,7 @@ import torch
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
 from .manifest import FOREIGN_FORMATS
+from .progress import human_bytes
 from .refs import ref_for
 from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
 
@@ -77,10 +78,10 @@ def load_resolved(
         check_fits(payload, state, where)
         restore(payload, rng_json, state)
     log.info(
-        "restored step %d from %s (%.1f MB) in %.2f s",
+        "restored step %d from %s (%s) in %.2f s",
         r.manifest.step,
         ref_for(catalog.run_id, r.path),
-        r.manifest.size / 1e6,
+        human_bytes(r.manifest.size),
         time.perf_counter() - t0,
     )
     return dict(r.manifest.metadata)

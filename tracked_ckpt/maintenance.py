@@ -25,7 +25,7 @@ from .catalog import Resolved, RunCatalog, open_in_place
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
-from .progress import Progress, watch_file
+from .progress import Progress, human_bytes, watch_file
 from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
@@ -172,7 +172,8 @@ def apply_prune(catalog: RunCatalog, plan: PrunePlan) -> None:
             t0 = time.perf_counter()
             catalog.store.delete(c.path)
             deleted.append(c)
-            log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            log.info("deleted step %d (%s, %s) in %.2f s", c.step, c.path, human_bytes(c.size), elapsed)
     finally:
         if deleted:
             left = plan.keep + [c for c in plan.delete if c not in deleted]
@@ -222,11 +223,11 @@ def pull(
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
     log.info(
-        "pulled step %d from %s into %s (%.1f MB) in %.2f s",
+        "pulled step %d from %s into %s (%s) in %.2f s",
         r.manifest.step,
         runs_uri(catalog.run_id, r.path),
         out_dir,
-        r.manifest.size / 1e6,
+        human_bytes(r.manifest.size),
         time.perf_counter() - t0,
     )
     return [out_dir / n for n in names]

@@ -367,7 +367,7 @@ class CheckpointManager:
         session: RunSession | None = vars(self).get("_session")
         if session is not None:
             session.abandon()
-        self._dir_lock.release()
+        self._dir_lock.discard()  # a save_dir made for this manager and left empty goes too
 
     def _close_at_exit(self) -> None:
         try:

@@ -29,6 +29,7 @@ from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
+from .progress import human_bytes
 from .refs import Which, parse_path, ref_for
 from .runtags import (
     METRIC_BYTES,
@@ -290,7 +291,7 @@ class RunRecorder:
         ranks = f", {m.world_size} ranks" if m.format == "dcp" else ""
         queued = "" if recorded else "; queued for MLflow (see outbox)"
         ref = ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}")
-        log.info("saved step %d to %s (%.1f MB%s) in %.2f s%s", m.step, ref, m.size / 1e6, ranks,
+        log.info("saved step %d to %s (%s%s) in %.2f s%s", m.step, ref, human_bytes(m.size), ranks,
                  time.perf_counter() - t0, queued)  # fmt: skip
         if latest is not None and m.step < latest:
             log.info("step %d is below the previous latest step %d: this checkpoint is now the latest", m.step, latest)
@@ -445,7 +446,8 @@ class RunRecorder:
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             with self._lock:
                 self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
-            log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
+            elapsed = time.perf_counter() - t0
+            log.info("deleted step %d (%s, %s) in %.2f s", c.step, c.path, human_bytes(c.size), elapsed)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
 

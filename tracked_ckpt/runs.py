@@ -108,6 +108,7 @@ def _find_run(
             return named
         pointer = local.read_pointer()
         if pointer is not None and pointer.get("tracking_uri") == server and _alive(client, pointer["run_id"], local):
+            _warn_if_other_experiment(client, experiment, pointer, save_dir)
             return FoundRun(pointer["run_id"], f"pointer in {save_dir}", True)
         found = _search_by_save_dir(client, server, save_dir, experiment)
         if found is not None:
@@ -182,6 +183,24 @@ def ui_link(base_url: str, experiment_id: str, run_id: str, page: str = "") -> s
     """
     tail = f"/{page.strip('/')}" if page.strip("/") else ""
     return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{tail}?workflowType=machine_learning"
+
+
+def _warn_if_other_experiment(
+    client: MlflowClient, experiment: str | None, pointer: dict[str, str], save_dir: Path
+) -> None:
+    """``experiment=`` cannot move a run: when save_dir's run lives in another experiment, say so (it resumes)."""
+    if experiment is None or not pointer.get("experiment_id"):
+        return
+    try:
+        actual = client.get_experiment(pointer["experiment_id"]).name
+    except MlflowException:
+        return  # only a warning: the run itself was found
+    if actual != experiment:
+        log.warning(
+            "experiment=%r is ignored: save_dir %s belongs to run %s of experiment %r, which this manager resumes "
+            "there. For a run in %r, pass another save_dir (or resume='never' for a new run in this one)",
+            experiment, save_dir, pointer["run_id"], actual, experiment,
+        )  # fmt: skip
 
 
 def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
