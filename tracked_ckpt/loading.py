@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .catalog import Resolved, RunCatalog
+from .data import check_world_size
 from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
 from .manifest import FOREIGN_FORMATS
 from .refs import ref_for
@@ -51,11 +52,13 @@ def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
 
 
 def load_resolved(
-    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None
+    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None, world_size: int = 1
 ) -> dict[str, Any]:
     """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
+    if r.manifest.format not in FOREIGN_FORMATS:
+        check_world_size(r.manifest.world_size, world_size, state.positions(), where)
     if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
         from .distributed import load_resolved_dcp
 
