@@ -8,19 +8,29 @@ job in this process. Each job logs the sample indices of every step.
 from __future__ import annotations
 
 import contextlib
+import copy
 import random
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import data_job
+import data_ranks_job
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ROOT, run_job
+from mlflow.tracking import MlflowClient
+from test_distributed import assert_same, launch
 
-from tracked_ckpt import list_checkpoints
+from tracked_ckpt import CheckpointManager, list_checkpoints
+from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.cli import cli
+from tracked_ckpt.errors import DataPositionMismatchError
+from tracked_ckpt.store import RunStore
 
 JOB = ROOT / "tests" / "data_job.py"
+RANKS_JOB = ROOT / "tests" / "data_ranks_job.py"
 
 
 def steps_of(log: Path) -> dict[int, str]:
@@ -110,3 +120,80 @@ def test_the_readme_example_resumes_mid_epoch_and_records_the_samples_seen(
     assert header[:4] == ["run", "step", "epoch", "samples"], result.output
     result = CliRunner().invoke(cli, ["show", df["run_id"][0]])
     assert "samples=640" in result.output, result.output
+
+
+# ---------------------------------------------------------------------------------------- torchrun, 2 ranks
+
+
+@dataclass
+class Ranks:
+    root: Path
+    run_id: str
+    kill: int
+    resumed_at: int
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> Ranks:
+    """2 ranks SIGKILLed after a random step; resumed at 2 ranks in another folder, then the uninterrupted run."""
+    root = tmp_path_factory.mktemp("ranks")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    exp = f"ranks-{uuid.uuid4().hex[:8]}"
+    steps, every = data_ranks_job.STEPS, data_ranks_job.SAVE_EVERY
+    kill = random.choice([s for s in range(every + 1, steps) if s % every])  # past a save, not on one
+    common = ("--save-dir", "ckpt", "--experiment", exp)
+    out = launch(2, *common, "--die-after-step", str(kill), cwd=root / "a", target=(str(RANKS_JOB),), expect_rc=1)
+    run_id = out.split("run_id ")[1].split()[0]
+    out = launch(2, *common, "--run-id", run_id, "--reference", f"{exp}-ref", cwd=root / "b", target=(str(RANKS_JOB),))
+    resumed_at = int(out.split("resumed_at ")[1].split()[0])
+    assert resumed_at == kill - kill % every, (kill, out)
+    return Ranks(root, run_id, kill, resumed_at)
+
+
+def test_each_rank_resumes_at_its_own_next_sample_after_a_kill(ranks: Ranks) -> None:
+    a, b = ranks.root / "a", ranks.root / "b"
+    at = ranks.resumed_at
+    for rank in (0, 1):
+        killed = steps_of(a / f"log-{rank}")
+        assert max(killed) == ranks.kill
+        got = {**{s: idx for s, idx in killed.items() if s <= at}, **steps_of(b / f"log-{rank}")}
+        want = steps_of(b / f"ref-log-{rank}")
+        assert got == want, f"rank {rank}: killed after step {ranks.kill}, resumed at {at}"
+    final, want_weights = torch.load(b / "final.pt"), torch.load(b / "ref-final.pt")
+    for k, v in want_weights.items():
+        assert torch.equal(final[k], v), f"{k} differs (killed after step {ranks.kill}, resumed at {at})"
+
+
+def test_each_rank_saves_its_own_position(ranks: Ranks, tmp_path: Path) -> None:
+    catalog = RunCatalog(RunStore(MlflowClient(), ranks.run_id))
+    r = next(r for r in catalog.scan() if r.manifest.step == ranks.resumed_at)
+    assert {"data-0.pt", "data-1.pt"} <= {f.name for f in r.manifest.files} and r.manifest.world_size == 2
+    folder = catalog.fetch_verified(r, tmp_path)
+    positions = [torch.load(folder / f"data-{rank}.pt", weights_only=True)["extra.loader"] for rank in (0, 1)]
+    yielded = [p["_sampler_iter_state"]["samples_yielded"] for p in positions]
+    shard = data_ranks_job.SAMPLES // 2  # rank r reads 2 + r of its 24 samples a step
+    assert yielded == [r.manifest.step * (2 + rank) % shard or shard for rank in (0, 1)]
+    assert yielded[0] != yielded[1]
+
+
+def test_another_world_size_is_refused_naming_both_and_changes_nothing(ranks: Ranks) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    torch.manual_seed(7)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    loader = StatefulDataLoader(data_ranks_job.Shard(0, 1), batch_size=2, shuffle=True)
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), loader.state_dict()))
+    mgr = CheckpointManager(ranks.root / "one", run_id=ranks.run_id)  # one process: world size 1
+    with pytest.raises(DataPositionMismatchError, match=r"of 2 data-parallel rank\(s\), and this job has 1") as e:
+        mgr.load(model, opt, extra={"loader": loader})
+    assert (e.value.saved_world_size, e.value.world_size) == (2, 1) and "skip_data=True" in str(e.value)
+    assert "resume with 2 rank(s)" in str(e.value)
+    assert_same((model.state_dict(), opt.state_dict(), loader.state_dict()), before)  # nothing was touched
+    meta = mgr.load(model, opt, extra={"loader": loader}, skip_data=True)  # everything but the position
+    assert meta["step"] == data_ranks_job.STEPS
+    for k, v in torch.load(ranks.root / "b" / "final.pt").items():
+        assert torch.equal(model.state_dict()[f"{k}"], v), k
+    assert_same(loader.state_dict(), before[2])  # the loader stays at its start: the epoch restarts
+    mgr.close()
