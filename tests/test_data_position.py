@@ -47,7 +47,12 @@ def uninterrupted(root: Path, experiment: str, *args: str) -> tuple[dict[int, st
 
 
 @pytest.mark.parametrize(
-    "loader, workers", [("torchdata", 0), ("torchdata", 2), pytest.param("hf", 0, marks=pytest.mark.slow)]
+    "loader, workers",  # 0 workers in the default suite: the README example's test
+    [
+        pytest.param("torchdata", 0, marks=pytest.mark.slow),
+        ("torchdata", 2),
+        pytest.param("hf", 0, marks=pytest.mark.slow),
+    ],
 )
 def test_a_job_killed_mid_epoch_resumes_at_the_exact_next_sample(
     tmp_path: Path, experiment: str, loader: str, workers: int

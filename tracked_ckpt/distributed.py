@@ -7,6 +7,7 @@ When ``torch.distributed`` is initialized, ``CheckpointManager(...)`` builds a `
       __0_0.distcp  __1_0.distcp   each rank's shard (written, hashed and uploaded by that rank)
       .metadata                    DCP's index of the shards (rank 0)
       rng-0.json  rng-1.json       each rank's Python/NumPy/torch RNG state
+      data-0.pt  data-1.pt         each rank's data position, if a loader was saved (data.py)
       MANIFEST.json                format "dcp", world_size, every file's size and BLAKE3: uploaded last, by rank 0
 
 Rank 0 alone talks to MLflow for decisions (which run, which folder name, latest/best, tags, retention) and
