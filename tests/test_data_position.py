@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
+import pickle
 import random
 import uuid
 from dataclasses import dataclass
@@ -26,7 +28,8 @@ from test_distributed import assert_same, launch
 from tracked_ckpt import CheckpointManager, list_checkpoints
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.cli import cli
-from tracked_ckpt.errors import DataPositionMismatchError
+from tracked_ckpt.errors import CheckpointMismatchError, DataPositionMismatchError, InvalidMetadataError
+from tracked_ckpt.state import split_metadata
 from tracked_ckpt.store import RunStore
 
 JOB = ROOT / "tests" / "data_job.py"
@@ -202,3 +205,34 @@ def test_another_world_size_is_refused_naming_both_and_changes_nothing(ranks: Ra
         assert torch.equal(model.state_dict()[f"{k}"], v), k
     assert_same(loader.state_dict(), before[2])  # the loader stays at its start: the epoch restarts
     mgr.close()
+
+
+def test_the_resume_benchmark_runs_and_resumes_at_the_next_batch(local_store: str) -> None:
+    """benchmarks/data_position.py, small: its figures are not asserted, its resumed batches are (inside it)."""
+    spec = importlib.util.spec_from_file_location("bench_data", ROOT / "benchmarks" / "data_position.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--samples", "20000", "--position", "6400", "--repeats", "1", "--tracking-uri", local_store]
+    figures = bench.main(argv)
+    assert {"shuffle ratio", "offset ratio", "shuffle alone deep"} <= set(figures)
+
+
+def test_seen_counts_must_be_whole_numbers_and_the_error_survives_torchrun() -> None:
+    assert split_metadata({"step": 3, "samples": 96, "tokens": 1536}).metrics == {
+        "step": 3.0, "samples": 96.0, "tokens": 1536.0
+    }  # fmt: skip
+    for bad in (1.5, -4):
+        with pytest.raises(InvalidMetadataError, match=r"metadata\['samples'\]"):
+            split_metadata({"samples": bad})
+    e = DataPositionMismatchError("at 2, now 3", 2, 3)
+    again = pickle.loads(pickle.dumps(e))  # ranks hand errors to each other by pickle
+    assert (type(again), str(again), again.saved_world_size, again.world_size) == (type(e), str(e), 2, 3)
+    assert isinstance(e, CheckpointMismatchError)
+
+
+@pytest.mark.slow
+def test_torchrun_at_another_world_size_refuses_on_every_rank(ranks: Ranks) -> None:
+    out = launch(1, "--save-dir", "ckpt", "--experiment", "x", "--run-id", ranks.run_id, cwd=ranks.root / "a",
+                 target=(str(RANKS_JOB),), expect_rc=1)  # fmt: skip
+    assert "DataPositionMismatchError" in out and "of 2 data-parallel rank(s), and this job has 1" in out, out[-3000:]
