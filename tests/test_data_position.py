@@ -25,10 +25,15 @@ from conftest import ROOT, run_job
 from mlflow.tracking import MlflowClient
 from test_distributed import assert_same, launch
 
-from tracked_ckpt import CheckpointManager, list_checkpoints
+from tracked_ckpt import (
+    CheckpointManager,
+    CheckpointMismatchError,
+    DataPositionMismatchError,
+    InvalidMetadataError,
+    list_checkpoints,
+)
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.cli import cli
-from tracked_ckpt.errors import CheckpointMismatchError, DataPositionMismatchError, InvalidMetadataError
 from tracked_ckpt.state import split_metadata
 from tracked_ckpt.store import RunStore
 
