@@ -237,7 +237,19 @@ def test_seen_counts_must_be_whole_numbers_and_the_error_survives_torchrun() -> 
 
 
 @pytest.mark.slow
-def test_torchrun_at_another_world_size_refuses_on_every_rank(ranks: Ranks) -> None:
+def test_torchrun_at_another_world_size_refuses_on_every_rank(ranks: Ranks, tmp_path: Path, experiment: str) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
     out = launch(1, "--save-dir", "ckpt", "--experiment", "x", "--run-id", ranks.run_id, cwd=ranks.root / "a",
                  target=(str(RANKS_JOB),), expect_rc=1)  # fmt: skip
     assert "DataPositionMismatchError" in out and "of 2 data-parallel rank(s), and this job has 1" in out, out[-3000:]
+    # A single process's checkpoint (one state.pt) holding a loader, resumed by torchrun at 2 ranks.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+    loader = StatefulDataLoader(data_ranks_job.Shard(0, 1), batch_size=2, shuffle=True)
+    next(iter(loader))
+    with CheckpointManager(tmp_path / "one", experiment=experiment) as mgr:
+        mgr.save(model, torch.optim.AdamW(model.parameters()), {"step": 1}, extra={"loader": loader})
+    out = launch(2, "--save-dir", "ckpt", "--experiment", "x", "--run-id", mgr.run_id, cwd=tmp_path,
+                 target=(str(RANKS_JOB),), expect_rc=1)  # fmt: skip
+    assert "DataPositionMismatchError" in out and "of 1 data-parallel rank(s), and this job has 2" in out, out[-3000:]

@@ -72,8 +72,10 @@ def read_rank_file(folder: Path, manifest: Manifest, state: TrainingState, rank:
     names = set(state.positions())
     if not names:
         return None
-    check_world_size(manifest.world_size, world, names, where)
-    if data_file(rank) not in {f.name for f in manifest.files}:
+    files = {f.name for f in manifest.files}
+    if any(name.startswith("data-") for name in files):
+        check_world_size(manifest.world_size, world, names, where)
+    if data_file(rank) not in files:
         raise CheckpointMismatchError(
             f"{where} holds no data position for rank {rank}, but {', '.join(sorted(names))} was passed to load(); "
             "nothing was loaded. Pass it only to loads of checkpoints saved with it, or load(..., skip_data=True)"

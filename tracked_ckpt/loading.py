@@ -57,8 +57,6 @@ def load_resolved(
     """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
-    if r.manifest.format not in FOREIGN_FORMATS:
-        check_world_size(r.manifest.world_size, world_size, state.positions(), where)
     if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
         from .distributed import load_resolved_dcp
 
@@ -77,6 +75,8 @@ def load_resolved(
             raise CheckpointCorruptError(f"{where}: the manifest lists no {STATE_FILE}")
         payload = torch_load_safe(folder / STATE_FILE, where)
         rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names else {}
+        saved_positions = [name for name in state.positions() if name in payload]
+        check_world_size(r.manifest.world_size, world_size, saved_positions, where)  # a torchrun job, one state.pt
         check_fits(payload, state, where)
         restore(payload, rng_json, state)
     log.info(
