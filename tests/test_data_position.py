@@ -25,6 +25,7 @@ from conftest import ROOT, run_job
 from mlflow.tracking import MlflowClient
 from test_distributed import assert_same, launch
 
+import tracked_ckpt
 from tracked_ckpt import (
     CheckpointManager,
     CheckpointMismatchError,
@@ -133,6 +134,14 @@ def test_the_readme_example_resumes_mid_epoch_and_records_the_samples_seen(
     assert header[:4] == ["run", "step", "epoch", "samples"], result.output
     result = CliRunner().invoke(cli, ["show", df["run_id"][0]])
     assert "samples=640" in result.output, result.output
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    rows = torch.utils.data.TensorDataset(torch.arange(320.0).unsqueeze(1))
+    with pytest.raises(CheckpointMismatchError, match="the loader 'data' does not take the position"):
+        tracked_ckpt.load(df["run_id"][0], which=12, data=StatefulDataLoader(rows, batch_size=32))  # not shuffled
+    fresh = StatefulDataLoader(rows, batch_size=32, shuffle=True)
+    assert tracked_ckpt.load(df["run_id"][0], which=12, data=fresh)["samples"] == 384  # read-only, by run ID
+    assert [int(i) for i in next(iter(fresh))[0][:, 0]] == want[12]  # the batch of step 13
 
 
 # ---------------------------------------------------------------------------------------- torchrun, 2 ranks

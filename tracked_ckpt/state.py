@@ -258,9 +258,16 @@ def settle_loaders(state: TrainingState) -> None:
     lost, though the samples match). A StatefulDataLoader builds its iterator on ``state_dict()`` and hands that
     same one to the next ``iter()``: doing it here makes the draw land before the RNG restore, where it is undone.
     """
-    for obj in state.positions().values():
+    for name, obj in state.positions().items():
         if isinstance(obj, torch.utils.data.DataLoader):
-            obj.state_dict()
+            try:
+                obj.state_dict()
+            except Exception as e:  # torchdata checks a position only here (often a bare AssertionError)
+                raise CheckpointMismatchError(
+                    f"the loader {name!r} does not take the position it was saved with ({type(e).__name__}: {e}); "
+                    "the rest of the state was restored already. Build the loader as when it was saved (dataset "
+                    "length, batch size, shuffle or sampler, workers), or load(..., skip_data=True)"
+                ) from e
 
 
 def restore(payload: Mapping[str, Any], rng_json: Mapping[str, Any], state: TrainingState) -> None:
