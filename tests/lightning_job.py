@@ -1,8 +1,10 @@
 """A tiny Lightning job for tests/test_lightning.py: an MLP on synthetic data, MLFlowLogger, ModelCheckpoint.
 
-    python lightning_job.py OUT_WEIGHTS [--kill-at STEP] [--resume RUN_ID] [--tracked]
+    python lightning_job.py OUT_WEIGHTS [--kill-at STEP] [--resume RUN_ID] [--tracked] [--stateful LOG]
 
 Prints ``RUN_ID <id>`` once the run is known; ``--kill-at`` SIGKILLs the process after that training step.
+``--stateful LOG``: a shuffled torchdata StatefulDataLoader, a checkpoint every 3 steps (mid-epoch), and the sample
+indices of every step appended to LOG.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ EPOCHS, BATCHES = 4, 8
 
 
 class MLP(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, log: str | None = None) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        self.sample_log = log
 
     def training_step(self, batch: Any, idx: int) -> torch.Tensor:
-        x, y = batch
+        x, y = batch[-2:]
+        if self.sample_log:  # (index, x, y) batches: log which samples this step reads
+            with open(self.sample_log, "a") as f:
+                f.write(f"{self.global_step + 1} {','.join(str(int(i)) for i in batch[0])}\n")
         loss = torch.nn.functional.mse_loss(self.net(x), y)
         self.log("train_loss", loss, on_step=False, on_epoch=True)
         return loss
@@ -38,11 +44,16 @@ class MLP(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def loader() -> torch.utils.data.DataLoader[Any]:
+def loader(stateful: bool = False) -> Any:
     g = torch.Generator().manual_seed(7)
     x = torch.randn(BATCHES * 8, 8, generator=g)
     y = x.sum(dim=1, keepdim=True) + 0.1 * torch.randn(BATCHES * 8, 1, generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+    if not stateful:
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    indexed = torch.utils.data.TensorDataset(torch.arange(BATCHES * 8), x, y)
+    return StatefulDataLoader(indexed, batch_size=8, shuffle=True)  # Lightning saves its state in the .ckpt
 
 
 class Kill(L.Callback):
@@ -64,16 +75,20 @@ class PrintRun(L.Callback):
             print("RUN_ID", self.tracked.manager.run_id, flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out_weights")
     p.add_argument("--kill-at", type=int)
     p.add_argument("--resume")
     p.add_argument("--tracked", action="store_true")
-    a = p.parse_args()
+    p.add_argument("--stateful", metavar="LOG")
+    a = p.parse_args(argv)
     L.seed_everything(0, verbose=False)
-    model = MLP()
-    callbacks: list[Any] = [ModelCheckpoint(dirpath="ckpts", monitor="train_loss", mode="min", save_top_k=2)]
+    model = MLP(a.stateful)
+    checkpoints = ModelCheckpoint(dirpath="ckpts", monitor="train_loss", mode="min", save_top_k=2)
+    if a.stateful:
+        checkpoints = ModelCheckpoint(dirpath="ckpts", every_n_train_steps=3, save_top_k=-1)
+    callbacks: list[Any] = [checkpoints]
     logger: Any = False
     if a.tracked or a.resume:
         logger = MLFlowLogger(experiment_name=os.environ["MLFLOW_EXPERIMENT_NAME"], run_id=a.resume,
@@ -85,7 +100,7 @@ def main() -> None:
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
     ckpt = resume_path(a.resume, "restore") if a.resume else None
-    trainer.fit(model, loader(), ckpt_path=ckpt)
+    trainer.fit(model, loader(bool(a.stateful)), ckpt_path=ckpt)
     print("FINAL_STEP", trainer.global_step, flush=True)
     torch.save(model.state_dict(), a.out_weights)
 

@@ -26,8 +26,8 @@ def job(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = 
 
 def test_killed_trainer_resumes_by_run_id_with_the_same_weights(tmp_path: Path, experiment: str) -> None:
     env = {"MLFLOW_EXPERIMENT_NAME": experiment}
-    job(tmp_path / "full", "w.pt")  # the uninterrupted run, no tracking at all
-    rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--kill-at", "10", env=env, check=False)
+    job(tmp_path / "full", "w.pt", "--log", "log")  # the uninterrupted run, no tracking at all
+    rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--kill-at", "10", "--log", "log", env=env, check=False)
     assert rc == -9, out
     run_id = printed_run_id(out)
     # Saves at 3, 6, 9 with save_total_limit=2: HF removed checkpoint-3, and so did the run.
@@ -36,8 +36,12 @@ def test_killed_trainer_resumes_by_run_id_with_the_same_weights(tmp_path: Path, 
     assert tags[TAG_LATEST_STEP] == "9" and tags[TAG_MONITOR] == "loss:min"
 
     # A fresh process, another working directory, an empty local folder: everything comes from the run.
-    rc, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, env=env)
+    rc, out = job(tmp_path / "elsewhere", "w.pt", "--resume", run_id, "--log", "log", env=env)
     assert "FINAL_STEP 12" in out and printed_run_id(out) == run_id
+    # Mid-epoch (10 steps an epoch): HF skips the 9 batches already trained at the sampler, reading none of them,
+    # and the resumed job reads the uninterrupted one's samples from the 10th batch on.
+    batches = {d: (tmp_path / d / "log").read_text().splitlines() for d in ("full", "killed", "elsewhere")}
+    assert batches["killed"][:9] + batches["elsewhere"] == batches["full"]
     assert checkpoint_steps(run_id) == [6, 9, 12]
     full = torch.load(tmp_path / "full" / "w.pt", weights_only=True)
     resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)

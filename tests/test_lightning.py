@@ -6,6 +6,7 @@ end with the same weights as an uninterrupted run (no dropout, no shuffling: Lig
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,39 @@ def test_killed_fit_resumes_by_run_id_with_the_same_weights(tmp_path: Path, expe
         assert torch.equal(full[k], resumed[k]), k
     best = resume_path(run_id, tmp_path / "best", which="best")
     assert Path(best).name == "epoch=3-step=32.ckpt" and torch.load(best, weights_only=False)["global_step"] == 32
+
+
+def test_a_stateful_loader_resumes_mid_epoch_at_the_exact_sample(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shuffled StatefulDataLoader: Lightning keeps its state in the .ckpt; resume_path brings it back mid-epoch."""
+    import lightning_job
+
+    (tmp_path / "ref").mkdir()
+    monkeypatch.chdir(tmp_path / "ref")
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything sets it; undone after the test
+    lightning_job.main(["w.pt", "--stateful", "log"])  # the uninterrupted reference, in this process
+    want = (tmp_path / "ref" / "log").read_text().splitlines()
+    # Mid-epoch, and so is the checkpoint resumed (every 3 steps): Lightning 2.6.6 itself ends a fit resumed from a
+    # step checkpoint at an epoch's last batch at once (docs/lightning.md, Limits).
+    kill = random.choice([s for s in range(4, len(want)) if s % 3 and (s - s % 3) % lightning_job.BATCHES])
+    env = {"MLFLOW_EXPERIMENT_NAME": experiment}
+    rc, out = job(tmp_path / "killed", "w.pt", "--tracked", "--stateful", "log", "--kill-at", str(kill), env=env,
+                  check=False)  # fmt: skip
+    assert rc == -9, out
+    run_id = printed_run_id(out)
+    (tmp_path / "elsewhere").mkdir()  # resumed in this process (a fresh one: the test above), another folder
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", experiment)
+    lightning_job.main(["w.pt", "--resume", run_id, "--stateful", "log"])
+    resumed_at = kill - kill % 3  # the last checkpoint (every 3 steps) before the kill
+    before = (tmp_path / "killed" / "log").read_text().splitlines()[:resumed_at]
+    after = (tmp_path / "elsewhere" / "log").read_text().splitlines()
+    assert before + after == want, f"killed after step {kill}, resumed at {resumed_at}"
+    full = torch.load(tmp_path / "ref" / "w.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "elsewhere" / "w.pt", weights_only=True)
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), f"{k} (killed after step {kill})"
 
 
 def test_pytorch_lightning_package_works_too(tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -46,7 +46,7 @@ def test_public_api_is_pinned() -> None:
         "warm_start",
         # every error a user can catch, and the extension seams (custom policies, the store)
         "ConfigError", "ExperimentNotFoundError", "InvalidMetadataError", "RunLockedError", "SaveError",
-        "StoreError", "StoreNotFoundError", "UnsafeCheckpointError",
+        "StoreError", "StoreNotFoundError", "UnsafeCheckpointError", "DataPositionMismatchError",
         "CheckpointInfo", "RetentionPolicy", "SaveContext", "SavePolicy", "RunStore",
     ])  # fmt: skip
     for name in tracked_ckpt.__all__:

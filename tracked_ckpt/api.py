@@ -13,6 +13,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 
 from .catalog import RunCatalog
+from .data import data_parts
 from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
 from .reading import read_client, reading
@@ -36,6 +37,7 @@ def load(
     metric: str | None = None,
     mode: str | None = None,
     cache_dir: str | Path | None = None,
+    data: Stateful | Mapping[str, Stateful] | None = None,
 ) -> dict[str, Any]:
     """Restore checkpoint ``which`` ("latest", "best", or a step) of run ``run_id``.
 
@@ -45,13 +47,15 @@ def load(
     ``run_id`` may also be a registered model version made by ``promote``: ``"models:/NAME@ALIAS"`` or
     ``"models:/NAME/VERSION"`` (its checkpoint is loaded, verified like any other; ``which`` is ignored).
 
+    ``data`` restores the data position saved with ``save(..., data=)`` (this process: world size 1, docs/data.md).
+
     Returns the checkpoint's metadata. Raises CheckpointNotFoundError when the run has no such
     checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit,
     StoreNotFoundError when the tracking store does not exist (none is created).
     """
     with reading():
         client = read_client(tracking_uri)
-        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}), data_parts(data))
         cache = Path(cache_dir) if cache_dir is not None else None
         if run_id.startswith("models:/"):
             from .lifecycle import resolve_source

@@ -440,11 +440,14 @@ def iso_utc(ts: pd.Timestamp) -> str:
     return str(ts.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
 
 
+_FIRST_COLUMNS = {"samples": 0, "tokens": 1, "reward": 2}  # how far into the data, then the usual monitor
+
+
 def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
     from .views import CHECKPOINT_COLUMNS
 
     metrics = [c for c in df.columns if c not in CHECKPOINT_COLUMNS]
-    metrics.sort(key=lambda c: (c != "reward", c))
+    metrics.sort(key=lambda c: (_FIRST_COLUMNS.get(c, len(_FIRST_COLUMNS)), c))
     headers = (["run"] if with_run else []) + ["step", "epoch", *metrics, "size", "age", "mark", "path"]
     rows = []
     for row in df.to_dict("records"):  # not itertuples: it renames metric columns like "val/loss"

@@ -19,6 +19,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint import filesystem as dcp_fs
 from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint._traverse import set_element
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
+from . import data
 from .errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
 from .loading import unsafe_pickle_error
 from .manifest import Manifest
@@ -169,8 +171,10 @@ def dcp_state(state: TrainingState) -> dict[str, Any]:
         sd["model"] = msd
         if _optimizers(state):
             sd["optimizer"] = osd
+    positions = state.positions()  # per rank: data.py writes them beside the shards, not into DCP
     for name, obj in state.parts().items():
-        sd.setdefault(name, obj.state_dict())
+        if name not in positions:
+            sd.setdefault(name, obj.state_dict())
     return sd
 
 
@@ -182,7 +186,10 @@ def _apply(sd: Mapping[str, Any], state: TrainingState) -> None:
             model_state_dict=sd["model"],
             optim_state_dict=sd.get("optimizer", {}),
         )
+    positions = state.positions()
     for name, obj in state.parts().items():
+        if name in positions:
+            continue
         if name not in ("model", "optimizer") or not isinstance(state.model, torch.nn.Module):
             obj.load_state_dict(sd[name])
 
@@ -224,6 +231,8 @@ def load_dcp_folder(
     data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
     if METADATA_NAME not in {f.name for f in manifest.files}:
         raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
+    world = dist.get_world_size(group) if group is not None else 1
+    positions = data.read_rank_file(folder, manifest, state, rank, world, where)  # before anything is changed
     template = dcp_state(state)
     reader = SafeReader(folder, data_files, where)
     try:
@@ -237,6 +246,7 @@ def load_dcp_folder(
             raise reader.refused from None
         raise CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {e}") from e
     _apply(template, state)
+    data.restore(positions, state)
     if rng_file(rank) in {f.name for f in manifest.files}:
         restore_rng(json.loads((folder / rng_file(rank)).read_text()))  # RNG last
     elif any(f.name.startswith("rng-") for f in manifest.files):

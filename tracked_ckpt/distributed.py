@@ -7,6 +7,7 @@ When ``torch.distributed`` is initialized, ``CheckpointManager(...)`` builds a `
       __0_0.distcp  __1_0.distcp   each rank's shard (written, hashed and uploaded by that rank)
       .metadata                    DCP's index of the shards (rank 0)
       rng-0.json  rng-1.json       each rank's Python/NumPy/torch RNG state
+      data-0.pt  data-1.pt         each rank's data position, if a loader was saved (data.py)
       MANIFEST.json                format "dcp", world_size, every file's size and BLAKE3: uploaded last, by rank 0
 
 Rank 0 alone talks to MLflow for decisions (which run, which folder name, latest/best, tags, retention) and
@@ -42,6 +43,8 @@ from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 from ._faults import fault_point
 from ._version import __version__
 from .catalog import Resolved, RunCatalog
+from .data import data_file
+from .data import encode as data_position
 from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from .errors import (
     SaveError,
@@ -200,21 +203,23 @@ class DistributedCheckpointManager(CheckpointManager):
         scaler: Stateful | None = None,
         extra: Mapping[str, Stateful] | None = None,
         step: int | None = None,
+        data: Stateful | Mapping[str, Stateful] | None = None,
     ) -> str:
         """Every rank writes its shard durably; rank 0 commits locally (manifest last) and queues the record."""
-        meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra)
+        meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra, data)
         plan = self._on_rank0(lambda: self._plan_sharded(meta, step))
         t0 = time.perf_counter()
         staging = self.save_dir / STAGING / plan.token
         staging.mkdir(parents=True, exist_ok=True)
         rng = rng_json() if self.options.save_rng else None
+        position = data_position(state)  # now: an async write must not see the loaders move on
         sd = dcp_state(state)
         if not self._dcp_async:
             try:
                 dcp_save(sd, checkpoint_id=staging, process_group=self._io)
             except CheckpointException as e:
                 raise SaveError(f"DCP save of step {plan.step} failed: {e}") from None
-            ref = self._finish(plan, staging, rng, t0)
+            ref = self._finish(plan, staging, rng, t0, position)
             if self.rank == 0:
                 self.recorder.note_late_cost(plan.step, METRIC_BLOCKED_S, time.perf_counter() - t0)
             self._exit_if_preempted(plan.step)
@@ -229,7 +234,7 @@ class DistributedCheckpointManager(CheckpointManager):
                 cast("Future[Any]", written).result()
             except CheckpointException as e:
                 raise SaveError(f"DCP async save of step {plan.step} failed: {e}") from None
-            return self._finish(plan, staging, rng, t0)
+            return self._finish(plan, staging, rng, t0, position)
 
         if self.rank == 0:
             self.recorder.note_cost(plan.seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
@@ -243,13 +248,16 @@ class DistributedCheckpointManager(CheckpointManager):
             name, fields = self.recorder.plan(meta, step)
         return _Plan(name, fields["seq"], fields["step"], uuid.uuid4().hex, fields)
 
-    def _finish(self, plan: _Plan, staging: Path, rng: dict[str, Any] | None, t0: float) -> str:
+    def _finish(self, plan: _Plan, staging: Path, rng: dict[str, Any] | None, t0: float,
+                position: bytes | None) -> str:  # fmt: skip
         """Hash this rank's files; rank 0 then commits the folder locally and hands it to the recorder."""
         mine: list[FileEntry] = []
         err: BaseException | None = None
         try:
             if rng is not None:
                 mine.append(write_file(staging / rng_file(self.rank), json.dumps(rng).encode()))
+            if position is not None:
+                mine.append(write_file(staging / data_file(self.rank), position))
             names = [p.name for p in staging.glob(f"__{self.rank}_*.distcp")]
             if self.rank == 0:
                 names.append(METADATA_NAME)
@@ -354,7 +362,7 @@ class DistributedCheckpointManager(CheckpointManager):
 
             err: BaseException | None = None
             try:
-                load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
+                load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r), self.world_size)
             except Exception as e:  # any failure on one rank must reach every rank's _agree, or they hang
                 err = e
             self._agree(err)

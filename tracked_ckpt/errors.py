@@ -10,6 +10,7 @@ Each subclasses a built-in as well, so ``except FileNotFoundError`` in a user's 
      ├── CheckpointCorruptError   (ValueError)         size, digest or manifest check failed before loading
      │    └── UnsafeCheckpointError                    the payload asks for a global outside weights_only
      ├── CheckpointMismatchError  (ValueError)         the checkpoint does not fit the model/optimizer
+     │    └── DataPositionMismatchError                 its data position was saved at another world size
      ├── InvalidMetadataError     (TypeError)          a metadata value cannot be recorded
      ├── ConfigError              (ValueError)         a CheckpointManager argument is wrong
      ├── StoreError               (OSError)            MLflow (tracking server or artifact store) failed
@@ -20,6 +21,8 @@ Messages state the value at fault, the situation, and what to do.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class TrackedCkptError(Exception):
@@ -55,6 +58,18 @@ class UnsafeCheckpointError(CheckpointCorruptError):
 
 class CheckpointMismatchError(TrackedCkptError, ValueError):
     """The checkpoint does not fit the live model/optimizer; nothing was changed."""
+
+
+class DataPositionMismatchError(CheckpointMismatchError):
+    """The data position (loader state per data-parallel rank) was saved at another world size; nothing changed."""
+
+    def __init__(self, message: str, saved_world_size: int, world_size: int) -> None:
+        super().__init__(message)
+        self.saved_world_size = saved_world_size
+        self.world_size = world_size
+
+    def __reduce__(self) -> tuple[Any, ...]:  # torchrun hands errors between ranks by pickle
+        return (type(self), (str(self), self.saved_world_size, self.world_size))
 
 
 class InvalidMetadataError(TrackedCkptError, TypeError):

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .catalog import Resolved, RunCatalog
+from .data import check_world_size
 from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
 from .manifest import FOREIGN_FORMATS
 from .progress import human_bytes
@@ -52,7 +53,7 @@ def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
 
 
 def load_resolved(
-    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None
+    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None, world_size: int = 1
 ) -> dict[str, Any]:
     """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
@@ -75,6 +76,8 @@ def load_resolved(
             raise CheckpointCorruptError(f"{where}: the manifest lists no {STATE_FILE}")
         payload = torch_load_safe(folder / STATE_FILE, where)
         rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names else {}
+        saved_positions = [name for name in state.positions() if name in payload]
+        check_world_size(r.manifest.world_size, world_size, saved_positions, where)  # a torchrun job, one state.pt
         check_fits(payload, state, where)
         restore(payload, rng_json, state)
     log.info(

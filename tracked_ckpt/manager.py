@@ -31,6 +31,7 @@ from typing import Any, Literal, TypeVar
 from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
+from .data import data_parts
 from .errors import CheckpointNotFoundError, ConfigError
 from .lease import DirLock
 from .loading import first_that_loads, load_resolved
@@ -193,13 +194,15 @@ class CheckpointManager:
         scaler: Stateful | None = None,
         extra: Mapping[str, Stateful] | None = None,
         step: int | None = None,
+        data: Stateful | Mapping[str, Stateful] | None = None,
     ) -> str:
         """Save a checkpoint locally, then record it in the MLflow run. Returns its ``runs:/`` reference.
 
-        ``metadata`` numbers (epoch, step/steps, reward, loss, ...) become MLflow metrics at the step;
-        other JSON-able values go in the manifest and come back from ``load()``.
+        ``metadata`` numbers (epoch, step/steps, reward, loss, samples, tokens, ...) become MLflow metrics at the
+        step; other JSON-able values go in the manifest and come back from ``load()``. ``data`` (or a torchdata
+        ``StatefulDataLoader``/HF ``IterableDataset`` in ``extra``) is the data position, saved per rank (data.py).
         """
-        meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra)
+        meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra, data)
         t0 = time.perf_counter()
         name, fields = self.recorder.plan(meta, step)
         step, seq = fields["step"], fields["seq"]
@@ -231,11 +234,12 @@ class CheckpointManager:
     def _begin_save(
         self, model: Stateful | None, optimizer: Stateful | None, metadata: Mapping[str, Any] | None,
         scheduler: Stateful | None, scaler: Stateful | None, extra: Mapping[str, Stateful] | None,
+        data: Stateful | Mapping[str, Stateful] | None = None,
     ) -> tuple[Metadata, TrainingState]:  # fmt: skip
         """Check the arguments of a save; wait for the one in flight (at most one: its buffers are reused)."""
         self._check_open()
         meta = split_metadata(metadata)
-        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}), data_parts(data))
         if not state.parts():
             raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
         self.wait()
@@ -261,15 +265,23 @@ class CheckpointManager:
         scheduler: Stateful | None = None,
         scaler: Stateful | None = None,
         extra: Mapping[str, Stateful] | None = None,
+        data: Stateful | Mapping[str, Stateful] | None = None,
+        skip_data: bool = False,
     ) -> dict[str, Any]:
         """Restore a checkpoint into the objects passed; return its metadata ({} when there is none yet).
 
         ``checkpoint_path`` takes a reference returned by ``save()``; otherwise ``which`` picks
         "latest" (falling back past checkpoints that fail verification), "best" or a step number.
+        The data position (``data``, loaders in ``extra``) is restored only at the world size it was saved at
+        (else DataPositionMismatchError, nothing changed); ``skip_data=True`` restores everything else and
+        leaves the loaders where they are (the epoch restarts).
         """
         self._check_open()
         self.wait()
-        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}))
+        state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}), data_parts(data))
+        if skip_data and state.positions():
+            log.info("skip_data: the data position (%s) is not restored", ", ".join(sorted(state.positions())))
+            state = state.without_positions()
         rec = self.recorder
         if checkpoint_path is None and which == "latest":
             got = first_that_loads(self._latest_candidates(), lambda r: self._load_one(self.run_id, r, state))

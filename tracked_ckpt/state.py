@@ -12,7 +12,7 @@ import numbers
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast, runtime_checkable
 
 import numpy as np
@@ -22,6 +22,8 @@ from .errors import CheckpointMismatchError, InvalidMetadataError
 
 STATE_FILE = "state.pt"
 RNG_FILE = "rng.json"
+# Metadata keys for how far into the data a checkpoint is, counted over all ranks: logged as metrics at its step.
+SEEN_KEYS = ("samples", "tokens")
 _METRIC_NAME = re.compile(r"^[\w./\- ]{1,250}$")
 
 
@@ -33,18 +35,24 @@ class Stateful(Protocol):
 
 @dataclass
 class TrainingState:
-    """The live objects a checkpoint captures; ``extra`` maps names to any other Stateful."""
+    """The live objects a checkpoint captures; ``extra`` maps names to any other Stateful.
+
+    ``data`` holds data positions by part name ("data", "data.<name>"; data.py): like loaders and datasets found
+    in ``extra``, they are saved per data-parallel rank under torchrun.
+    """
 
     model: Stateful | None = None
     optimizer: Stateful | None = None
     scheduler: Stateful | None = None
     scaler: Stateful | None = None
     extra: Mapping[str, Stateful] = field(default_factory=dict)
+    data: Mapping[str, Stateful] = field(default_factory=dict)
 
     def parts(self) -> dict[str, Stateful]:
         named = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
         named["scaler"] = self.scaler
         parts = {k: v for k, v in named.items() if v is not None}
+        parts.update(self.data)
         for name, obj in self.extra.items():
             if not isinstance(obj, Stateful):
                 raise InvalidMetadataError(
@@ -53,6 +61,19 @@ class TrainingState:
                 )
             parts[f"extra.{name}"] = obj
         return parts
+
+    def positions(self) -> dict[str, Stateful]:
+        """The parts that are data positions: ``data`` and the loaders/datasets passed in ``extra``."""
+        return {**self.data, **{f"extra.{n}": o for n, o in self.extra.items() if _is_loader(o)}}
+
+    def without_positions(self) -> TrainingState:
+        """The same state less its data positions (``load(..., skip_data=True)``)."""
+        return replace(self, extra={n: o for n, o in self.extra.items() if not _is_loader(o)}, data={})
+
+
+def _is_loader(obj: object) -> bool:
+    """A torch DataLoader (torchdata's StatefulDataLoader) or Dataset (HF datasets' IterableDataset is one)."""
+    return isinstance(obj, torch.utils.data.DataLoader | torch.utils.data.Dataset)
 
 
 # ------------------------------------------------------------------------------------------------ metadata
@@ -123,6 +144,8 @@ def split_metadata(metadata: Mapping[str, Any] | None) -> Metadata:
                     "letters, digits, '_', '-', '.', '/' and spaces"
                 )
             metrics[key] = float(number)
+    for key in SEEN_KEYS:
+        _integral(values, key)  # counts of what was read: a fraction or a negative is the caller's bug
     step = _integral(values, "step") if "step" in values else _integral(values, "steps")
     return Metadata(step=step, epoch=_integral(values, "epoch"), metrics=metrics, values=values)
 
@@ -226,10 +249,32 @@ def _optimizer_diff(saved: Mapping[str, Any], optimizer: Stateful) -> list[str]:
     return problems
 
 
+def settle_loaders(state: TrainingState) -> None:
+    """Build each restored loader's iterator now, before the RNG is restored.
+
+    Creating a DataLoader's iterator draws its base seed from the global torch RNG. In the uninterrupted run
+    that draw happened at the epoch's start, before the checkpoint's RNG state was taken; after a resume the
+    training loop's ``iter(loader)`` would draw once more, and dropout would see other numbers (bitwise weights
+    lost, though the samples match). A StatefulDataLoader builds its iterator on ``state_dict()`` and hands that
+    same one to the next ``iter()``: doing it here makes the draw land before the RNG restore, where it is undone.
+    """
+    for name, obj in state.positions().items():
+        if isinstance(obj, torch.utils.data.DataLoader):
+            try:
+                obj.state_dict()
+            except Exception as e:  # torchdata checks a position only here (often a bare AssertionError)
+                raise CheckpointMismatchError(
+                    f"the loader {name!r} does not take the position it was saved with ({type(e).__name__}: {e}); "
+                    "the rest of the state was restored already. Build the loader as when it was saved (dataset "
+                    "length, batch size, shuffle or sampler, workers), or load(..., skip_data=True)"
+                ) from e
+
+
 def restore(payload: Mapping[str, Any], rng_json: Mapping[str, Any], state: TrainingState) -> None:
     """Load every part into the live objects, RNG last. Call check_fits first."""
     for name, obj in state.parts().items():
         obj.load_state_dict(payload[name])
+    settle_loaders(state)
     rng = payload.get("rng")
     if rng is not None:
         torch.set_rng_state(rng["torch"])
