@@ -39,7 +39,9 @@ from .policies import (
 
 if TYPE_CHECKING:
     from .api import load
+    from .evals import log_eval
     from .export import export_model, warm_start
+    from .follow import follow
     from .lifecycle import promote
     from .manager import CheckpointManager
     from .store import RunStore
@@ -54,6 +56,8 @@ _LAZY = {
     "export_model": ".export",
     "warm_start": ".export",
     "promote": ".lifecycle",
+    "follow": ".follow",
+    "log_eval": ".evals",
     "RunStore": ".store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }
 
@@ -98,9 +102,11 @@ __all__ = [
     "UnsafeCheckpointError",
     "__version__",
     "export_model",
+    "follow",
     "list_checkpoints",
     "list_runs",
     "load",
+    "log_eval",
     "promote",
     "warm_start",
 ]

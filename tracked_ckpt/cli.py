@@ -582,7 +582,15 @@ def _manifest_json(catalog: RunCatalog, r: Resolved, marks: list[str]) -> dict[s
     data["created"] = iso_utc(utc_times(pd.Series([r.manifest.created]), "s").iloc[0])
     data["metrics"] = {k: _json_value(v) for k, v in r.manifest.metrics.items()}
     data.update(ref=_uri_of(catalog, r), path=r.path, size_bytes=r.manifest.size, markers=marks)
+    data["eval"] = {k: _json_value(v) for k, v in _scores(catalog, r).items()}
     return data
+
+
+def _scores(catalog: RunCatalog, r: Resolved) -> dict[str, float]:
+    """What evaluators logged on the run at this checkpoint's step (``log_eval``)."""
+    from .evals import eval_metrics
+
+    return eval_metrics(catalog.store, catalog.store.tags()).get(r.manifest.step, {})
 
 
 def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
@@ -600,6 +608,8 @@ def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
         f"  created    {created}",
         f"  metrics    {'  '.join(f'{k}={_num(v)}' for k, v in sorted(m.metrics.items())) or '-'}",
     ]
+    if scores := _scores(catalog, r):
+        lines.append(f"  eval       {'  '.join(f'{k}={_num(v)}' for k, v in sorted(scores.items()))}")
     if m.metadata:
         lines.append(f"  metadata   {json.dumps(dict(m.metadata), sort_keys=True)}")
     if m.resumed_from:
