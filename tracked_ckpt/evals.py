@@ -20,7 +20,7 @@ from typing import Any
 
 from mlflow.entities import Metric, RunTag
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .policies import CheckpointInfo
 from .state import _METRIC_NAME
 from .store import RunStore
@@ -54,11 +54,17 @@ def checked_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def record_eval(
-    store: RunStore, ref: str, step: int, metrics: Mapping[str, Any], tags: Mapping[str, str] | None = None
+    store: RunStore,
+    ref: str,
+    step: int,
+    metrics: Mapping[str, Any],
+    tags: Mapping[str, str] | None = None,
+    timestamp_ms: int | None = None,
 ) -> None:
     """Log ``metrics`` into ``store``'s run at ``step`` (and on the checkpoint's LoggedModel), in one call.
 
     ``tags``: the run's tags as last read (saves a ``get_run``); the eval-keys tag is rewritten only when a key is new.
+    ``timestamp_ms``: fixed by a caller that retries, so that a call that did reach the server is not logged twice.
     """
     values = checked_metrics(metrics)
     tags = store.tags() if tags is None else tags
@@ -67,7 +73,7 @@ def record_eval(
     if not set(values) <= set(known):
         new_tags = [RunTag(TAG_EVALS, ",".join(sorted({*known, *values})))]
     model_id = logged_model_of(store, ref)
-    now = int(time.time() * 1000)
+    now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     batch = [Metric(k, v, now, step, model_id=model_id, run_id=store.run_id) for k, v in values.items()]
     store._call(
         lambda: store.client.log_batch(store.run_id, metrics=batch, tags=new_tags, synchronous=True),
@@ -88,7 +94,9 @@ def logged_model_of(store: RunStore, ref: str) -> str | None:
             ),
             f"search the logged models of run {store.run_id}",
         )
-    except Exception as e:  # a store without LoggedModels (or an old server): the run metric is what counts
+    except StoreError as e:  # a store without LoggedModels (or an old server): the run metric is what counts
+        if e.transient:
+            raise
         log.debug("no logged models for run %s: %s", store.run_id, e)
         return None
     ids = [lm.model_id for lm in page if (lm.tags or {}).get(MODEL_TAG_CHECKPOINT) == ref]

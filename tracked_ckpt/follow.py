@@ -342,6 +342,16 @@ class _Follower:
     # ------------------------------------------------------------------------------------------ scores
 
     def log_eval(self, item: FollowedCheckpoint, metrics: Mapping[str, Any]) -> None:
-        with _http.bounded():
-            record_eval(self.store, item.ref, item.step, metrics, self.tags)
+        """Log the scores; through an outage, wait and retry (one timestamp: a retry never logs them twice)."""
+        now, wait = int(time.time() * 1000), 1.0
+        while True:
+            try:
+                with _http.bounded():
+                    record_eval(self.store, item.ref, item.step, metrics, self.tags, now)
+                break
+            except StoreError as e:
+                self._down(e)
+                time.sleep(wait)
+                wait = min(5.0, wait * 1.5)
+        self._up()
         self.tags[TAG_EVALS] = ",".join(sorted({*eval_keys(self.tags), *metrics}))  # written once per new key
