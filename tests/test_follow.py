@@ -156,3 +156,81 @@ def test_weights_only_moves_the_model_bytes_alone(mlflow_server: str, tmp_path: 
     print(f"\nbytes moved per checkpoint: whole {moved[False]}, weights only {moved[True]} "
           f"({moved[True] / moved[False]:.0%})")  # fmt: skip
     assert moved[True] <= 0.4 * moved[False], moved
+
+
+# ------------------------------------------------------------------------------- local store, in one process
+
+
+def _trained_run(tmp_path: Path, experiment: str, saves: int = 3) -> tuple[str, torch.nn.Module]:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.Adam(model.parameters())
+    with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
+        for step in range(1, saves + 1):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            mgr.save(model, opt, {"step": step, "reward": float(step)})
+    return mgr.run_id, model
+
+
+def test_scores_define_best_after_the_fact_and_reach_the_logged_model(tmp_path: Path, experiment: str) -> None:
+    run_id, _ = _trained_run(tmp_path, experiment)
+    client = MlflowClient()
+    # A checkpoint that is a LoggedModel (issue 20 tags it with its reference): its score is linked to it too.
+    exp_id = client.get_run(run_id).info.experiment_id
+    lm = client.create_logged_model(exp_id, source_run_id=run_id, name="step-00000002",
+                                    tags={"tracked_ckpt.checkpoint": f"runs:/{run_id}/checkpoints/step-00000002"})
+    for ckpt in tracked_ckpt.follow(run_id):
+        ckpt.log_eval({"eval/accuracy": {1: 0.5, 2: 0.9, 3: 0.7}[ckpt.step]})
+    history = client.get_metric_history(run_id, "eval/accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(1, 0.5), (2, 0.9), (3, 0.7)]
+    assert [m.value for m in client.get_logged_model(lm.model_id).metrics or []] == [0.9]
+    # "best" by the score, though the trainer never saw it (its own monitor is reward)
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    assert tracked_ckpt.load(run_id, fresh, which="best", metric="eval/accuracy")["step"] == 2
+    frame = tracked_ckpt.list_checkpoints(run_id, metric="eval/accuracy")
+    assert frame["eval/accuracy"].tolist() == [0.5, 0.9, 0.7] and frame["is_best"].tolist() == [False, True, False]
+    tracked_ckpt.log_eval(f"runs:/{run_id}/checkpoints/step-00000003", {"eval/accuracy": 0.95})  # a re-score wins
+    assert tracked_ckpt.load(run_id, fresh, which="best", metric="eval/accuracy")["step"] == 3
+    with pytest.raises(tracked_ckpt.ConfigError, match="not a number"):
+        tracked_ckpt.log_eval(f"runs:/{run_id}/checkpoints/step-00000003", {"eval/accuracy": "high"})
+
+
+def test_cli_runs_the_command_per_checkpoint_and_logs_what_it_prints(tmp_path: Path, experiment: str) -> None:
+    from click.testing import CliRunner
+
+    from tracked_ckpt.cli import cli
+
+    run_id, _ = _trained_run(tmp_path, experiment)
+    script = ("import os, sys; p = sys.argv[1]; assert os.path.isfile(os.path.join(p, 'model.pt')); "
+              "print('evaluating', p); print(f'eval/len={int(os.environ[\"TRACKED_CKPT_STEP\"]) * 10}')")  # fmt: skip
+    args = ["follow", run_id, "--log-metrics", "--resume", "eval/len", "--weights-only", "--",
+            sys.executable, "-c", script, "{path}"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.count("evaluating") == 3
+    history = MlflowClient().get_metric_history(run_id, "eval/len")
+    assert sorted((m.step, m.value) for m in history) == [(1, 10.0), (2, 20.0), (3, 30.0)]
+    again = CliRunner().invoke(cli, args)  # resumed after step 3: nothing left to run
+    assert again.exit_code == 0 and "evaluating" not in again.stdout, again.output
+    failing = CliRunner().invoke(cli, [*args[:2], "--", sys.executable, "-c", "raise SystemExit(3)"])
+    assert failing.exit_code == 3 and "step 1" in failing.stderr and "exited with status 3" in failing.stderr
+
+
+def test_checkpoints_of_the_old_layout_still_load(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before model.pt, everything lay in state.pt: such checkpoints load, follow and export as before."""
+    from tracked_ckpt import local
+    from tracked_ckpt.state import STATE_FILE
+
+    monkeypatch.setattr(local, "split_files", lambda payload: [(STATE_FILE, dict(payload))])  # what 0.2 wrote
+    run_id, model = _trained_run(tmp_path, experiment, saves=1)
+    monkeypatch.undo()
+    (ckpt,) = tracked_ckpt.follow(run_id, weights_only=True)  # no model.pt: the whole state.pt is fetched
+    assert sorted(f.name for f in ckpt._resolved.manifest.files) == ["rng.json", "state.pt"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    ckpt.load(fresh)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True))
+    assert ckpt.model_state().keys() == model.state_dict().keys()
+    opt = torch.optim.Adam(fresh.parameters())
+    assert tracked_ckpt.load(run_id, fresh, opt)["step"] == 1 and opt.state_dict()["state"]
