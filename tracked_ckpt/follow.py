@@ -114,7 +114,7 @@ def follow(
     cache_dir: str | Path | None = None,
     keep: int = 2,
     poll_interval: float = 1.0,
-    max_interval: float = 5.0,
+    max_interval: float = 2.0,
     tracking_uri: str | None = None,
 ) -> Iterator[FollowedCheckpoint]:
     """The checkpoints of run ``run`` as they are committed, oldest unseen first; ends when the run does.

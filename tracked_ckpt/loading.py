@@ -102,7 +102,7 @@ def load_resolved(
         "restored step %d from %s (%.1f MB) in %.2f s",
         r.manifest.step,
         ref_for(catalog.run_id, r.path),
-        r.manifest.size / 1e6,
+        sum(f.size for f in r.manifest.files if only is None or f.name in only) / 1e6,
         time.perf_counter() - t0,
     )
     return dict(r.manifest.metadata)
