@@ -9,7 +9,8 @@ when each checkpoint is recorded (after ``sync()``); this process follows the ru
 and loads each checkpoint into a model. Printed: the median lag recorded -> loaded, against the floor measured in the
 same run (MLflow's ``download_artifacts`` of the same model.pt + ``torch.load`` + ``load_state_dict``, the work a
 follower cannot avoid once it knows the checkpoint exists); then, through a byte-counting proxy
-(tests/fault_proxy.py), the bytes one checkpoint costs a follower with and without ``weights_only``.
+(tests/fault_proxy.py), the bytes one checkpoint costs a follower with and without ``weights_only``; last, what the
+model.pt + state.pt layout costs a save on a local store next to the single state.pt written before.
 """
 
 from __future__ import annotations
@@ -113,11 +114,32 @@ def bytes_moved(url: str, run_id: str, saves: int) -> dict[bool, float]:
     return moved
 
 
+def layout_cost(work: Path, nbytes: int, repeats: int) -> dict[str, float]:
+    """Median seconds of save() on a local store: model.pt + state.pt (now) vs everything in state.pt (before)."""
+    from tracked_ckpt import CheckpointManager, local
+    from tracked_ckpt.state import STATE_FILE, split_files
+
+    model, opt = make_state(nbytes)
+    uri = f"sqlite:///{work / 'layout.db'}"
+    times: dict[str, list[float]] = {"split": [], "one file": []}
+    with CheckpointManager(work / "layout", experiment="layout", tracking_uri=uri) as mgr:
+        for i in range(2 * repeats):
+            name = "split" if i % 2 else "one file"  # alternated: the machine's drift hits both alike
+            one_file = lambda p: [(STATE_FILE, dict(p))]  # noqa: E731 - what 0.2 wrote
+            local.split_files = split_files if name == "split" else one_file  # type: ignore[assignment]
+            t0 = time.perf_counter()
+            mgr.save(model, opt, {"step": i})
+            times[name].append(time.perf_counter() - t0)
+    local.split_files = split_files  # type: ignore[assignment]
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="100MB", help="model + Adam state")
     p.add_argument("--saves", type=int, default=8)
     p.add_argument("--every", type=float, default=3.0, help="seconds between saves")
+    p.add_argument("--repeats", type=int, default=5, help="saves per layout for the layout cost")
     p.add_argument("--server", default=None, help="a running `mlflow server` (default: start one on loopback)")
     a = p.parse_args(argv)
     nbytes = parse_size(a.size)
@@ -127,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         run_id, lag = follow_live(url, work, nbytes, a.saves, a.every)
         base = floor(url, run_id, nbytes, work)
         moved = bytes_moved(url, run_id, a.saves)
+        layout = layout_cost(work, nbytes, a.repeats)
     med, fl = statistics.median(lag), statistics.median(base)
     print(f"state {a.size} (model + Adam), {a.saves} saves {a.every:g} s apart, follower polling every 1-2 s")
     print(f"recorded -> loaded (follow, weights_only): median {med:.2f} s (min {min(lag):.2f}, max {max(lag):.2f}) "
@@ -135,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     share = moved[True] / moved[False]
     print(f"bytes per checkpoint: weights only {moved[True] / 1e6:.1f} MB, whole {moved[False] / 1e6:.1f} MB, "
           f"{share:.0%}  (target <= 40% {'met' if share <= 0.4 else 'MISSED'})")
+    split, one = layout["split"], layout["one file"]
+    print(f"save() on a local store, median of {a.repeats}: model.pt + state.pt {split:.3f} s, "
+          f"everything in state.pt (before) {one:.3f} s, ratio {split / one:.2f}x")
 
 
 if __name__ == "__main__":
