@@ -234,3 +234,18 @@ def test_checkpoints_of_the_old_layout_still_load(
     assert ckpt.model_state().keys() == model.state_dict().keys()
     opt = torch.optim.Adam(fresh.parameters())
     assert tracked_ckpt.load(run_id, fresh, opt)["step"] == 1 and opt.state_dict()["state"]
+
+
+def test_metric_lines_of_a_command_and_bad_arguments(tmp_path: Path) -> None:
+    from tracked_ckpt.follow_cmd import expand, parse_metrics
+
+    out = "loss=0.5\nevaluating ./x\neval/acc = 0.9\nbad=abc\nx=nan\nrate=1e-3\nloss=0.25\n"
+    assert parse_metrics(out) == {"loss": 0.25, "eval/acc": 0.9, "rate": 0.001}  # the last value of a key wins
+    assert expand(["--ckpt={path}", "{step}", "{other}"], {"path": "/c", "step": "7"}) == ["--ckpt=/c", "7", "{other}"]
+    with pytest.raises(tracked_ckpt.ConfigError, match="keep=0"):
+        tracked_ckpt.follow("abc", keep=0)
+    with pytest.raises(tracked_ckpt.ConfigError, match="not a checkpoint reference"):
+        tracked_ckpt.follow("no such run!")
+    with pytest.raises(tracked_ckpt.StoreNotFoundError):  # raised where follow() is called; nothing created
+        tracked_ckpt.follow("abc", tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
+    assert not (tmp_path / "none.db").exists()

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .api import load
     from .evals import log_eval
     from .export import export_model, warm_start
-    from .follow import follow
+    from .following import follow
     from .lifecycle import promote
     from .manager import CheckpointManager
     from .store import RunStore
@@ -56,7 +56,7 @@ _LAZY = {
     "export_model": ".export",
     "warm_start": ".export",
     "promote": ".lifecycle",
-    "follow": ".follow",
+    "follow": ".following",
     "log_eval": ".evals",
     "RunStore": ".store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }

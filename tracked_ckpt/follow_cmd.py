@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .errors import ConfigError
-from .follow import FollowedCheckpoint, follow
+from .following import FollowedCheckpoint, follow
 
 log = logging.getLogger(__name__)
 

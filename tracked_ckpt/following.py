@@ -120,7 +120,7 @@ def follow(
     """The checkpoints of run ``run`` as they are committed, oldest unseen first; ends when the run does.
 
     Args:
-        run: a run ID (``RUN_ID`` or ``runs:/RUN_ID/...``: the run is what counts).
+        run: a run ID (or a checkpoint reference of the run, ``RUN_ID@best``, ``runs:/RUN_ID/checkpoints/NAME``).
         latest_only: skip to the newest committed checkpoint each time (an inference server).
         resume: a metric key this follower logs with ``log_eval``: start after the highest step at which the run
             has it, so a restarted follower scores nothing twice (found in MLflow, not in local state).
@@ -136,20 +136,22 @@ def follow(
         raise ConfigError(f"keep={keep}: keep at least 1 fetched checkpoint (the one being used)")
     if poll_interval <= 0 or max_interval < poll_interval:
         raise ConfigError(f"poll_interval={poll_interval}, max_interval={max_interval}: need 0 < poll <= max")
-    from mlflow.tracking import MlflowClient
+    from .reading import read_client
 
-    from .reading import resolve_uri
+    run_id = parse(run).run_id  # checked here, not at the first next(): bad arguments fail where they are passed
+    store = RunStore(read_client(tracking_uri), run_id, connect=False)  # a missing sqlite store is not created
+    options = {"latest_only": latest_only, "resume": resume, "weights_only": weights_only, "keep": keep}
+    return _follow(store, cache_dir, options, until_step, timeout, poll_interval, max_interval)
 
-    run_id = parse(run).run_id
-    store = RunStore(MlflowClient(tracking_uri=resolve_uri(tracking_uri)), run_id, connect=False)
-    own_cache = cache_dir is None
+
+def _follow(
+    store: RunStore, cache_dir: str | Path | None, options: dict[str, Any], *loop: Any
+) -> Iterator[FollowedCheckpoint]:
     root = Path(tempfile.mkdtemp(prefix="tracked_ckpt-follow-")) if cache_dir is None else Path(cache_dir)
-    follower = _Follower(store, root / run_id, latest_only=latest_only, resume=resume, weights_only=weights_only,
-                         keep=keep)  # fmt: skip
     try:
-        yield from follower.items(until_step, timeout, poll_interval, max_interval)
+        yield from _Follower(store, root / store.run_id, **options).items(*loop)
     finally:
-        if own_cache:
+        if cache_dir is None:
             shutil.rmtree(root, ignore_errors=True)
 
 
