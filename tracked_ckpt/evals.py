@@ -13,6 +13,7 @@ metrics are logged linked to that model too (one entry: a model's metrics are ru
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -22,12 +23,12 @@ from mlflow.entities import Metric, RunTag
 
 from .errors import ConfigError, StoreError
 from .policies import CheckpointInfo
-from .state import _METRIC_NAME
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
 TAG_EVALS = "tracked_ckpt.evals"
+_METRIC_NAME = re.compile(r"^[\w./\- ]{1,250}$")  # as state.py's (not imported: it pulls in torch, which ls avoids)
 MODEL_TAG_CHECKPOINT = "tracked_ckpt.checkpoint"  # a checkpoint's LoggedModel names it (issue 20)
 
 
