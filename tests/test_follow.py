@@ -191,6 +191,12 @@ def test_scores_define_best_after_the_fact_and_reach_the_logged_model(tmp_path: 
     assert frame["eval/accuracy"].tolist() == [0.5, 0.9, 0.7] and frame["is_best"].tolist() == [False, True, False]
     tracked_ckpt.log_eval(f"runs:/{run_id}/checkpoints/step-00000003", {"eval/accuracy": 0.95})  # a re-score wins
     assert tracked_ckpt.load(run_id, fresh, which="best", metric="eval/accuracy")["step"] == 3
+    from click.testing import CliRunner
+
+    from tracked_ckpt.cli import cli
+
+    shown = CliRunner().invoke(cli, ["show", f"{run_id}@2"])
+    assert "eval       eval/accuracy=0.9" in shown.stdout, shown.output
     with pytest.raises(tracked_ckpt.ConfigError, match="not a number"):
         tracked_ckpt.log_eval(f"runs:/{run_id}/checkpoints/step-00000003", {"eval/accuracy": "high"})
 
@@ -249,3 +255,21 @@ def test_metric_lines_of_a_command_and_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(tracked_ckpt.StoreNotFoundError):  # raised where follow() is called; nothing created
         tracked_ckpt.follow("abc", tracking_uri=f"sqlite:///{tmp_path / 'none.db'}")
     assert not (tmp_path / "none.db").exists()
+
+
+def test_a_corrupt_or_uncommitted_checkpoint_is_never_yielded(
+    tmp_path: Path, experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    run_id, _ = _trained_run(tmp_path, experiment)
+    root = Path(MlflowClient().get_run(run_id).info.artifact_uri.removeprefix("file://")) / "checkpoints"
+    with open(root / "step-00000002" / "model.pt", "r+b") as f:  # bit rot in the weights of step 2
+        f.seek(200)
+        byte = f.read(1)
+        f.seek(200)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    (root / "step-00000099").mkdir()  # an upload in flight: files, no manifest yet
+    (root / "step-00000099" / "model.pt").write_bytes(b"partial")
+    with caplog.at_level("WARNING", logger="tracked_ckpt"):
+        steps = [c.step for c in tracked_ckpt.follow(run_id, poll_interval=0.05, max_interval=0.1)]
+    assert steps == [1, 3]
+    assert "skipping checkpoints/step-00000002 after 3 failed verifications" in caplog.text
