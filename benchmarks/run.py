@@ -100,7 +100,10 @@ def _tensors(model: torch.nn.Module, opt: torch.optim.Optimizer) -> list[torch.T
 
 
 def restore(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, **load_kw: Any) -> None:
+    """Load a torch.save'd state (a checkpoint's state.pt: its weights are in model.pt beside it)."""
     payload = torch.load(path, map_location="cpu", weights_only=True, **load_kw)
+    if "model" not in payload:
+        payload.update(torch.load(path.with_name("model.pt"), map_location="cpu", weights_only=True, **load_kw))
     model.load_state_dict(payload["model"])
     opt.load_state_dict(payload["optimizer"])
 
@@ -240,10 +243,10 @@ def bench_size(b: Bench, label: str, nbytes: int, work: Path, uri: str, server: 
 
     def download_then_load(_: int, tracking_uri: str = uri, run: str = smgr.run_id, ref: str = latest) -> None:
         with tempfile.TemporaryDirectory(dir=work) as d:
-            f = mlflow.artifacts.download_artifacts(
-                run_id=run, artifact_path=ref.split("/", 2)[2] + "/state.pt", dst_path=d, tracking_uri=tracking_uri
+            f = mlflow.artifacts.download_artifacts(  # the checkpoint's folder: model.pt, state.pt, ...
+                run_id=run, artifact_path=ref.split("/", 2)[2], dst_path=d, tracking_uri=tracking_uri
             )
-            restore(Path(f), model, opt)
+            restore(Path(f) / "state.pt", model, opt)
 
     b.measure("load", "download_artifacts + torch.load + load_state_dict", label, download_then_load)
     smgr.close()

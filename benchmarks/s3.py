@@ -121,8 +121,10 @@ def interference(mgr: object, model: torch.nn.Module, opt: torch.optim.Optimizer
     with mgr:
         mgr.save(model, opt, {"step": 0})
         mgr.wait()  # staging buffers allocated
-        state = mgr.save_dir / mgr.run_id / "step-00000000" / "state.pt"
-        blob = bytes(state.stat().st_size)
+        folder = mgr.save_dir / mgr.run_id / "step-00000000"
+        blob = bytes(sum((folder / n).stat().st_size for n in ("model.pt", "state.pt")))
+        state = work / f"whole-{mgr.run_id}.bin"  # the checkpoint's bytes in one file, for the other process
+        state.write_bytes(blob)
         for i in range(1, repeats + 1):
             rates["save"].append(during(partial(save_and_wait, mgr, model, opt, i)))
 
@@ -163,7 +165,7 @@ def resume_rows(run_id: str, size: str, repeats: int, work: Path, tracking_uri: 
 
     client, uri = MlflowClient(tracking_uri), tracking_uri
     fresh, fresh_opt = make_state(parse_size(size))
-    path = f"checkpoints/step-{repeats:08d}/state.pt"
+    path = f"checkpoints/step-{repeats:08d}"  # the folder: model.pt and state.pt, as tracked_ckpt.load fetches
     rows: dict[str, list[float]] = {"tracked_ckpt": []}
     for i in range(repeats):
         rows["tracked_ckpt"].append(timed(lambda: tracked_ckpt.load(run_id, fresh, fresh_opt, tracking_uri=uri)))
@@ -174,7 +176,7 @@ def resume_rows(run_id: str, size: str, repeats: int, work: Path, tracking_uri: 
             os.environ.update(env)
             try:
                 t0 = time.perf_counter()
-                restore(Path(client.download_artifacts(run_id, path, str(dst))), fresh, fresh_opt)
+                restore(Path(client.download_artifacts(run_id, path, str(dst))) / "state.pt", fresh, fresh_opt)
                 rows.setdefault(name, []).append(time.perf_counter() - t0)
             finally:
                 for k, v in saved.items():
@@ -235,8 +237,9 @@ def main(argv: list[str] | None = None) -> None:
             run_id = mgr.run_id
             for i in range(1, a.repeats + 1):
                 up["save"].append(timed(partial(mgr.save, model, opt, {"step": i})))
-                state = work / "ck" / run_id / f"step-{i:08d}" / "state.pt"
-                up["upload_file"].append(timed(partial(s3.upload_file, str(state), BUCKET, f"raw/{i}.pt")))
+                folder = work / "ck" / run_id / f"step-{i:08d}"
+                up["upload_file"].append(sum(timed(partial(s3.upload_file, str(folder / n), BUCKET, f"raw/{i}/{n}"))
+                                             for n in ("model.pt", "state.pt")))  # fmt: skip
         record = statistics.median(m.value for m in client.get_metric_history(run_id, "system/checkpoint_record_s"))
         direct = resume_rows(run_id, a.size, a.repeats, work)
 
@@ -247,8 +250,10 @@ def main(argv: list[str] | None = None) -> None:
                 prun = mgr.run_id
                 for i in range(1, a.repeats + 1):
                     up["proxied save"].append(timed(partial(mgr.save, model, opt, {"step": i})))
-                    state = work / "ck-proxied" / prun / f"step-{i:08d}" / "state.pt"
-                    up["proxied log_artifact"].append(timed(partial(pclient.log_artifact, prun, str(state), f"raw{i}")))
+                    folder = work / "ck-proxied" / prun / f"step-{i:08d}"
+                    names = ("model.pt", "state.pt")
+                    log = [partial(pclient.log_artifact, prun, str(folder / n), f"raw{i}") for n in names]
+                    up["proxied log_artifact"].append(sum(timed(f) for f in log))
             precord = statistics.median(m.value for m in pclient.get_metric_history(prun, "system/checkpoint_record_s"))
             single = {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}
             proxied = resume_rows(prun, a.size, a.repeats, work, url,

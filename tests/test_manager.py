@@ -43,7 +43,7 @@ def test_public_api_is_pinned() -> None:
         "CheckpointCorruptError", "CheckpointManager", "CheckpointMismatchError", "CheckpointNotFoundError",
         "EveryInterval", "EveryNSteps", "KeepBest", "KeepEvery", "KeepLast", "OnImprovement", "RunNotFoundError",
         "TrackedCkptError", "__version__", "export_model", "list_checkpoints", "list_runs", "load", "promote",
-        "warm_start",
+        "warm_start", "follow", "log_eval",
         # every error a user can catch, and the extension seams (custom policies, the store)
         "ConfigError", "ExperimentNotFoundError", "InvalidMetadataError", "RunLockedError", "SaveError",
         "StoreError", "StoreNotFoundError", "UnsafeCheckpointError", "DataPositionMismatchError",

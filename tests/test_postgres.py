@@ -149,7 +149,7 @@ def test_two_processes_writing_one_run_lose_nothing(pg_server: str, tmp_path: Pa
         tmp = tmp_path / "fetched" / r.path.rpartition("/")[2]
         tmp.mkdir(parents=True)
         folder = catalog.fetch_verified(r, tmp)
-        weight = torch_load_safe(folder / "state.pt", r.path)["model"]["weight"]
+        weight = torch_load_safe(folder / "model.pt", r.path)["model"]["weight"]
         assert torch.equal(weight, torch.full((64, 64), float(r.manifest.step)))
     latest = catalog.latest()
     assert latest is not None and latest.manifest.step in (9, 10)  # the last save of one writer or the other

@@ -129,6 +129,22 @@ def test_model_metrics_link_charts_step_epoch_and_reward(browser: Any, server: D
     page.context.close()
 
 
+def test_an_evaluators_scores_chart_on_the_training_run(browser: Any, server: DemoServer, tmp_path: Path) -> None:
+    """log_eval from a follower: the score is a chart of the training run, at the checkpoints' steps."""
+    import tracked_ckpt
+
+    steps = []
+    for ckpt in tracked_ckpt.follow(server.store.run_id, tracking_uri=server.store.uri):
+        ckpt.log_eval({"eval/score": float(ckpt.step)})
+        steps.append(ckpt.step)
+    history = MlflowClient(server.store.uri).get_metric_history(server.store.run_id, "eval/score")
+    assert steps and sorted(m.step for m in history) == steps
+    page = first_visit(browser, server, "model-metrics")
+    page.get_by_text("cartpole-reinforce (eval/score)").first.wait_for()  # its chart, beside reward's
+    page.get_by_text("cartpole-reinforce (reward)").first.wait_for()
+    page.context.close()
+
+
 def test_system_metrics_link_charts_what_each_save_cost(browser: Any, server: DemoServer, tmp_path: Path) -> None:
     page = first_visit(browser, server, "system-metrics")
     for metric in ("checkpoint_blocked_s", "checkpoint_commit_s", "checkpoint_record_s"):

@@ -40,7 +40,9 @@ from .policies import (
 
 if TYPE_CHECKING:
     from .api import load
+    from .evals import log_eval
     from .export import export_model, warm_start
+    from .following import follow
     from .lifecycle import promote
     from .manager import CheckpointManager
     from .store import RunStore
@@ -55,6 +57,8 @@ _LAZY = {
     "export_model": ".export",
     "warm_start": ".export",
     "promote": ".lifecycle",
+    "follow": ".following",
+    "log_eval": ".evals",
     "RunStore": ".store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }
 
@@ -100,9 +104,11 @@ __all__ = [
     "UnsafeCheckpointError",
     "__version__",
     "export_model",
+    "follow",
     "list_checkpoints",
     "list_runs",
     "load",
+    "log_eval",
     "promote",
     "warm_start",
 ]

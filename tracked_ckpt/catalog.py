@@ -13,13 +13,14 @@ import logging
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
+from .evals import TAG_EVALS, eval_keys, eval_metrics, with_scores
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint_path, verify_file
 from .policies import CheckpointInfo, Mode, best_of
 from .refs import Which, ref_for
@@ -82,8 +83,8 @@ class RunCatalog:
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
             return self.store.fetch(artifact, Path(tmp)).path.read_bytes()
 
-    def scan(self) -> list[Resolved]:
-        """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
+    def folders(self) -> list[str]:
+        """Every checkpoint-shaped folder of the run, committed or not (one listing)."""
         root = self.store.local_dir
         if root is not None:  # one scandir: MLflow's listing stats every entry (10k folders: ~0.8 s)
             listed = [f"{ARTIFACT_PREFIX}/{name}" for name in _local_dirs(root / ARTIFACT_PREFIX)]
@@ -95,6 +96,11 @@ class RunCatalog:
                 paths.append(check_checkpoint_path(listed_path))
             except CheckpointCorruptError as err:
                 log.warning("ignoring artifact folder %r in run %s: %s", listed_path, self.run_id, err)
+        return paths
+
+    def scan(self) -> list[Resolved]:
+        """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
+        paths = self.folders()
 
         def read(path: str) -> Resolved | CheckpointCorruptError | None:
             try:
@@ -148,7 +154,10 @@ class RunCatalog:
             if hit is not None and metric in hit.manifest.metrics:
                 return hit
         found = self.scan()
-        chosen = best_of([r.info for r in found], metric, mode)
+        infos = [r.info for r in found]
+        if metric in eval_keys(tags):  # a score an evaluator logged on the run (log_eval), not in the manifests
+            infos = with_scores(infos, eval_metrics(self.store, {TAG_EVALS: metric}))
+        chosen = best_of(infos, metric, mode)
         return next((r for r in found if chosen is not None and r.path == chosen.path), None)
 
     def at_step(self, step: int) -> Resolved | None:
@@ -191,22 +200,25 @@ class RunCatalog:
             if r.manifest.seq < first.manifest.seq:
                 yield r
 
-    def fetch_verified(self, r: Resolved, tmp_dir: Path, cache_dir: Path | None = None) -> Path:
-        """A local folder with every file of ``r`` checked against its manifest (size and BLAKE3)."""
+    def fetch_verified(
+        self, r: Resolved, tmp_dir: Path, cache_dir: Path | None = None, only: Collection[str] | None = None
+    ) -> Path:
+        """A local folder with every file of ``r`` (or the files named in ``only``) checked against its manifest."""
         where = f"checkpoint {ref_for(self.run_id, r.path)} (step {r.manifest.step})"
         streamed: dict[str, str | None] = {}  # digests computed while downloading: nothing is read twice
-        if cache_dir is not None and _cache_matches(cache_dir, r.manifest):
+        wanted = [f for f in r.manifest.files if only is None or f.name in only]
+        if cache_dir is not None and _cache_matches(cache_dir, r.manifest, only):
             folder = cache_dir
         else:
             folder = tmp_dir
             _check_listing([e.path.rpartition("/")[2] for e in self.store.list(r.path)], r.manifest, where)
-            for f in r.manifest.files:
+            for f in wanted:
                 try:
                     local, streamed[f.name] = self.store.fetch(f"{r.path}/{f.name}", tmp_dir)
                 except (FileNotFoundError, StoreError, CheckpointCorruptError) as e:
                     raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
                 folder = local.parents[f.name.count("/")]  # a nested name ("sub/x.bin") lies deeper
-        for f in r.manifest.files:
+        for f in wanted:
             verify_file(folder / f.name, f, where, digest=streamed.get(f.name))
         return folder
 
@@ -261,10 +273,12 @@ def open_in_place(root: Path, artifact: str, run_id: str) -> IO[bytes]:
             os.close(d_fd)
 
 
-def _cache_matches(folder: Path, m: Manifest) -> bool:
+def _cache_matches(folder: Path, m: Manifest, only: Collection[str] | None = None) -> bool:
     try:
         local = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder))
+        names = {p.name for p in folder.iterdir()}
     except (OSError, CheckpointCorruptError):
         return False
-    exact = {p.name for p in folder.iterdir()} == m.top_level
+    # A partial copy (a follower that fetched only the weights) holds exactly the files it was asked for.
+    exact = names == m.top_level or (only is not None and names == {*only, MANIFEST_NAME} and names <= m.top_level)
     return exact and local.files == m.files and local.run_id == m.run_id and local.seq == m.seq

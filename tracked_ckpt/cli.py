@@ -585,7 +585,15 @@ def _manifest_json(catalog: RunCatalog, r: Resolved, marks: list[str]) -> dict[s
     data["created"] = iso_utc(utc_times(pd.Series([r.manifest.created]), "s").iloc[0])
     data["metrics"] = {k: _json_value(v) for k, v in r.manifest.metrics.items()}
     data.update(ref=_uri_of(catalog, r), path=r.path, size_bytes=r.manifest.size, markers=marks)
+    data["eval"] = {k: _json_value(v) for k, v in _scores(catalog, r).items()}
     return data
+
+
+def _scores(catalog: RunCatalog, r: Resolved) -> dict[str, float]:
+    """What evaluators logged on the run at this checkpoint's step (``log_eval``)."""
+    from .evals import eval_metrics
+
+    return eval_metrics(catalog.store, catalog.store.tags()).get(r.manifest.step, {})
 
 
 def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
@@ -603,6 +611,8 @@ def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
         f"  created    {created}",
         f"  metrics    {'  '.join(f'{k}={_num(v)}' for k, v in sorted(m.metrics.items())) or '-'}",
     ]
+    if scores := _scores(catalog, r):
+        lines.append(f"  eval       {'  '.join(f'{k}={_num(v)}' for k, v in sorted(scores.items()))}")
     if m.metadata:
         lines.append(f"  metadata   {json.dumps(dict(m.metadata), sort_keys=True)}")
     if m.resumed_from:
@@ -888,6 +898,41 @@ def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
         click.echo(f"run {run_id}: {'all recorded' if n == 0 else f'{n} checkpoint(s) still queued'}")
     if any(left.values()):
         sys.exit(EXIT_UNREACHABLE)
+
+
+# ----------------------------------------------------------------------------------------------- follow
+
+
+@cli.command("follow", epilog=EXIT_CODES_HELP)
+@click.argument("run")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="-- CMD [ARGS]...")
+@click.option("--latest-only", is_flag=True, help="Skip to the newest checkpoint each time (an inference server).")
+@click.option("--log-metrics", is_flag=True, help="Log CMD's key=value output lines into the run at the step.")
+@click.option("--resume", metavar="KEY", help="Start after the last step at which the run has metric KEY.")
+@click.option("--until-step", type=int, help="Stop after the checkpoint of this step (or the first one past it).")
+@click.option("--timeout", type=float, help="Stop after this many seconds.")
+@click.option("--weights-only", is_flag=True, help="Fetch only the model's weights (model.pt).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Keep fetched files here (default: a temp dir).")
+@_common
+def follow_cmd(run: str, command: tuple[str, ...], latest_only: bool, log_metrics: bool, resume: str | None,
+               until_step: int | None, timeout: float | None, weights_only: bool, cache_dir: str | None,
+               tracking_uri: str | None) -> None:  # fmt: skip
+    """Run CMD for each new checkpoint of RUN as it is recorded; exit when the run ends.
+
+    CMD gets the checkpoint's verified local folder and step as {path}, {step}, {ref}, {run_id} in its
+    arguments and as TRACKED_CKPT_PATH, TRACKED_CKPT_STEP, TRACKED_CKPT_REF, TRACKED_CKPT_RUN_ID. A failing CMD
+    stops the follower with its exit status.
+
+    \b
+    Examples:
+      tracked-ckpt follow RUN_ID --log-metrics --resume eval/accuracy -- python eval.py {path}
+      tracked-ckpt follow RUN_ID --latest-only --weights-only -- ./reload-server.sh
+    """
+    from .follow_cmd import follow_command
+
+    sys.exit(follow_command(run, command, latest_only=latest_only, log_metrics=log_metrics, resume=resume,
+                            until_step=until_step, timeout=timeout, weights_only=weights_only, cache_dir=cache_dir,
+                            tracking_uri=tracking_uri))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- demo

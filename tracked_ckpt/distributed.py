@@ -362,7 +362,7 @@ class DistributedCheckpointManager(CheckpointManager):
 
             err: BaseException | None = None
             try:
-                load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r), self.world_size)
+                load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r), world_size=self.world_size)
             except Exception as e:  # any failure on one rank must reach every rank's _agree, or they hang
                 err = e
             self._agree(err)

@@ -1,7 +1,8 @@
 """The model weights of a checkpoint, out of the training state: warm start another model, export a file.
 
-Both read only the ``model`` part, verified first (size, BLAKE3, ``weights_only``) and consolidated into one
-CPU state dict whatever the checkpoint's format: ``state.pt`` of a single process, or the DCP shards of any
+Both read only the ``model`` part (fetching ``model.pt`` alone where the checkpoint has one), verified first (size,
+BLAKE3, ``weights_only``) and consolidated into one CPU state dict whatever the checkpoint's format: ``model.pt`` /
+``state.pt`` of a single process, or the DCP shards of any
 world size (read in this one process). ``warm_start`` loads it into a model non-strictly, through a key map,
 and reports what did not match; ``export_model`` writes it as one safetensors file (or a ``torch.save`` dict)
 with the source run, step and digest in the file's metadata.
@@ -35,15 +36,16 @@ Format = Literal["safetensors", "torch"]
 
 def model_state(catalog: RunCatalog, r: Resolved, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's model state dict on CPU, verified, consolidated from DCP shards when needed."""
-    from .loading import torch_load_safe
+    from .loading import read_payload, weight_files
 
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
+    only = weight_files(r.manifest)  # model.pt alone where the layout has it: no optimizer bytes move
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-        folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
+        folder = catalog.fetch_verified(r, Path(tmp), cache_dir, only)
         if r.manifest.format == "dcp":
             sd = _dcp_model_state(folder, r, where)
         else:
-            payload = torch_load_safe(folder / STATE_FILE, where)
+            payload = read_payload(folder, only or {STATE_FILE}, where)
             if not isinstance(payload.get("model"), Mapping):
                 raise CheckpointCorruptError(f"{where} holds no model state (saved without a model?); nothing to read")
             sd = dict(payload["model"])

@@ -22,10 +22,10 @@ import torch
 from .catalog import Resolved, RunCatalog
 from .data import check_world_size
 from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
-from .manifest import FOREIGN_FORMATS
+from .manifest import FOREIGN_FORMATS, Manifest
 from .progress import human_bytes
 from .refs import ref_for
-from .state import RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
+from .state import MODEL_FILE, RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +52,32 @@ def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
     return payload
 
 
+def weight_files(m: Manifest) -> set[str] | None:
+    """The files that hold the model's weights alone ({model.pt}), or None when they are mixed in with the rest."""
+    return {MODEL_FILE} if any(f.name == MODEL_FILE for f in m.files) else None
+
+
+def read_payload(folder: Path, names: set[str], where: str) -> dict[str, Any]:
+    """The tensor payload of the torch files among ``names`` (state.pt, and model.pt where the layout has it)."""
+    payload: dict[str, Any] = {}
+    for name in (STATE_FILE, MODEL_FILE):
+        if name in names:
+            payload.update(torch_load_safe(folder / name, where))
+    return payload
+
+
 def load_resolved(
-    catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None = None, world_size: int = 1
+    catalog: RunCatalog,
+    r: Resolved,
+    state: TrainingState,
+    cache_dir: Path | None = None,
+    weights_only: bool = False,
+    world_size: int = 1,
 ) -> dict[str, Any]:
-    """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata."""
+    """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata.
+
+    ``weights_only``: fetch and read only the model's file where the layout allows (``state`` holds a model alone).
+    """
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
     if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
@@ -70,12 +92,13 @@ def load_resolved(
             "(docs/lightning.md, docs/huggingface.md, docs/accelerate.md)"
         )
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-        folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
         names = {f.name for f in r.manifest.files}
         if STATE_FILE not in names:
             raise CheckpointCorruptError(f"{where}: the manifest lists no {STATE_FILE}")
-        payload = torch_load_safe(folder / STATE_FILE, where)
-        rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names else {}
+        only = weight_files(r.manifest) if weights_only else None
+        folder = catalog.fetch_verified(r, Path(tmp), cache_dir, only)
+        payload = read_payload(folder, only or names, where)
+        rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names and not only else {}
         saved_positions = [name for name in state.positions() if name in payload]
         check_world_size(r.manifest.world_size, world_size, saved_positions, where)  # a torchrun job, one state.pt
         check_fits(payload, state, where)
@@ -84,7 +107,7 @@ def load_resolved(
         "restored step %d from %s (%s) in %.2f s",
         r.manifest.step,
         ref_for(catalog.run_id, r.path),
-        human_bytes(r.manifest.size),
+        human_bytes(sum(f.size for f in r.manifest.files if only is None or f.name in only)),
         time.perf_counter() - t0,
     )
     return dict(r.manifest.metadata)

@@ -5,7 +5,7 @@
     save_dir/
       tracked_ckpt.json            which MLflow run this directory trains (so a relaunch resumes it)
       .staging/<random>/           a save in progress; swept when stale
-      <run_id>/<name>/             committed local copies: state.pt, rng.json, MANIFEST.json (last)
+      <run_id>/<name>/             committed local copies: model.pt, state.pt, rng.json, MANIFEST.json (last)
 
 A local commit is durable before anything goes to MLflow: files, then the manifest, are fsynced, then the
 staging folder is renamed into place and its parent fsynced. Nothing here decides "latest": that is
@@ -41,7 +41,7 @@ from .manifest import (
     hash_file,
     write_file,
 )
-from .state import RNG_FILE, STATE_FILE
+from .state import RNG_FILE, split_files
 
 POINTER_NAME = "tracked_ckpt.json"
 STAGING = ".staging"
@@ -102,7 +102,7 @@ class LocalDir:
         final = self.folder(run_id, name)
         try:
             staging.mkdir(parents=True)
-            files = [_torch_save(payload, staging / STATE_FILE)]
+            files = [_torch_save(part, staging / file_name) for file_name, part in split_files(payload)]
             if rng_json:
                 files.append(write_file(staging / RNG_FILE, json.dumps(rng_json).encode()))
             manifest = Manifest(

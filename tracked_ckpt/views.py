@@ -4,7 +4,8 @@
 created (datetime64[ns, UTC]), size_bytes (Int64), is_latest, is_best (bool), blocked_s, commit_s, record_s
 (float64: what the save cost — seconds the training thread was blocked, to commit locally, to upload; NaN where
 not recorded, e.g. checkpoints of older versions), then one float64 column
-per numeric metadata key logged with the checkpoints (reward, loss, ...).
+per numeric metadata key logged with the checkpoints (reward, loss, ...) and per score an evaluator logged on the
+run at a checkpoint's step (``log_eval``: eval/accuracy, ...).
 
 ``list_runs`` columns: run_id, run_name, experiment_id, status, start_time (datetime64[ns, UTC]),
 checkpoints (Int64), latest_step (Int64), best_step (Int64), monitor, best_value (float64),
@@ -26,6 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
+from .evals import eval_metrics, with_scores
 from .policies import Mode, best_of
 from .reading import read_client, reading
 from .refs import ref_for
@@ -109,12 +111,18 @@ def save_costs(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]
 
 
 def _checkpoint_rows(
-    run_id: str, found: Sequence[Resolved], metric: str, mode: Mode, costs: Mapping[int, dict[str, float]]
+    run_id: str,
+    found: Sequence[Resolved],
+    metric: str,
+    mode: Mode,
+    costs: Mapping[int, dict[str, float]],
+    scores: Mapping[int, Mapping[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     latest = max(found, key=lambda r: r.manifest.seq).path if found else None
-    best = best_of([r.info for r in found], metric, mode)
+    infos = with_scores([r.info for r in found], scores or {})
+    best = best_of(infos, metric, mode)
     rows: list[dict[str, Any]] = []
-    for r in found:
+    for r, info in zip(found, infos, strict=True):
         m = r.manifest
         row: dict[str, Any] = {
             "run_id": run_id,
@@ -129,7 +137,7 @@ def _checkpoint_rows(
             "is_best": best is not None and r.path == best.path,
             **costs.get(m.step, {}),
         }
-        row.update({k: v for k, v in m.metrics.items() if k not in row})
+        row.update({k: v for k, v in info.metrics.items() if k not in row})
         rows.append(row)
     return rows
 
@@ -195,7 +203,9 @@ def checkpoints_of(
     for rid in run_ids:
         store = RunStore(client, rid)
         run_metric, run_mode = monitor_of(store.tags_at_open, metric, mode)
-        rows += _checkpoint_rows(rid, RunCatalog(store).scan(), run_metric, run_mode, save_costs(client, rid))
+        scores = eval_metrics(store, store.tags_at_open)  # what evaluators logged at each step (log_eval)
+        found = RunCatalog(store).scan()
+        rows += _checkpoint_rows(rid, found, run_metric, run_mode, save_costs(client, rid), scores)
     return _typed_checkpoints(pd.DataFrame(rows))
 
 
