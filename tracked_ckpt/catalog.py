@@ -1,8 +1,11 @@
 """The read side: resolve latest / best / at-step-N by asking the MLflow run, then fetch and verify files.
 
-Fast path: the run tags name the latest and best checkpoint folders (one ``get_run`` plus one manifest
-read, whatever the number of checkpoints). Tags are hints, never trusted: the manifest they point at must
-exist, parse, name this run and agree with the tag; otherwise we warn and scan the checkpoint folders.
+Fast path: the run tags name the latest and best checkpoint folders (one ``get_run``, one listing of the
+checkpoint folders and one manifest read, whatever the number of checkpoints). Tags are hints, never trusted: the
+manifest they point at must exist, parse, name this run and agree with the tag; otherwise we warn and scan the
+checkpoint folders. They may also lag: a save killed between its manifest upload and the tag update leaves a
+committed checkpoint newer than the tagged latest. Folder names carry the step, and the seq whenever the step
+went back (``recorder.plan``), so only the folders that may be newer than the tagged one are read (``_lagging``).
 A folder without a valid manifest is an uncommitted checkpoint and is never resolved.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +31,14 @@ from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_M
 from .store import RunStore
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"step-(-?\d+)(?:\.(\d+))?")
+
+
+def name_step(name: str) -> tuple[int, int | None] | None:
+    """(step, seq or None) of a folder named ``step-N`` or ``step-N.SEQ`` (recorder.plan); None for another name."""
+    m = _NAME.fullmatch(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2)) if m.group(2) else None)
 
 
 def info_of(m: Manifest, path: str) -> CheckpointInfo:
@@ -84,17 +96,7 @@ class RunCatalog:
 
     def scan(self) -> list[Resolved]:
         """Every committed checkpoint of the run, in commit order (one listing plus one read per folder)."""
-        root = self.store.local_dir
-        if root is not None:  # one scandir: MLflow's listing stats every entry (10k folders: ~0.8 s)
-            listed = [f"{ARTIFACT_PREFIX}/{name}" for name in _local_dirs(root / ARTIFACT_PREFIX)]
-        else:
-            listed = [e.path for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir]
-        paths = []
-        for listed_path in listed:
-            try:
-                paths.append(check_checkpoint_path(listed_path))
-            except CheckpointCorruptError as err:
-                log.warning("ignoring artifact folder %r in run %s: %s", listed_path, self.run_id, err)
+        paths = self._folders()
 
         def read(path: str) -> Resolved | CheckpointCorruptError | None:
             try:
@@ -116,6 +118,47 @@ class RunCatalog:
         self.listed = paths  # every checkpoint-shaped folder, committed or not
         return sorted((r for r in found if isinstance(r, Resolved)), key=lambda r: r.manifest.seq)
 
+    def _folders(self) -> list[str]:
+        """Every checkpoint-shaped folder of the run, committed or not (one listing, no manifest read)."""
+        root = self.store.local_dir
+        if root is not None:  # one scandir: MLflow's listing stats every entry (10k folders: ~0.8 s)
+            listed = [f"{ARTIFACT_PREFIX}/{name}" for name in _local_dirs(root / ARTIFACT_PREFIX)]
+        else:
+            listed = [e.path for e in self.store.list(ARTIFACT_PREFIX) if e.is_dir]
+        paths = []
+        for listed_path in listed:
+            try:
+                paths.append(check_checkpoint_path(listed_path))
+            except CheckpointCorruptError as err:
+                log.warning("ignoring artifact folder %r in run %s: %s", listed_path, self.run_id, err)
+        return paths
+
+    def _lagging(self, tagged: Resolved) -> list[Resolved]:
+        """Committed checkpoints newer than ``tagged`` (the tags lag behind them), oldest first; usually none.
+
+        Reads only the manifests of folders that can be newer: a higher step, the same step under another name,
+        a seq suffix above ``tagged``'s, or a name plan() did not make. A folder without a manifest is skipped.
+        """
+        step, seq = tagged.manifest.step, tagged.manifest.seq
+        newer = []
+        for path in self._folders():
+            if path == tagged.path or not _maybe_newer(path.rpartition("/")[2], step, seq):
+                continue
+            try:
+                m = self.manifest(path)
+            except CheckpointNotFoundError:
+                continue  # uncommitted: a save in flight, or one that died before its manifest
+            except CheckpointCorruptError as err:
+                log.warning("skipping checkpoint %s: %s", path, err)
+                continue
+            if m.seq > seq:
+                newer.append(Resolved(path, m))
+        newer.sort(key=lambda r: r.manifest.seq)
+        if newer:
+            log.warning("run %s: its tags name %s as the latest, but %s was committed after it (a save interrupted "
+                        "before its tags were written)", self.run_id, tagged.path, newer[-1].path)  # fmt: skip
+        return newer
+
     def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:
         path = tags.get(key)
         if not path:
@@ -134,10 +177,11 @@ class RunCatalog:
         return r
 
     def latest(self, tags: dict[str, str] | None = None) -> Resolved | None:
+        """The newest committed checkpoint: the tagged one, or one committed after it (``_lagging``)."""
         tags = self.store.tags() if tags is None else tags
         hit = self._from_tag(tags, TAG_LATEST)
         if hit is not None:
-            return hit
+            return ([hit, *self._lagging(hit)])[-1]
         found = self.scan()
         return found[-1] if found else None
 
@@ -145,8 +189,11 @@ class RunCatalog:
         tags = self.store.tags() if tags is None else tags
         if tags.get(TAG_MONITOR) == f"{metric}:{mode}":
             hit = self._from_tag(tags, TAG_BEST)
-            if hit is not None and metric in hit.manifest.metrics:
-                return hit
+            latest = self._from_tag(tags, TAG_LATEST) if hit is not None else None
+            if hit is not None and metric in hit.manifest.metrics and latest is not None:
+                found = [hit, *self._lagging(latest)]  # a checkpoint the tags lag behind may be the best
+                chosen = best_of([r.info for r in found], metric, mode)
+                return next((r for r in found if chosen is not None and r.path == chosen.path), hit)
         found = self.scan()
         chosen = best_of([r.info for r in found], metric, mode)
         return next((r for r in found if chosen is not None and r.path == chosen.path), None)
@@ -206,6 +253,21 @@ class RunCatalog:
         for f in r.manifest.files:
             verify_file(folder / f.name, f, where, digest=streamed.get(f.name))
         return folder
+
+
+def _maybe_newer(name: str, step: int, seq: int) -> bool:
+    """Whether folder ``name`` can hold a checkpoint committed after one of ``step`` and ``seq``.
+
+    plan() names a checkpoint ``step-N``, adding ``.SEQ`` when the name is taken or N is below a step already
+    saved: so a later save has a higher step, the same step under another name, or a seq suffix.
+    """
+    parsed = name_step(name)
+    if parsed is None:
+        return True  # not a name plan() makes: read it
+    named_step, named_seq = parsed
+    if named_step > step:
+        return True
+    return named_seq > seq if named_seq is not None else named_step == step
 
 
 def _check_listing(names: list[str], m: Manifest, where: str) -> None:
