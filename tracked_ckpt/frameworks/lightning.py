@@ -60,6 +60,7 @@ class TrackedCheckpoints(Callback):
         self._sources: dict[str, str] = {}  # absolute file path -> recorded checkpoint path
         self._last_step: int | None = None
         self._removed: set[str] = set()  # files the inner CheckpointIO removed
+        self._earlier: dict[str, str] | None = None  # file name -> checkpoint path, of earlier processes of the run
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.manager is not None:
@@ -109,9 +110,22 @@ class TrackedCheckpoints(Callback):
 
     def removed(self, path: Path) -> None:
         """The inner CheckpointIO removed ``path`` (save_top_k): delete its record (or retry after the next save)."""
-        self._removed.add(str(path.resolve()))
-        if self.manager is not None:
-            delete_removed(self.manager, self._sources, self._removed.__contains__)
+        key = str(path.resolve())
+        self._removed.add(key)
+        if self.manager is None:
+            return
+        if key not in self._sources and (earlier := self._recorded_earlier().get(path.name)) is not None:
+            self._sources[key] = earlier  # written before a resume in the same dirpath: ModelCheckpoint restored it
+        delete_removed(self.manager, self._sources, self._removed.__contains__)
+
+    def _recorded_earlier(self) -> dict[str, str]:
+        """{file name: checkpoint path} of the run's Lightning checkpoints (one scan, on the first removal)."""
+        if self._earlier is None and self.manager is not None:
+            found = self.manager.recorder.committed()  # commit order: a name written twice maps to its newest
+            self._earlier = {r.manifest.files[0].name: r.path for r in found
+                             if r.manifest.format == FORMAT and len(r.manifest.files) == 1}  # fmt: skip
+            self._earlier = {n: p for n, p in self._earlier.items() if p not in self._sources.values()}
+        return self._earlier or {}
 
     def _metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
