@@ -265,15 +265,16 @@ class RunRecorder:
         self._committed(manifest.seq, manifest, name)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
-    def commit_foreign(self, src: Path, name: str, fields: Mapping[str, Any], fmt: str, t0: float) -> Path:
-        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS): link it in, commit locally, record.
-
-        Returns the local copy. Its files are hard links (a copy across filesystems): the library may delete
-        ``src`` right after this returns.
+    def commit_foreign(
+        self, staged: tuple[Path, list[str]], name: str, fields: Mapping[str, Any], fmt: str, t0: float
+    ) -> Path:
+        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS), already linked into staging
+        (``LocalDir.link_foreign``): fsync, hash, commit locally, record. Returns the local copy.
         """
         latest = self._latest_step()
         try:
-            folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+            folder, manifest = self.local.commit_foreign(self.run_id, name, *staged, fields, fmt,
+                                                         self._queue(name, fields))  # fmt: skip
         except BaseException:
             self._committed(fields["seq"])
             raise

@@ -59,6 +59,8 @@ class TrackedState:
         **save_kwargs: Any,
     ) -> str:  # fmt: skip
         """``accelerator.save_state(output_dir)``, then record the folder (``metadata`` as for ``mgr.save``)."""
+        if self.manager is not None:  # the previous folder's background hash is over before anything is rewritten
+            self.manager.wait()
         where = self.accelerator.save_state(None if output_dir is None else str(output_dir), **save_kwargs)
         folder = Path(where if where is not None else output_dir)  # type: ignore[arg-type]
         if self.manager is not None:

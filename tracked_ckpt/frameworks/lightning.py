@@ -89,7 +89,10 @@ class TrackedCheckpoints(Callback):
             self.manager = None
 
     def saved(self, checkpoint: dict[str, Any], path: Path) -> None:
-        """The inner CheckpointIO wrote ``path``: record it (once per step: ``last.ckpt`` repeats a save)."""
+        """The inner CheckpointIO wrote ``path``: record it (once per step: ``last.ckpt`` repeats a save).
+
+        Returns once the file is hard-linked; the commit and the record follow on the manager's recording thread.
+        """
         if self.manager is None:
             return
         step = int(checkpoint.get("global_step", 0))
@@ -121,6 +124,7 @@ class TrackedCheckpoints(Callback):
     def _recorded_earlier(self) -> dict[str, str]:
         """{file name: checkpoint path} of the run's Lightning checkpoints (one scan, on the first removal)."""
         if self._earlier is None and self.manager is not None:
+            self.manager.wait()  # the saves in flight are in the index too
             found = self.manager.recorder.committed()  # commit order: a name written twice maps to its newest
             self._earlier = {r.manifest.files[0].name: r.path for r in found
                              if r.manifest.format == FORMAT and len(r.manifest.files) == 1}  # fmt: skip
