@@ -318,6 +318,7 @@ class DistributedCheckpointManager(CheckpointManager):
         pending, self._inflight = self._inflight, None
         if pending is not None:
             pending.result()
+        self._recording.wait()  # a library's folder recorded on this rank (frameworks.record_folder)
 
     # ------------------------------------------------------------------------------------ preemption
 
