@@ -47,7 +47,7 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str]) -> float:
 
 def imports_torch(cmd: list[str], cwd: Path, env: dict[str, str]) -> bool:
     p = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], cwd=cwd, env=env, capture_output=True, text=True)
-    return any(line.rstrip().endswith("| torch") for line in p.stderr.splitlines())
+    return any(line.rpartition("|")[2].strip() == "torch" for line in p.stderr.splitlines())
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -121,13 +121,12 @@ class LocalDir:
             raise
         return final, manifest
 
-    def link_foreign(self, src: Path) -> tuple[Path, list[str]]:
-        """Hard-link (else copy) every file of ``src`` into a new staging folder; returns it and the file names.
+    def link_foreign(self, found: list[tuple[str, Path]], src: Path) -> tuple[Path, list[str]]:
+        """Hard-link (else copy) each (name, file) of ``found`` into a new staging folder; returns it and the names.
 
-        What the training thread pays for a library's folder: once linked, the library may delete or rotate
-        ``src``. Nothing is committed yet: a crash now leaves a staging folder that is swept, never resolved.
+        What the training thread pays for a library's checkpoint ``src``: once linked, the library may delete or
+        rotate it. Nothing is committed yet: a crash now leaves a staging folder that is swept, never resolved.
         """
-        found = foreign_files(src)  # SaveError for what cannot be recorded, before anything is written
         staging = self.root / STAGING / uuid.uuid4().hex
         try:
             staging.mkdir(parents=True)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..catalog import Resolved, RunCatalog
-from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
-from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, verify_file
+from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, SaveError, StoreError
+from ..local import foreign_files
+from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
 from ..reading import read_client, reading
 from ..refs import Which, ref_for
 from ..runtags import monitor_of
@@ -53,15 +54,34 @@ def record_folder(
     hard-linked; the commit and the record follow in the background (``mgr.wait()`` waits for them, and raises
     their SaveError, as the next ``record_folder`` and ``mgr.close()`` do).
     """
+    src = Path(folder)
+    return record_files(mgr, src, src.name, foreign_files(src), metadata, format=format, step=step)
+
+
+def record_files(
+    mgr: CheckpointManager,
+    src: Path,
+    source: str,
+    found: list[tuple[str, Path]],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    format: str,
+    step: int | None = None,
+) -> str:
+    """``record_folder`` of the (name, file) pairs ``found`` of ``src``, recorded under the source name ``source``."""
     if format not in FOREIGN_FORMATS:
         raise ConfigError(f"format={format!r}: pass one of {', '.join(map(repr, FOREIGN_FORMATS))}")
-    src = Path(folder)
+    for rel, _ in found:
+        try:
+            check_relpath(rel, "file name")
+        except CheckpointCorruptError as e:
+            raise SaveError(f"checkpoint {src}: {e}; rename that file to record it") from e
     mgr._check_open()
     mgr.wait()  # the save in flight (an async save of the manager's own, or the previous folder): one at a time
-    meta = split_metadata({**(metadata or {}), SOURCE_KEY: src.name})
+    meta = split_metadata({**(metadata or {}), SOURCE_KEY: source})
     t0 = time.perf_counter()
     name, fields = mgr.recorder.plan(meta, step)
-    staged = mgr.local.link_foreign(src)
+    staged = mgr.local.link_foreign(found, src)
     mgr._recording.submit(fields["step"], lambda: mgr.recorder.commit_foreign(staged, name, fields, format, t0))
     mgr._last_save_time = time.time()
     return ref_for(mgr.run_id, f"{ARTIFACT_PREFIX}/{name}")

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,7 @@ except ImportError:  # pragma: no cover - only pytorch_lightning installed
 from ..errors import ConfigError
 from ..manager import CheckpointManager
 from ..refs import Which, parse_ref
-from .folders import delete_removed, fetch_folder, record_folder
+from .folders import delete_removed, fetch_folder, record_files
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +96,8 @@ class TrackedCheckpoints(Callback):
         if step == self._last_step:
             return
         meta: dict[str, Any] = {**self._metrics(), "step": step, "epoch": int(checkpoint.get("epoch", 0))}
-        holder = self.manager.save_dir / ".lightning" / uuid.uuid4().hex / path.stem
-        holder.mkdir(parents=True)
-        try:
-            _link_or_copy(path, holder / path.name)
-            ref = record_folder(self.manager, holder, meta, format=FORMAT, step=step)
-        finally:
-            shutil.rmtree(holder.parent, ignore_errors=True)
+        # Recorded as a folder named after the file (its stem), holding that one file.
+        ref = record_files(self.manager, path, path.stem, [(path.name, path)], meta, format=FORMAT, step=step)
         self._sources[str(path.resolve())] = parse_ref(ref)[1]
         self._removed.discard(str(path.resolve()))  # a name written again is a new checkpoint
         self._last_step = step
@@ -165,13 +157,6 @@ class _RecordingIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def resume_path(
