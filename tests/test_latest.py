@@ -76,6 +76,7 @@ def test_every_reader_finds_a_checkpoint_committed_by_a_save_killed_before_its_t
     # Not every manifest: the tagged one, then only the folders that can be newer (step 30, and 99 which has none).
     assert sorted(catalog.read) == ["checkpoints/step-00000020", "checkpoints/step-00000030",
                                     "checkpoints/step-00000099"]  # fmt: skip
+    assert catalog.resolve("best", "reward", "max").manifest.step == 30  # the tags still name step 20 as the best
 
     model = torch.nn.Linear(2, 2)
     assert tracked_ckpt.load(run_id, model)["step"] == 30 and bool((model.weight == 30).all())

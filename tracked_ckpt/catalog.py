@@ -133,16 +133,15 @@ class RunCatalog:
                 log.warning("ignoring artifact folder %r in run %s: %s", listed_path, self.run_id, err)
         return paths
 
-    def _lagging(self, tagged: Resolved) -> list[Resolved]:
-        """Committed checkpoints newer than ``tagged`` (the tags lag behind them), oldest first; usually none.
+    def _lagging(self, step: int, seq: int, tagged: str) -> list[Resolved]:
+        """Committed checkpoints after the ``tagged`` one (of ``step`` and ``seq``), oldest first; usually none.
 
         Reads only the manifests of folders that can be newer: a higher step, the same step under another name,
-        a seq suffix above ``tagged``'s, or a name plan() did not make. A folder without a manifest is skipped.
+        a seq suffix above ``seq``, or a name plan() did not make. A folder without a manifest is skipped.
         """
-        step, seq = tagged.manifest.step, tagged.manifest.seq
         newer = []
         for path in self._folders():
-            if path == tagged.path or not _maybe_newer(path.rpartition("/")[2], step, seq):
+            if path == tagged or not _maybe_newer(path.rpartition("/")[2], step, seq):
                 continue
             try:
                 m = self.manifest(path)
@@ -153,11 +152,7 @@ class RunCatalog:
                 continue
             if m.seq > seq:
                 newer.append(Resolved(path, m))
-        newer.sort(key=lambda r: r.manifest.seq)
-        if newer:
-            log.warning("run %s: its tags name %s as the latest, but %s was committed after it (a save interrupted "
-                        "before its tags were written)", self.run_id, tagged.path, newer[-1].path)  # fmt: skip
-        return newer
+        return sorted(newer, key=lambda r: r.manifest.seq)
 
     def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:
         path = tags.get(key)
@@ -181,7 +176,11 @@ class RunCatalog:
         tags = self.store.tags() if tags is None else tags
         hit = self._from_tag(tags, TAG_LATEST)
         if hit is not None:
-            return ([hit, *self._lagging(hit)])[-1]
+            newer = self._lagging(hit.manifest.step, hit.manifest.seq, hit.path)
+            if newer:
+                log.warning("run %s: its tags name %s as the latest, but %s was committed after it (a save "
+                            "interrupted before its tags were written)", self.run_id, hit.path, newer[-1].path)
+            return ([hit, *newer])[-1]
         found = self.scan()
         return found[-1] if found else None
 
@@ -189,9 +188,11 @@ class RunCatalog:
         tags = self.store.tags() if tags is None else tags
         if tags.get(TAG_MONITOR) == f"{metric}:{mode}":
             hit = self._from_tag(tags, TAG_BEST)
-            latest = self._from_tag(tags, TAG_LATEST) if hit is not None else None
-            if hit is not None and metric in hit.manifest.metrics and latest is not None:
-                found = [hit, *self._lagging(latest)]  # a checkpoint the tags lag behind may be the best
+            latest_step = tags.get(TAG_LATEST_STEP, "")
+            if hit is not None and metric in hit.manifest.metrics and latest_step.lstrip("-").isdigit():
+                # A checkpoint the tags lag behind may be the best: those after the tagged latest (and any after
+                # the best with a seq suffix, which the tags' choice already weighed) are compared too.
+                found = [hit, *self._lagging(int(latest_step), hit.manifest.seq, tags.get(TAG_LATEST, ""))]
                 chosen = best_of([r.info for r in found], metric, mode)
                 return next((r for r in found if chosen is not None and r.path == chosen.path), hit)
         found = self.scan()

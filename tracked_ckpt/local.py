@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -128,16 +128,10 @@ class LocalDir:
         rotate it. Nothing is committed yet: a crash now leaves a staging folder that is swept, never resolved.
         """
         staging = self.root / STAGING / uuid.uuid4().hex
-        try:
+        with _removed_on_failure(staging, lambda e: SaveError(f"could not link {src} into {self.root}: {e}")):
             staging.mkdir(parents=True)
             for rel, path in found:
                 _link_or_copy(path, staging / rel)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SaveError(f"could not link the checkpoint folder {src} into {self.root}: {e}") from e
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return staging, [rel for rel, _ in found]
 
     def commit_foreign(
@@ -152,19 +146,14 @@ class LocalDir:
     ) -> tuple[Path, Manifest]:
         """fsync and hash the files ``link_foreign`` staged, write the manifest, commit them as ``name``."""
         final = self.folder(run_id, name)
-        try:
+        what = f"could not commit the {fmt} checkpoint of step {fields.get('step')} in {self.root}"
+        with _removed_on_failure(staging, lambda e: SaveError(f"{what}: {e}")):
             files = _sync_and_hash(staging, names)
             manifest = Manifest(
                 run_id=run_id, files=files, library_version=__version__, torch_version=torch.__version__,
                 format=fmt, **fields,
             )  # fmt: skip
             self.commit(staging, final, manifest, before_commit)
-        except OSError as e:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise SaveError(f"could not commit the {fmt} checkpoint of step {fields.get('step')}: {e}") from e
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
         return final, manifest
 
     def commit(
@@ -211,6 +200,19 @@ def foreign_files(src: Path) -> list[tuple[str, Path]]:
     if not found:
         raise SaveError(f"checkpoint folder {src} holds no file; nothing to record")
     return found
+
+
+@contextlib.contextmanager
+def _removed_on_failure(staging: Path, error: Callable[[OSError], SaveError]) -> Iterator[None]:
+    """Remove ``staging`` if the block fails; an OSError becomes ``error(e)`` (a SaveError naming the save)."""
+    try:
+        yield
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise error(e) from e
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
