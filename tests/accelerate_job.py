@@ -50,6 +50,8 @@ def main() -> None:
         if tracked is not None and step % EVERY == 0:
             tracked.save_state(metadata={"step": step, "loss": float(loss)})
         if step == a.kill_at:
+            if tracked is not None and tracked.manager is not None:
+                tracked.manager.wait()  # the saves so far are committed (their fsync and hash run in the background)
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
     if tracked is not None:

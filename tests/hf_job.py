@@ -42,11 +42,15 @@ def collator(log: str | None) -> Any:
 
 
 class Kill(TrainerCallback):  # type: ignore[misc]
-    def __init__(self, at: int) -> None:
-        self.at = at
+    """SIGKILL after step ``at``, once the saves so far are committed (their fsync and hash run in the background)."""
+
+    def __init__(self, at: int, tracked: TrackedCheckpoints | None) -> None:
+        self.at, self.tracked = at, tracked
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.global_step == self.at:
+            if self.tracked is not None and self.tracked.manager is not None:
+                self.tracked.manager.wait()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -81,7 +85,7 @@ def main() -> None:
         tracked = TrackedCheckpoints(run_id=a.resume if not a.report_mlflow else None)
         callbacks += [tracked, PrintRun(tracked)]
     if a.kill_at:
-        callbacks.append(Kill(a.kill_at))
+        callbacks.append(Kill(a.kill_at, tracked if a.tracked or a.resume else None))
     trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collator(a.log),
                       callbacks=callbacks)  # fmt: skip
     resume = resume_folder(a.resume, args.output_dir) if a.resume else None

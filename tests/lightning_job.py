@@ -57,11 +57,15 @@ def loader(stateful: bool = False) -> Any:
 
 
 class Kill(L.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
+    """SIGKILL after step ``at``, once the saves so far are committed (their fsync and hash run in the background)."""
+
+    def __init__(self, at: int, tracked: TrackedCheckpoints | None) -> None:
+        self.at, self.tracked = at, tracked
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step == self.at:
+            if self.tracked is not None and self.tracked.manager is not None:
+                self.tracked.manager.wait()
             sys.stdout.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         tracked = TrackedCheckpoints()
         callbacks += [tracked, PrintRun(tracked)]
     if a.kill_at:
-        callbacks.append(Kill(a.kill_at))
+        callbacks.append(Kill(a.kill_at, tracked if a.tracked or a.resume else None))
     trainer = L.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)  # fmt: skip
     ckpt = resume_path(a.resume, "restore") if a.resume else None

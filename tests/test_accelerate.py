@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import accelerate  # noqa: F401 - installed by the [test] extra; a missing one must fail, not skip
+import pytest
 import torch
 from conftest import checkpoint_steps, printed_run_id, run_job
 from mlflow.tracking import MlflowClient
@@ -42,3 +43,31 @@ def test_killed_loop_resumes_by_run_id_with_the_same_weights(tmp_path: Path, exp
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     assert [h.step for h in MlflowClient().get_metric_history(run_id, "loss")] == [5, 10, 15, 20]
+
+
+def test_resumed_in_the_same_project_dir_numbering_continues_and_the_run_keeps_what_accelerate_keeps(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    from tracked_ckpt.frameworks.accelerate import TrackedState, load_state
+
+    monkeypatch.chdir(tmp_path)
+
+    def train(saves: int, run_id: str | None = None) -> str:
+        config = ProjectConfiguration(project_dir=".", automatic_checkpoint_naming=True, total_limit=2)
+        accelerator = Accelerator(cpu=True, project_config=config)
+        accelerator.prepare(torch.nn.Linear(2, 1))
+        tracked = TrackedState(accelerator, run_id=run_id, **({} if run_id else {"experiment": experiment}))
+        start = load_state(accelerator, run_id)["step"] if run_id else 0
+        for step in range(start + 1, start + saves + 1):
+            tracked.save_state(metadata={"step": step})
+        tracked.close()
+        assert tracked.run_id is not None
+        return tracked.run_id
+
+    run_id = train(3)  # checkpoint_0..2; total_limit removed checkpoint_0, in the run too
+    assert train(3, run_id) == run_id  # a new process, the same project_dir
+    assert sorted(d.name for d in (tmp_path / "checkpoints").iterdir()) == ["checkpoint_4", "checkpoint_5"]
+    assert checkpoint_steps(run_id) == [5, 6]

@@ -138,6 +138,20 @@ def test_help_lists_commands_examples_and_exit_codes_without_importing_mlflow() 
     assert p.returncode == 0 and p.stdout.strip().endswith("[]"), p.stdout + p.stderr
 
 
+def test_read_commands_import_no_torch(run5: tuple[str, str]) -> None:
+    run_id, experiment = run5
+    code = (
+        "import sys\nfrom tracked_ckpt.cli import main\n"
+        f"for argv in (['ls', '{run_id}'], ['show', '{run_id}'], ['runs', '--experiment', '{experiment}'], ['ls']):\n"
+        "    try:\n        main(argv)\n"
+        "    except SystemExit as e:\n        assert e.code in (0, None), (argv, e.code)\n"
+        "print('torch' in sys.modules)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip().endswith("False"), p.stdout[-2000:] + p.stderr[-2000:]
+    assert "step" in p.stdout and run_id in p.stdout  # the commands ran and printed
+
+
 # ---------------------------------------------------------------------------------------------- ls / runs
 
 

@@ -39,10 +39,7 @@ SLOW = {
 }
 # Pages that show a known bug as printed, fixed in another branch of issue 21 (deliverable 3): strict, so the merge
 # that fixes it fails here until the entry is removed.
-KNOWN_BUGS = {
-    "docs/accelerate.md": "Accelerate's checkpoint numbering restarts at checkpoint_0 after load_state, so the resume "
-    "in the same project_dir stops with 'checkpoint_3 already exists' (issue 21, deliverable 3)",
-}
+KNOWN_BUGS: dict[str, str] = {}
 RUNNABLE = {"python", "bash", "sh", "console"}
 DISPLAY = {"", "text", "json", "ini", "toml", "yaml"}  # layouts, outputs, grammars: nothing to run
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)

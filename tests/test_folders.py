@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_python
+from conftest import ROOT, run_python
 from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
@@ -140,9 +142,41 @@ def test_a_removal_mirrored_during_an_outage_waits_for_the_next_save(tmp_path: P
         NoDeleteStore.down = True
         try:
             delete_removed(mgr, sources, lambda s: s == "c1")  # warns, never raises into the training loop
+            mgr.wait()  # deletions run on the recording thread, behind the save in flight
         finally:
             NoDeleteStore.down = False
         assert "c1" in sources and [r.manifest.step for r in mgr.recorder.committed()] == [1, 2]
         delete_removed(mgr, sources, lambda s: s == "c1")
+        mgr.wait()
         assert list(sources) == ["c2"] and [r.manifest.step for r in mgr.recorder.committed()] == [2]
         assert not (tmp_path / "ckpt" / mgr.run_id / "step-00000001").exists()
+
+
+KILLED_IN_THE_BACKGROUND = """
+import sys, time
+from pathlib import Path
+from test_folders import make_folder
+from tracked_ckpt import CheckpointManager
+from tracked_ckpt.frameworks import record_folder
+root = Path(sys.argv[1])
+mgr = CheckpointManager(root / "ckpt", experiment=sys.argv[2])
+print("RUN_ID", mgr.run_id, flush=True)
+record_folder(mgr, make_folder(root, "a", 1), {"step": 1})
+mgr.wait()
+record_folder(mgr, make_folder(root, "b", 2), {"step": 2})
+print("RETURNED", flush=True)  # the files are linked; fsync, hash and manifest run on the recording thread
+time.sleep(60)
+"""
+
+
+def test_a_kill_before_the_background_commit_leaves_nothing_that_resolves(tmp_path: Path, experiment: str) -> None:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "TRACKED_CKPT_FAULT": "manifest@2"}
+    p = subprocess.run([sys.executable, "-c", KILLED_IN_THE_BACKGROUND, str(tmp_path), experiment], env=env,
+                       capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert p.returncode == -9 and "RETURNED" in p.stdout, p.stderr[-3000:]
+    run_id = p.stdout.split()[1]
+    assert len(list((tmp_path / "ckpt" / ".staging").iterdir())) == 1  # linked, never committed
+    assert fetch_folder(run_id, tmp_path / "dest") == tmp_path / "dest" / "a"
+    with CheckpointManager(tmp_path / "ckpt", run_id=run_id) as mgr:  # the next process sweeps the leftovers
+        assert [r.manifest.step for r in mgr.recorder.committed()] == [1]
+    assert not list((tmp_path / "ckpt" / ".staging").iterdir())

@@ -87,3 +87,31 @@ def test_killed_trainer_with_hf_mlflow_callback_resumes_through_mlflow_run_id(tm
     client = MlflowClient()
     assert [h.step for h in client.get_metric_history(run_id, "loss")][-3:] == [11, 12, 12]  # HF's own logging
     assert [a.path for a in client.list_artifacts(run_id)] == ["checkpoints"]
+
+
+def test_resumed_in_the_same_output_dir_the_run_keeps_what_the_trainer_keeps(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hf_job import dataset
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from tracked_ckpt.frameworks.hf import TrackedCheckpoints, resume_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def train(max_steps: int, run_id: str | None = None) -> str:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
+        args = TrainingArguments(output_dir="out", max_steps=max_steps, save_steps=3, save_total_limit=2,
+                                 per_device_train_batch_size=4, use_cpu=True, report_to="none", disable_tqdm=True)
+        tracked = TrackedCheckpoints(run_id=run_id, **({} if run_id else {"experiment": experiment}))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[tracked])
+        trainer.train(resume_from_checkpoint=resume_folder(run_id, "out") if run_id else None)
+        assert tracked.run_id is not None
+        return tracked.run_id
+
+    run_id = train(9)
+    assert train(15, run_id) == run_id  # a new process, the same output_dir: HF rotates the earlier folders away
+    on_disk = sorted(int(d.name.split("-")[1]) for d in (tmp_path / "out").glob("checkpoint-*"))
+    assert on_disk == [12, 15] and checkpoint_steps(run_id) == on_disk

@@ -112,3 +112,29 @@ def test_pytorch_lightning_package_works_too(tmp_path: Path, experiment: str, mo
     assert tracked.run_id is not None and len(checkpoint_steps(tracked.run_id)) == 1  # save_top_k=1, mirrored
     ckpt = resume_path(tracked.run_id, tmp_path / "restore")
     assert torch.load(ckpt, weights_only=False)["global_step"] == checkpoint_steps(tracked.run_id)[0]
+
+
+def test_resumed_in_the_same_dirpath_the_run_keeps_what_model_checkpoint_keeps(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning_job import MLP, loader
+
+    from tracked_ckpt.frameworks.lightning import TrackedCheckpoints
+
+    monkeypatch.chdir(tmp_path)
+
+    def fit(epochs: int, run_id: str | None = None) -> str:
+        tracked = TrackedCheckpoints(run_id=run_id, **({} if run_id else {"experiment": experiment}))
+        keep2 = ModelCheckpoint(dirpath="c", monitor="train_loss", save_top_k=2)
+        trainer = L.Trainer(max_epochs=epochs, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[keep2, tracked])  # fmt: skip
+        trainer.fit(MLP(), loader(), ckpt_path=resume_path(run_id, "restore") if run_id else None)
+        assert tracked.run_id is not None
+        return tracked.run_id
+
+    run_id = fit(2)
+    assert fit(4, run_id) == run_id  # ModelCheckpoint restored its top 2 and removed them for better ones
+    on_disk = sorted(torch.load(f, weights_only=False)["global_step"] for f in (tmp_path / "c").glob("*.ckpt"))
+    assert len(on_disk) == 2 and sorted(checkpoint_steps(run_id)) == on_disk

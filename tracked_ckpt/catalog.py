@@ -1,8 +1,11 @@
 """The read side: resolve latest / best / at-step-N by asking the MLflow run, then fetch and verify files.
 
-Fast path: the run tags name the latest and best checkpoint folders (one ``get_run`` plus one manifest
-read, whatever the number of checkpoints). Tags are hints, never trusted: the manifest they point at must
-exist, parse, name this run and agree with the tag; otherwise we warn and scan the checkpoint folders.
+Fast path: the run tags name the latest and best checkpoint folders (one ``get_run``, one listing of the
+checkpoint folders and one manifest read, whatever the number of checkpoints). Tags are hints, never trusted: the
+manifest they point at must exist, parse, name this run and agree with the tag; otherwise we warn and scan the
+checkpoint folders. They may also lag: a save killed between its manifest upload and the tag update leaves a
+committed checkpoint newer than the tagged latest. Folder names carry the step, and the seq whenever the step
+went back (``recorder.plan``), so only the folders that may be newer than the tagged one are read (``_lagging``).
 A folder without a valid manifest is an uncommitted checkpoint and is never resolved.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Collection, Iterator
@@ -28,6 +32,14 @@ from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_M
 from .store import RunStore
 
 log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"step-(-?\d+)(?:\.(\d+))?")
+
+
+def name_step(name: str) -> tuple[int, int | None] | None:
+    """(step, seq or None) of a folder named ``step-N`` or ``step-N.SEQ`` (recorder.plan); None for another name."""
+    m = _NAME.fullmatch(name)
+    return None if m is None else (int(m.group(1)), int(m.group(2)) if m.group(2) else None)
 
 
 def info_of(m: Manifest, path: str) -> CheckpointInfo:
@@ -122,6 +134,27 @@ class RunCatalog:
         self.listed = paths  # every checkpoint-shaped folder, committed or not
         return sorted((r for r in found if isinstance(r, Resolved)), key=lambda r: r.manifest.seq)
 
+    def _lagging(self, step: int, seq: int, tagged: str) -> list[Resolved]:
+        """Committed checkpoints after the ``tagged`` one (of ``step`` and ``seq``), oldest first; usually none.
+
+        Reads only the manifests of folders that can be newer: a higher step, the same step under another name,
+        a seq suffix above ``seq``, or a name plan() did not make. A folder without a manifest is skipped.
+        """
+        newer = []
+        for path in self.folders():
+            if path == tagged or not _maybe_newer(path.rpartition("/")[2], step, seq):
+                continue
+            try:
+                m = self.manifest(path)
+            except CheckpointNotFoundError:
+                continue  # uncommitted: a save in flight, or one that died before its manifest
+            except CheckpointCorruptError as err:
+                log.warning("skipping checkpoint %s: %s", path, err)
+                continue
+            if m.seq > seq:
+                newer.append(Resolved(path, m))
+        return sorted(newer, key=lambda r: r.manifest.seq)
+
     def _from_tag(self, tags: dict[str, str], key: str) -> Resolved | None:
         path = tags.get(key)
         if not path:
@@ -140,10 +173,15 @@ class RunCatalog:
         return r
 
     def latest(self, tags: dict[str, str] | None = None) -> Resolved | None:
+        """The newest committed checkpoint: the tagged one, or one committed after it (``_lagging``)."""
         tags = self.store.tags() if tags is None else tags
         hit = self._from_tag(tags, TAG_LATEST)
         if hit is not None:
-            return hit
+            newer = self._lagging(hit.manifest.step, hit.manifest.seq, hit.path)
+            if newer:
+                log.warning("run %s: its tags name %s as the latest, but %s was committed after it (a save "
+                            "interrupted before its tags were written)", self.run_id, hit.path, newer[-1].path)
+            return ([hit, *newer])[-1]
         found = self.scan()
         return found[-1] if found else None
 
@@ -151,8 +189,13 @@ class RunCatalog:
         tags = self.store.tags() if tags is None else tags
         if tags.get(TAG_MONITOR) == f"{metric}:{mode}":
             hit = self._from_tag(tags, TAG_BEST)
-            if hit is not None and metric in hit.manifest.metrics:
-                return hit
+            latest_step = tags.get(TAG_LATEST_STEP, "")
+            if hit is not None and metric in hit.manifest.metrics and latest_step.lstrip("-").isdigit():
+                # A checkpoint the tags lag behind may be the best: those after the tagged latest (and any after
+                # the best with a seq suffix, which the tags' choice already weighed) are compared too.
+                found = [hit, *self._lagging(int(latest_step), hit.manifest.seq, tags.get(TAG_LATEST, ""))]
+                chosen = best_of([r.info for r in found], metric, mode)
+                return next((r for r in found if chosen is not None and r.path == chosen.path), hit)
         found = self.scan()
         infos = [r.info for r in found]
         if metric in eval_keys(tags):  # a score an evaluator logged on the run (log_eval), not in the manifests
@@ -221,6 +264,21 @@ class RunCatalog:
         for f in wanted:
             verify_file(folder / f.name, f, where, digest=streamed.get(f.name))
         return folder
+
+
+def _maybe_newer(name: str, step: int, seq: int) -> bool:
+    """Whether folder ``name`` can hold a checkpoint committed after one of ``step`` and ``seq``.
+
+    plan() names a checkpoint ``step-N``, adding ``.SEQ`` when the name is taken or N is below a step already
+    saved: so a later save has a higher step, the same step under another name, or a seq suffix.
+    """
+    parsed = name_step(name)
+    if parsed is None:
+        return True  # not a name plan() makes: read it
+    named_step, named_seq = parsed
+    if named_step > step:
+        return True
+    return named_seq > seq if named_seq is not None else named_step == step
 
 
 def _check_listing(names: list[str], m: Manifest, where: str) -> None:

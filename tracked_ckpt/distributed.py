@@ -56,6 +56,7 @@ from .preemption import EXIT_STATUS, SigtermFlag
 from .refs import ref_for
 from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession
+from .snapshot import BackgroundSaver
 from .state import Stateful, TrainingState
 
 log = logging.getLogger(__name__)
@@ -326,6 +327,9 @@ class DistributedCheckpointManager(CheckpointManager):
         pending, self._inflight = self._inflight, None
         if pending is not None:
             pending.result()
+        recording: BackgroundSaver | None = vars(self).get("_recording")  # rank 0's (followers have no manager)
+        if recording is not None:
+            recording.wait()  # a library's folder recorded on this rank (frameworks.record_folder)
 
     # ------------------------------------------------------------------------------------ preemption
 

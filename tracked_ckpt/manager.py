@@ -134,6 +134,7 @@ class CheckpointManager:
         self._started = time.time()
         self._last_save_time: float | None = None
         self._saver = BackgroundSaver() if async_save else None
+        self._recording = BackgroundSaver("tracked_ckpt-record")  # a library's folders (frameworks.record_folder)
         self._buffers = StagingBuffers()
         self._pending: CheckpointInfo | None = None  # the async save in flight, until it is recorded
         self._sigterm = SigtermFlag()
@@ -345,6 +346,7 @@ class CheckpointManager:
         """
         if self._saver is not None:
             self._saver.wait()
+        self._recording.wait()
 
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until every checkpoint queued in the outbox is recorded in MLflow; False after ``timeout``."""
@@ -360,6 +362,7 @@ class CheckpointManager:
             return
         self._closed = True
         failure = self._saver.close() if self._saver is not None else None  # drain the save in flight
+        failure = failure or self._recording.close()
         self._buffers.clear()
         atexit.unregister(self._close_at_exit)
         drained = self.recorder.drain(self.options.publish_timeout)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._faults import fault_point
-from .catalog import Resolved, RunCatalog, info_of
+from .catalog import Resolved, RunCatalog, info_of, name_step
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
@@ -72,6 +72,7 @@ class RunRecorder:
         self.catalog = RunCatalog(store)
         self.index: dict[str, CheckpointInfo] = {}  # committed checkpoints, by path; replaced, never mutated
         self.taken: set[str] = set()  # every folder name in use, committed or not
+        self._top = ((0, 0), -(2**63))  # ((id, len) of taken, the highest step named in it): plan()'s cache
         self.resumed_from: str | None = None  # retention never deletes the checkpoint the run resumed from
         self._warned_no_delete = False
         self._next_seq: int | None = None  # from the index and the queue at the first save
@@ -188,16 +189,26 @@ class RunRecorder:
     def plan(self, meta: Metadata, step: int | None) -> tuple[str, dict[str, Any]]:
         """The next checkpoint's folder name and manifest fields (its step defaults to metadata's, else its seq).
 
-        A folder name is never reused: a step saved twice (or a dead save's leftovers) gets ``step-N.<seq>``.
+        A folder name is never reused: a step saved twice (or a dead save's leftovers) gets ``step-N.<seq>``, and
+        so does a step below one already saved (a resume from an older checkpoint), so that the name alone tells
+        a reader which folders can be newer than the tagged latest (catalog._maybe_newer).
         """
         if self._next_seq is None:
             self._next_seq = self.next_seq()
         seq, self._next_seq = self._next_seq, self._next_seq + 1
         step = step if step is not None else meta.step if meta.step is not None else seq
         name = f"step-{step:08d}"
-        name = name if name not in self.taken else f"{name}.{seq}"
+        name = name if name not in self.taken and step >= self._top_step() else f"{name}.{seq}"
         self.taken.add(name)
         return name, fields_of(step, seq, meta, self.resumed_from)
+
+    def _top_step(self) -> int:
+        """The highest step among the folder names in use (cached: ``taken`` only grows, or is replaced)."""
+        key = (id(self.taken), len(self.taken))
+        if self._top[0] != key:
+            steps = [parsed[0] for parsed in map(name_step, self.taken) if parsed is not None]
+            self._top = (key, max(steps, default=-(2**63)))
+        return self._top[1]
 
     def _queue(self, name: str, fields: Mapping[str, Any]) -> Callable[[], None]:
         """The step that runs between the durable staging and the rename that commits locally.
@@ -255,15 +266,16 @@ class RunRecorder:
         self._committed(manifest.seq, manifest, name)
         self._saved(manifest, name, self.record(manifest.step, manifest.seq, final), latest, t0)
 
-    def commit_foreign(self, src: Path, name: str, fields: Mapping[str, Any], fmt: str, t0: float) -> Path:
-        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS): link it in, commit locally, record.
-
-        Returns the local copy. Its files are hard links (a copy across filesystems): the library may delete
-        ``src`` right after this returns.
+    def commit_foreign(
+        self, staged: tuple[Path, list[str]], name: str, fields: Mapping[str, Any], fmt: str, t0: float
+    ) -> Path:
+        """A folder another library wrote (``fmt``, see FOREIGN_FORMATS), already linked into staging
+        (``LocalDir.link_foreign``): fsync, hash, commit locally, record. Returns the local copy.
         """
         latest = self._latest_step()
         try:
-            folder, manifest = self.local.write_foreign(self.run_id, name, src, fields, fmt, self._queue(name, fields))
+            folder, manifest = self.local.commit_foreign(self.run_id, name, *staged, fields, fmt,
+                                                         self._queue(name, fields))  # fmt: skip
         except BaseException:
             self._committed(fields["seq"])
             raise

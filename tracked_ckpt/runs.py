@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
@@ -24,9 +25,11 @@ from mlflow.tracking import MlflowClient
 
 from . import _http
 from .errors import ConfigError, ExperimentNotFoundError, StoreError
-from .local import LocalDir
 from .runtags import TAG_SAVE_DIR, short_path
 from .store import describe_mlflow_error, redact
+
+if TYPE_CHECKING:  # local.py imports torch (~3 s): the CLI's reads import this module and need none
+    from .local import LocalDir
 
 log = logging.getLogger(__name__)
 

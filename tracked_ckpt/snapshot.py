@@ -136,7 +136,7 @@ class StagingBuffers:
 @dataclass(frozen=True)
 class _Job:
     step: int
-    run: Callable[[], None]
+    run: Callable[[], object]
 
 
 class BackgroundSaver:
@@ -147,17 +147,25 @@ class BackgroundSaver:
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._idle = threading.Event()
         self._idle.set()
+        self._lock = threading.Lock()
+        self._queued = 0  # jobs submitted and not finished; idle when 0
         self._error: SaveError | None = None
         self._thread: threading.Thread | None = None
 
-    def submit(self, step: int, run: Callable[[], None]) -> None:
-        """Queue ``run`` (the rest of the save of ``step``); first waits for the save in flight, if any."""
-        self.wait()
+    def submit(self, step: int, run: Callable[[], object], *, wait: bool = True) -> None:
+        """Queue ``run`` (the rest of the save of ``step``); first waits for the save in flight, if any.
+
+        ``wait=False`` queues it behind the save in flight instead (work that must follow that save).
+        """
+        if wait:
+            self.wait()
         if self._thread is None:
             # A daemon thread: the manager's close() (also run at exit) drains it; exit must never hang on it.
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
             self._thread.start()
-        self._idle.clear()
+        with self._lock:
+            self._queued += 1
+            self._idle.clear()
         self._queue.put(_Job(step, run))
 
     def wait(self) -> None:
@@ -185,11 +193,15 @@ class BackgroundSaver:
             try:
                 job.run()
             except BaseException as e:
-                if isinstance(e, SaveError):
-                    self._error = e
-                else:
-                    self._error = SaveError(f"background save of step {job.step} failed: {type(e).__name__}: {e}")
-                    self._error.__cause__ = e
+                error = e if isinstance(e, SaveError) else SaveError(
+                    f"background save of step {job.step} failed: {type(e).__name__}: {e}"
+                )  # fmt: skip
+                if error is not e:
+                    error.__cause__ = e
+                self._error = self._error or error  # the first failure is the one to report
                 log.debug("background save of step %d failed", job.step, exc_info=True)
             finally:
-                self._idle.set()
+                with self._lock:
+                    self._queued -= 1
+                    if self._queued == 0:
+                        self._idle.set()

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,7 @@ except ImportError:  # pragma: no cover - only pytorch_lightning installed
 from ..errors import ConfigError
 from ..manager import CheckpointManager
 from ..refs import Which, parse_ref
-from .folders import delete_removed, fetch_folder, record_folder
+from .folders import delete_removed, fetch_folder, record_files
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +57,7 @@ class TrackedCheckpoints(Callback):
         self._sources: dict[str, str] = {}  # absolute file path -> recorded checkpoint path
         self._last_step: int | None = None
         self._removed: set[str] = set()  # files the inner CheckpointIO removed
+        self._earlier: dict[str, str] | None = None  # file name -> checkpoint path, of earlier processes of the run
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.manager is not None:
@@ -88,20 +86,18 @@ class TrackedCheckpoints(Callback):
             self.manager = None
 
     def saved(self, checkpoint: dict[str, Any], path: Path) -> None:
-        """The inner CheckpointIO wrote ``path``: record it (once per step: ``last.ckpt`` repeats a save)."""
+        """The inner CheckpointIO wrote ``path``: record it (once per step: ``last.ckpt`` repeats a save).
+
+        Returns once the file is hard-linked; the commit and the record follow on the manager's recording thread.
+        """
         if self.manager is None:
             return
         step = int(checkpoint.get("global_step", 0))
         if step == self._last_step:
             return
         meta: dict[str, Any] = {**self._metrics(), "step": step, "epoch": int(checkpoint.get("epoch", 0))}
-        holder = self.manager.save_dir / ".lightning" / uuid.uuid4().hex / path.stem
-        holder.mkdir(parents=True)
-        try:
-            _link_or_copy(path, holder / path.name)
-            ref = record_folder(self.manager, holder, meta, format=FORMAT, step=step)
-        finally:
-            shutil.rmtree(holder.parent, ignore_errors=True)
+        # Recorded as a folder named after the file (its stem), holding that one file.
+        ref = record_files(self.manager, path, path.stem, [(path.name, path)], meta, format=FORMAT, step=step)
         self._sources[str(path.resolve())] = parse_ref(ref)[1]
         self._removed.discard(str(path.resolve()))  # a name written again is a new checkpoint
         self._last_step = step
@@ -109,9 +105,23 @@ class TrackedCheckpoints(Callback):
 
     def removed(self, path: Path) -> None:
         """The inner CheckpointIO removed ``path`` (save_top_k): delete its record (or retry after the next save)."""
-        self._removed.add(str(path.resolve()))
-        if self.manager is not None:
-            delete_removed(self.manager, self._sources, self._removed.__contains__)
+        key = str(path.resolve())
+        self._removed.add(key)
+        if self.manager is None:
+            return
+        if key not in self._sources and (earlier := self._recorded_earlier().get(path.name)) is not None:
+            self._sources[key] = earlier  # written before a resume in the same dirpath: ModelCheckpoint restored it
+        delete_removed(self.manager, self._sources, self._removed.__contains__)
+
+    def _recorded_earlier(self) -> dict[str, str]:
+        """{file name: checkpoint path} of the run's Lightning checkpoints (one scan, on the first removal)."""
+        if self._earlier is None and self.manager is not None:
+            self.manager.wait()  # the saves in flight are in the index too
+            found = self.manager.recorder.committed()  # commit order: a name written twice maps to its newest
+            self._earlier = {r.manifest.files[0].name: r.path for r in found
+                             if r.manifest.format == FORMAT and len(r.manifest.files) == 1}  # fmt: skip
+            self._earlier = {n: p for n, p in self._earlier.items() if p not in self._sources.values()}
+        return self._earlier or {}
 
     def _metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -147,13 +157,6 @@ class _RecordingIO(CheckpointIO):
 
     def teardown(self) -> None:
         self.inner.teardown()
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def resume_path(
