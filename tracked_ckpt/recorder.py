@@ -27,6 +27,7 @@ from .catalog import Resolved, RunCatalog, info_of
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
+from .models import CheckpointModels
 from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .refs import Which, parse_path, ref_for
@@ -37,7 +38,7 @@ from .runtags import (
     TAG_LATEST,
     TAG_PRUNED,
     TAG_SKIPPED,
-    promoted_paths,
+    kept_by_tags,
     pruned_value,
     summary_tags,
 )
@@ -61,6 +62,7 @@ class RunRecorder:
         publish_timeout: float,
         on_connect: Callable[[], None] | None = None,
         start: bool = True,
+        logged_models: bool = True,
     ) -> None:
         self.store = store
         self.local = local
@@ -69,6 +71,7 @@ class RunRecorder:
         self.publish_timeout = publish_timeout
         self.outbox = Outbox(local.root)
         self.catalog = RunCatalog(store)
+        self.models = CheckpointModels(store) if logged_models else None  # one LoggedModel per checkpoint
         self.index: dict[str, CheckpointInfo] = {}  # committed checkpoints, by path; replaced, never mutated
         self.taken: set[str] = set()  # every folder name in use, committed or not
         self.resumed_from: str | None = None  # retention never deletes the checkpoint the run resumed from
@@ -119,6 +122,18 @@ class RunRecorder:
             log.warning("run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
                         self.run_id, tags.get(TAG_LATEST), found[-1].path)  # fmt: skip
             self.store.set_tags(self.summary_tags())
+        if not self.outbox.pending(self.run_id):
+            self._reconcile_models(found)
+
+    def _reconcile_models(self, found: list[Resolved]) -> None:
+        """Repair what a crash left between a checkpoint and its LoggedModel; give older checkpoints theirs."""
+        if self.models is None:
+            return
+        try:
+            self.models.reconcile({r.path: r.manifest for r in found})
+        except StoreError as e:
+            log.warning("run %s: could not bring its logged models in line with its checkpoints (%s); the next "
+                        "owner of the run, or `tracked-ckpt models %s`, tries again", self.run_id, e, self.run_id)
 
     def recover_offline(self) -> None:
         """Index the verified local copies in ``save_dir`` (the server is unreachable)."""
@@ -275,6 +290,7 @@ class RunRecorder:
         t0 = time.perf_counter()
         gone = self.index.get(path)
         self.store.delete(path)
+        self._delete_model(path)
         self.local.remove(self.run_id, path.rpartition("/")[2])
         with self._lock:  # the publisher adds to the index meanwhile
             self.index = {p: c for p, c in self.index.items() if p != path}
@@ -342,6 +358,8 @@ class RunRecorder:
             self._forget(p.seq)
             return
         t0 = time.perf_counter()
+        # PENDING while the files upload: a crash leaves a model that the next owner's reconcile deletes.
+        model_id = self.models.begin(path, manifest) if self.models is not None else None
         for f in manifest.files:
             if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
@@ -355,9 +373,12 @@ class RunRecorder:
         fault_point("tags")
         with self._lock:
             late = list(self._late)
-        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late)
+        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late,
+                           model_id=model_id)  # fmt: skip
         with self._lock:
             del self._late[: len(late)]
+        if self.models is not None and model_id is not None:
+            self.models.ready(model_id)
         self._forget(p.seq)
         self.apply_retention()
 
@@ -426,8 +447,8 @@ class RunRecorder:
         doomed = plan_deletions(
             list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
         )
-        if doomed:  # a checkpoint registered in the Model Registry (lifecycle.promote) is never deleted
-            protected |= promoted_paths(self.store.tags())
+        if doomed:  # a checkpoint registered in the Model Registry (promote), or that a fork started from, stays
+            protected |= kept_by_tags(self.store.tags())
             doomed = plan_deletions(
                 list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
             )
@@ -442,12 +463,23 @@ class RunRecorder:
                     log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
                                 "only. This warning is shown once per manager", c.path, e)  # fmt: skip
                     self._warned_no_delete = True
+            self._delete_model(c.path)
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             with self._lock:
                 self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
+
+    def _delete_model(self, path: str) -> None:
+        """The checkpoint's LoggedModel goes with it; a failure here is repaired by the next owner's reconcile."""
+        if self.models is None:
+            return
+        try:
+            self.models.delete(path)
+        except StoreError as e:
+            log.warning("could not delete the logged model of %s (%s); the next owner of run %s deletes it",
+                        path, e, self.run_id)  # fmt: skip
 
     # --------------------------------------------------------------------------------------- reading
 
