@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .manifest import Manifest
 from .refs import parse_ref, ref_for
 from .store import RunStore
@@ -75,21 +75,33 @@ class CheckpointModels:
 
     # ------------------------------------------------------------------------------------------ making
 
-    def begin(self, path: str, m: Manifest) -> str:
-        """The PENDING model of checkpoint ``path`` (made once per process, reused on a retry), linked at its step.
+    def begin(self, path: str, m: Manifest, *, ours: bool = True) -> str:
+        """The PENDING model of checkpoint ``path`` (made once, reused on a retry), linked at its step.
 
-        Three calls: create (tags and params in one), the MLmodel pointer, the run's output link.
+        Three calls: create (tags and params in one), the MLmodel pointer, the run's output link. ``ours``: the
+        checkpoint was saved by this process; else (queued by an earlier one) a model it made first is looked for.
         """
-        existing = self.ids.get(path)
+        existing = self.ids.get(path) if ours else self.lookup(path)
         model_id = existing[-1] if existing else self._create(path, m)
+        if existing and model_id not in self._linked:  # an earlier process (or try) made it: linked already?
+            self._read_links()
         if model_id not in self._linked:
             from mlflow.entities import LoggedModelOutput
 
             client = self.store.client
-            self.store._call(lambda: client.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, m.step)]),
-                             f"link model {model_id} to step {m.step}")  # fmt: skip
+            try:
+                self.store._call(lambda: client.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, m.step)]),
+                                 f"link model {model_id} to step {m.step}")  # fmt: skip
+            except StoreError:
+                self._read_links()  # MLflow allows one link per (run, model): a lost answer must not block the queue
+                if model_id not in self._linked:
+                    raise
             self._linked.add(model_id)
         return model_id
+
+    def _read_links(self) -> None:
+        run = self.store._call(lambda: self.store.client.get_run(self.store.run_id), "read the run's outputs")
+        self._linked |= {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
 
     def _create(self, path: str, m: Manifest) -> str:
         client, run_id = self.store.client, self.store.run_id
@@ -168,13 +180,28 @@ class CheckpointModels:
             if path is not None:
                 ids.setdefault(path, []).append(lm.model_id)
         self.ids, self._searched = ids, True
-        self._linked |= {lm.model_id for lm in models if is_ready(lm)}
+        self._linked |= {lm.model_id for lm in models if is_ready(lm)}  # READY: its record (link first) was whole
         return models
+
+    def _registered(self) -> set[str]:
+        """The ids of the run's models that a registered model version points at (one registry search)."""
+        client, run = self.store.client, f"run_id = '{self.store.run_id}'"
+        versions = self.store._call(lambda: client.search_model_versions(run), "search the run's model versions")
+        return {str(mv.model_id) for mv in versions if getattr(mv, "model_id", None)}
 
     def lookup(self, path: str) -> list[str]:
         if path not in self.ids and not self._searched:
             self._load()
         return list(self.ids.get(path, []))
+
+    def ready_ids(self) -> dict[str, str]:
+        """{checkpoint path: its READY model's id} (the oldest, if a path has several), in one search."""
+        ids: dict[str, str] = {}
+        for lm in sorted(self.search(), key=lambda lm: lm.creation_timestamp, reverse=True):
+            path = _path_of(lm)
+            if path is not None and is_ready(lm):
+                ids[path] = lm.model_id
+        return ids
 
     def ready_model(self, path: str) -> str | None:
         """The READY model of checkpoint ``path``, if it has one (one search the first time)."""
@@ -193,16 +220,22 @@ class CheckpointModels:
     def reconcile(self, kept: Mapping[str, Manifest]) -> dict[str, int]:
         """Make the run's models match its committed checkpoints ``kept`` (path -> manifest).
 
-        Deletes the models of checkpoints that are gone and the unfinished ones a crash left (PENDING: a save that
-        died before its record ended); makes the missing ones (checkpoints recorded before this feature, or with
-        it off). A READY model of a kept checkpoint is never deleted: a model version may point at it.
-        Returns counts: created, deleted.
+        Deletes the models of checkpoints that are gone and those a crash left (PENDING: a save that died before
+        its record ended; a second READY one: a record replayed by the next process); makes the missing ones
+        (checkpoints recorded before this feature, or with it off). A model that a registered model version
+        points at is never deleted. Returns counts: created, deleted.
         """
         models = self._load()
-        doomed = [lm for lm in models if _path_of(lm) not in kept or not is_ready(lm)]
+        registered = self._registered()
+        first_ready: dict[str, str] = {}
+        for lm in sorted(models, key=lambda lm: lm.creation_timestamp):
+            if is_ready(lm) and _path_of(lm) in kept:
+                first_ready.setdefault(str(_path_of(lm)), lm.model_id)
+        doomed = [lm for lm in models
+                  if lm.model_id not in registered and first_ready.get(_path_of(lm) or "") != lm.model_id]  # fmt: skip
         client = self.store.client
         for lm in doomed:
-            why = "its checkpoint is gone" if _path_of(lm) not in kept else "an unfinished record (a save that died)"
+            why = "its checkpoint is gone" if _path_of(lm) not in kept else "a duplicate or unfinished record"
             log.info("run %s: deleting logged model %s (%s): %s", self.store.run_id, lm.model_id, lm.name, why)
             self.store._call(lambda i=lm.model_id: client.delete_logged_model(i), f"delete model {lm.model_id}")
         gone = {lm.model_id for lm in doomed}

@@ -82,6 +82,7 @@ class RunRecorder:
         self._late: list[tuple[str, float, int, int]] = []  # costs of earlier saves, for the next log_batch
         self._manifests: dict[int, CheckpointInfo] = {}  # queued checkpoints' infos, by seq (coalescing)
         self._committing: set[int] = set()  # seqs queued whose local commit is not over yet
+        self._mine: set[int] = set()  # seqs this process queued (others were queued by an earlier process)
         self._local: dict[str, CheckpointInfo] = {}  # committed locally, not yet recorded (by path)
         self._lock = threading.Lock()  # the dicts above: the saving thread writes them, the publisher reads
         self._deferred = on_connect
@@ -224,6 +225,7 @@ class RunRecorder:
         def add() -> None:
             with self._lock:
                 self._committing.add(pending.seq)
+                self._mine.add(pending.seq)
             self.outbox.add(pending)
             fault_point("outbox")
 
@@ -359,7 +361,8 @@ class RunRecorder:
             return
         t0 = time.perf_counter()
         # PENDING while the files upload: a crash leaves a model that the next owner's reconcile deletes.
-        model_id = self.models.begin(path, manifest) if self.models is not None else None
+        ours = p.seq in self._mine  # else queued by an earlier process, which may have made its model already
+        model_id = self.models.begin(path, manifest, ours=ours) if self.models is not None else None
         for f in manifest.files:
             if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
@@ -378,6 +381,7 @@ class RunRecorder:
         with self._lock:
             del self._late[: len(late)]
         if self.models is not None and model_id is not None:
+            fault_point("model_ready")
             self.models.ready(model_id)
         self._forget(p.seq)
         self.apply_retention()
@@ -475,6 +479,7 @@ class RunRecorder:
         """The checkpoint's LoggedModel goes with it; a failure here is repaired by the next owner's reconcile."""
         if self.models is None:
             return
+        fault_point("model_delete")  # the checkpoint is gone, its model not yet
         try:
             self.models.delete(path)
         except StoreError as e:
