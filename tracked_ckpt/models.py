@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError, StoreError
 from .manifest import Manifest
@@ -30,6 +31,7 @@ from .refs import parse_ref, ref_for
 from .store import RunStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FLAVOR = "tracked_ckpt"
 MODEL_TAG_CHECKPOINT = "tracked_ckpt.checkpoint"  # on the LoggedModel and the model version: runs:/RUN/checkpoints/NAME
@@ -72,6 +74,21 @@ class CheckpointModels:
         self.ids: dict[str, list[str]] = {}
         self._searched = False
         self._linked: set[str] = set()  # model ids whose run output link exists (log_outputs is not idempotent)
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        """Run ``fn`` on this run's one model thread: the publisher uploads meanwhile (a save waits for the slower).
+
+        One thread, so the model calls of a checkpoint stay in order (create before READY, a retry after the try).
+        """
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-models")
+        return self._pool.submit(fn)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # ------------------------------------------------------------------------------------------ making
 
@@ -82,28 +99,49 @@ class CheckpointModels:
         checkpoint was saved by this process; else (queued by an earlier one) a model it made first is looked for.
         """
         existing = self.ids.get(path) if ours else self.lookup(path)
-        model_id = existing[-1] if existing else self._create(path, m)
+        if existing:
+            self._link(existing[-1], m.step, True)
+            return existing[-1]
+        lm = self._create(path, m)
+        # The pointer uploads while the model is linked: two calls at once, one wait.
+        side = ThreadPoolExecutor(1, thread_name_prefix="tracked_ckpt-pointer")
+        pointer = side.submit(
+            lambda: self.store._call(lambda: self._write_pointer(lm, path, m), f"write the MLmodel of {path}")
+        )
+        side.shutdown(wait=False)
+        try:
+            self._link(lm.model_id, m.step, False)
+        finally:
+            try:
+                pointer.result()
+            except StoreError:  # a retry makes a whole new model; reconcile deletes this PENDING one
+                self.ids[path].remove(lm.model_id)
+                raise
+        return str(lm.model_id)
+
+    def _link(self, model_id: str, step: int, existing: bool) -> None:
+        """The run's output link to the model at ``step`` (once: MLflow refuses a second link of the same pair)."""
         if existing and model_id not in self._linked:  # an earlier process (or try) made it: linked already?
             self._read_links()
-        if model_id not in self._linked:
-            from mlflow.entities import LoggedModelOutput
+        if model_id in self._linked:
+            return
+        from mlflow.entities import LoggedModelOutput
 
-            client = self.store.client
-            try:
-                self.store._call(lambda: client.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, m.step)]),
-                                 f"link model {model_id} to step {m.step}")  # fmt: skip
-            except StoreError:
-                self._read_links()  # MLflow allows one link per (run, model): a lost answer must not block the queue
-                if model_id not in self._linked:
-                    raise
-            self._linked.add(model_id)
-        return model_id
+        client = self.store.client
+        try:
+            self.store._call(lambda: client.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, step)]),
+                             f"link model {model_id} to step {step}")  # fmt: skip
+        except StoreError:
+            self._read_links()  # MLflow allows one link per (run, model): a lost answer must not block the queue
+            if model_id not in self._linked:
+                raise
+        self._linked.add(model_id)
 
     def _read_links(self) -> None:
         run = self.store._call(lambda: self.store.client.get_run(self.store.run_id), "read the run's outputs")
         self._linked |= {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
 
-    def _create(self, path: str, m: Manifest) -> str:
+    def _create(self, path: str, m: Manifest) -> Any:
         client, run_id = self.store.client, self.store.run_id
         tags = model_tags(run_id, path, m)
         params = {"folder": path, "step": str(m.step), "format": m.format, "digest": tags[MODEL_TAG_DIGEST]}
@@ -115,8 +153,7 @@ class CheckpointModels:
             f"create the logged model of {path}",
         )
         self.ids[path] = [*self.ids.get(path, []), lm.model_id]
-        self.store._call(lambda: self._write_pointer(lm, path, m), f"write the MLmodel of {path}")
-        return str(lm.model_id)
+        return lm
 
     def _write_pointer(self, lm: Any, path: str, m: Manifest) -> None:
         """The model's one artifact: an MLmodel whose flavor names the checkpoint (the UI's model pages read it)."""

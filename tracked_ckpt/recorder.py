@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +293,9 @@ class RunRecorder:
         t0 = time.perf_counter()
         gone = self.index.get(path)
         self.store.delete(path)
-        self._delete_model(path)
+        deleting = self._delete_model(path)
+        if deleting is not None:
+            deleting.result()
         self.local.remove(self.run_id, path.rpartition("/")[2])
         with self._lock:  # the publisher adds to the index meanwhile
             self.index = {p: c for p, c in self.index.items() if p != path}
@@ -362,12 +365,15 @@ class RunRecorder:
         t0 = time.perf_counter()
         # PENDING while the files upload: a crash leaves a model that the next owner's reconcile deletes.
         ours = p.seq in self._mine  # else queued by an earlier process, which may have made its model already
-        model_id = self.models.begin(path, manifest, ours=ours) if self.models is not None else None
+        # Made on the model thread while the files upload: the save waits for the slower of the two, not both.
+        models = self.models
+        model = models.submit(lambda: models.begin(path, manifest, ours=ours)) if models is not None else None
         for f in manifest.files:
             if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
             sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
             self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
+        model_id = model.result() if model is not None else None  # its error (an outage) retries the whole entry
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
@@ -380,11 +386,16 @@ class RunRecorder:
                            model_id=model_id)  # fmt: skip
         with self._lock:
             del self._late[: len(late)]
-        if self.models is not None and model_id is not None:
+        ready = None
+        if models is not None and model_id is not None:
             fault_point("model_ready")
-            self.models.ready(model_id)
+            ready = models.submit(lambda: models.ready(model_id))  # READY while retention deletes
         self._forget(p.seq)
-        self.apply_retention()
+        try:
+            self.apply_retention()
+        finally:
+            if ready is not None:
+                ready.result()
 
     def _forget(self, seq: int) -> None:
         with self._lock:
@@ -456,6 +467,7 @@ class RunRecorder:
             doomed = plan_deletions(
                 list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
             )
+        deleting: list[Future[None] | None] = []  # the models' deletion, on the model thread
         for c in doomed:
             t0 = time.perf_counter()
             try:
@@ -467,24 +479,32 @@ class RunRecorder:
                     log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
                                 "only. This warning is shown once per manager", c.path, e)  # fmt: skip
                     self._warned_no_delete = True
-            self._delete_model(c.path)
+            deleting.append(self._delete_model(c.path))
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             with self._lock:
                 self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
+        for work in deleting:
+            if work is not None:
+                work.result()
 
-    def _delete_model(self, path: str) -> None:
-        """The checkpoint's LoggedModel goes with it; a failure here is repaired by the next owner's reconcile."""
+    def _delete_model(self, path: str) -> Future[None] | None:
+        """The checkpoint's LoggedModel goes with it (on the model thread); a failure is repaired by the next owner."""
         if self.models is None:
-            return
+            return None
         fault_point("model_delete")  # the checkpoint is gone, its model not yet
-        try:
-            self.models.delete(path)
-        except StoreError as e:
-            log.warning("could not delete the logged model of %s (%s); the next owner of run %s deletes it",
-                        path, e, self.run_id)  # fmt: skip
+        models = self.models
+
+        def delete() -> None:
+            try:
+                models.delete(path)
+            except StoreError as e:
+                log.warning("could not delete the logged model of %s (%s); the next owner of run %s deletes it",
+                            path, e, self.run_id)  # fmt: skip
+
+        return models.submit(delete)
 
     # --------------------------------------------------------------------------------------- reading
 
@@ -597,6 +617,8 @@ class RunRecorder:
 
     def stop(self) -> None:
         self.publisher.stop()
+        if self.models is not None:
+            self.models.close()
 
 
 def fields_of(step: int, seq: int, meta: Metadata, resumed_from: str | None) -> dict[str, Any]:
