@@ -8,13 +8,14 @@ MLflow's own ``mlflow.parentRunId`` is not used: it means "part of" (nested runs
 collapsed parent row in the runs table, and cannot cross experiments.
 
 Promote. ``promote("RUN@best", name="cartpole", alias="prod")`` registers the checkpoint in the Model Registry
-the MLflow 3 way: a LoggedModel (``create_logged_model`` with ``source_run_id``, linked to the run at the
-checkpoint's step by ``log_outputs``) whose artifacts are an ``MLmodel`` file with a ``tracked_ckpt`` flavor
-that names the checkpoint, then a model version with ``source="models:/<model_id>"``. The UI's model
-pages read ``MLmodel`` (a bare checkpoint folder has none: no flavor, no schema, no logged model to link) and link
-the version to its run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)``
+the MLflow 3 way: its own LoggedModel (models.py: made when it was recorded, or now for an older one; linked to
+the run at the checkpoint's step, an ``MLmodel`` file with a ``tracked_ckpt`` flavor naming the checkpoint) becomes
+a model version with ``source="models:/<model_id>"``. A checkpoint that is already a version of that name is not
+registered again: the existing version is returned (``Promoted.existing``). The UI's model pages read ``MLmodel``
+and link the version to its run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)``
 resolves the version to its run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's
-``tracked_ckpt.promoted`` tag keeps retention and ``prune`` from ever deleting it.
+``tracked_ckpt.promoted`` tag keeps retention and ``prune`` from ever deleting it. A fork's origin is kept the
+same way (``tracked_ckpt.fork_origins`` on the parent run).
 """
 
 from __future__ import annotations
