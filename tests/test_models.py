@@ -64,6 +64,11 @@ def live_models(client: MlflowClient, run_id: str, **kw: Any) -> list[Any]:
     return list(client.search_logged_models([exp], filter_string=f"source_run_id = '{run_id}'", **kw))
 
 
+def model_bytes(client: MlflowClient, lm: Any) -> int:
+    repo = get_artifact_repository(lm.artifact_location, tracking_uri=client.tracking_uri)
+    return sum(f.file_size or 0 for f in repo.list_artifacts())
+
+
 def step_of(lm: Any) -> int:
     return int(lm.params["step"])
 
@@ -90,12 +95,8 @@ def test_the_kept_checkpoints_are_the_runs_logged_models_ready_with_step_and_met
         assert lm.params["folder"] == f"checkpoints/step-{step:08d}" and lm.params["format"] == "torch"
         assert lm.params["digest"].startswith("blake3:")
         assert lm.tags[MODEL_TAG_CHECKPOINT] == f"runs:/{run_id}/checkpoints/step-{step:08d}"
-        # No second copy of the weights: the model's one artifact is the MLmodel pointer.
-        repo = get_artifact_repository(lm.artifact_location, tracking_uri=client.tracking_uri)
-        files = repo.list_artifacts()
-        assert [f.path for f in files] == ["MLmodel"]
-        ckpt_bytes = sum(f.file_size for f in client.list_artifacts(run_id, lm.params["folder"]))
-        assert files[0].file_size < ckpt_bytes / 100, (files[0].file_size, ckpt_bytes)
+        # No second copy of the weights: no artifacts (promote adds an MLmodel pointer, below).
+        assert model_bytes(client, lm) == 0
     # The deleted checkpoints' models are gone too (the run's output links stay: MLflow cannot remove them).
     deleted = [mid for mid, step in outputs.items() if step in (10, 30)]
     assert len(deleted) == 2
@@ -126,6 +127,9 @@ def test_cli_reads_and_promote_go_through_mlflows_model_references(tmp_path: Pat
     name = f"n-{experiment}"
     p = promote(f"models:/{model_id}", name, alias="prod")  # the checkpoint's own model is registered
     assert (p.model_id, p.step, p.existing) == (model_id, 40, False)
+    # Its one artifact now: the MLmodel pointer the version pages read, < 1% of the checkpoint's bytes.
+    ckpt_bytes = sum(f.file_size for f in client.list_artifacts(run_id, "checkpoints/step-00000040"))
+    assert 0 < model_bytes(client, client.get_logged_model(model_id)) < ckpt_bytes / 100
     for ref in (f"models:/{name}@prod", f"models:/{name}/1", f"models:/{model_id}"):
         verified = runner.invoke(cli, ["verify", ref])
         assert verified.exit_code == 0 and "OK" in verified.stdout and "step 40" in verified.stdout, verified.output

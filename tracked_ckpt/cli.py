@@ -765,7 +765,8 @@ def prune_cmd(
     """Delete old checkpoints of RUN_ID from MLflow with the library's retention rules.
 
     Keeps the union of --keep-last and --keep-best, and always the latest checkpoint, the best one, and
-    the ones the run's tags name (promoted, a fork's origin). A deleted checkpoint's LoggedModel goes with it. Only checkpoints/<name> folders are ever deleted; the summary tags
+    the ones the run's tags name (promoted, a fork's origin). Only checkpoints/<name> folders (and their
+    LoggedModels) are ever deleted; the summary tags
     (tracked_ckpt.count, .bytes, .pruned_last) are updated. Local copies in the trainer's save_dir are
     left alone. Do not prune a run that is still training: its next save rewrites the tags.
 

@@ -221,6 +221,7 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     _add_to_tag(catalog.store, TAG_PROMOTED, r.path)
     models = CheckpointModels(catalog.store)
     model_id = models.ready_model(r.path) or models.record(r.path, r.manifest)
+    models.pointer(model_id, r.path, r.manifest)  # the MLmodel the version pages read
     try:
         with _http.bounded():
             mv = _existing_version(client, name, catalog.run_id, ref)

@@ -2,8 +2,9 @@
 
 MLflow 3's own answer for deep-learning checkpoints is a LoggedModel per checkpoint, linked to its run at a step
 and ranked by metrics logged on it. tracked_ckpt gives every recorded checkpoint one, without a second copy of
-the weights: the model's only artifact is a small ``MLmodel`` file whose ``tracked_ckpt`` flavor names the
-checkpoint folder (``load("models:/<model_id>", model)`` follows it). Per checkpoint::
+the weights: the model has no artifacts until ``promote`` registers it and writes a small ``MLmodel`` file whose
+``tracked_ckpt`` flavor names the checkpoint (the UI's version pages read it; one call less per save).
+``load("models:/<model_id>", model)`` follows the model's ``tracked_ckpt.checkpoint`` tag. Per checkpoint::
 
     name      the folder name (step-00000120)          source_run_id  the run
     params    folder, step, format, digest             tags           tracked_ckpt.checkpoint / step / digest
@@ -95,29 +96,14 @@ class CheckpointModels:
     def begin(self, path: str, m: Manifest, *, ours: bool = True) -> str:
         """The PENDING model of checkpoint ``path`` (made once, reused on a retry), linked at its step.
 
-        Three calls: create (tags and params in one), the MLmodel pointer, the run's output link. ``ours``: the
-        checkpoint was saved by this process; else (queued by an earlier one) a model it made first is looked for.
+        Two calls: create (tags and params in one), the run's output link. ``ours``: the checkpoint was saved by
+        this process; else (queued by an earlier one) a model it made first is looked for. The MLmodel pointer is
+        written when a model version needs it (``pointer``): one call less per save.
         """
         existing = self.ids.get(path) if ours else self.lookup(path)
-        if existing:
-            self._link(existing[-1], m.step, True)
-            return existing[-1]
-        lm = self._create(path, m)
-        # The pointer uploads while the model is linked: two calls at once, one wait.
-        side = ThreadPoolExecutor(1, thread_name_prefix="tracked_ckpt-pointer")
-        pointer = side.submit(
-            lambda: self.store._call(lambda: self._write_pointer(lm, path, m), f"write the MLmodel of {path}")
-        )
-        side.shutdown(wait=False)
-        try:
-            self._link(lm.model_id, m.step, False)
-        finally:
-            try:
-                pointer.result()
-            except StoreError:  # a retry makes a whole new model; reconcile deletes this PENDING one
-                self.ids[path].remove(lm.model_id)
-                raise
-        return str(lm.model_id)
+        model_id = existing[-1] if existing else self._create(path, m)
+        self._link(model_id, m.step, bool(existing))
+        return model_id
 
     def _link(self, model_id: str, step: int, existing: bool) -> None:
         """The run's output link to the model at ``step`` (once: MLflow refuses a second link of the same pair)."""
@@ -141,7 +127,7 @@ class CheckpointModels:
         run = self.store._call(lambda: self.store.client.get_run(self.store.run_id), "read the run's outputs")
         self._linked |= {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
 
-    def _create(self, path: str, m: Manifest) -> Any:
+    def _create(self, path: str, m: Manifest) -> str:
         client, run_id = self.store.client, self.store.run_id
         tags = model_tags(run_id, path, m)
         params = {"folder": path, "step": str(m.step), "format": m.format, "digest": tags[MODEL_TAG_DIGEST]}
@@ -153,12 +139,25 @@ class CheckpointModels:
             f"create the logged model of {path}",
         )
         self.ids[path] = [*self.ids.get(path, []), lm.model_id]
-        return lm
+        return str(lm.model_id)
 
-    def _write_pointer(self, lm: Any, path: str, m: Manifest) -> None:
-        """The model's one artifact: an MLmodel whose flavor names the checkpoint (the UI's model pages read it)."""
-        from mlflow.models import Model
+    def pointer(self, model_id: str, path: str, m: Manifest) -> None:
+        """Give the model its one artifact, an MLmodel naming the checkpoint, unless it has it (promote needs it)."""
+        client = self.store.client
+        lm = self.store._call(lambda: client.get_logged_model(model_id), f"read model {model_id}")
+        repo = self._repo(lm)
+        names = self.store._call(lambda: [f.path for f in repo.list_artifacts()], f"list model {model_id}")
+        if "MLmodel" not in names:
+            self.store._call(lambda: self._write_pointer(lm, repo, path, m), f"write the MLmodel of {path}")
+
+    def _repo(self, lm: Any) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(lm.artifact_location, tracking_uri=self.store.client.tracking_uri)
+
+    def _write_pointer(self, lm: Any, repo: Any, path: str, m: Manifest) -> None:
+        """An MLmodel whose flavor names the checkpoint (the UI's model version pages read it)."""
+        from mlflow.models import Model
 
         flavor = {
             "checkpoint": ref_for(self.store.run_id, path), "step": m.step, "digest": checkpoint_digest(m),
@@ -169,8 +168,6 @@ class CheckpointModels:
             mlmodel = Model(artifact_path=path.rpartition("/")[2], run_id=self.store.run_id, flavors={FLAVOR: flavor},
                             model_id=lm.model_id)  # fmt: skip
             mlmodel.save(str(Path(tmp) / "MLmodel"))
-            # The repository from the model's location: MLflow's log_model_artifacts would first get the model.
-            repo: Any = get_artifact_repository(lm.artifact_location, tracking_uri=self.store.client.tracking_uri)
             repo.log_artifact(str(Path(tmp) / "MLmodel"))
 
     def ready(self, model_id: str) -> None:

@@ -467,7 +467,6 @@ class RunRecorder:
             doomed = plan_deletions(
                 list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
             )
-        deleting: list[Future[None] | None] = []  # the models' deletion, on the model thread
         for c in doomed:
             t0 = time.perf_counter()
             try:
@@ -479,16 +478,13 @@ class RunRecorder:
                     log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
                                 "only. This warning is shown once per manager", c.path, e)  # fmt: skip
                     self._warned_no_delete = True
-            deleting.append(self._delete_model(c.path))
+            self._delete_model(c.path)  # on the model thread; the save does not wait for it (close() does)
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             with self._lock:
                 self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
             log.info("deleted step %d (%s, %.1f MB) in %.2f s", c.step, c.path, c.size / 1e6, time.perf_counter() - t0)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
-        for work in deleting:
-            if work is not None:
-                work.result()
 
     def _delete_model(self, path: str) -> Future[None] | None:
         """The checkpoint's LoggedModel goes with it (on the model thread); a failure is repaired by the next owner."""
