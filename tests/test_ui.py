@@ -212,7 +212,8 @@ def test_the_models_tab_and_the_run_page_list_each_checkpoint_as_a_logged_model(
     rewards = {lm.name: next(m.value for m in lm.metrics if m.key == "reward") for lm in models}
     assert sorted(rewards) == ["step-00000005", "step-00000010", "step-00000015"]
     assert list(rewards.values()) == sorted(rewards.values(), reverse=True)  # MLflow's own "best first"
-    assert client.get_logged_model(lineage[2].model_id).name in rewards  # promote registered one of them
+    promoted_model = lineage[2].source.removeprefix("models:/")
+    assert client.get_logged_model(promoted_model).name in rewards  # promote registered one of them
     page = first_visit(browser, server, run=(store.experiment_id, store.run_id))
     page.goto(f"{server.url}/#/experiments/{store.experiment_id}/models?workflowType=machine_learning")
     for name in rewards:
@@ -228,9 +229,8 @@ def test_the_models_tab_and_the_run_page_list_each_checkpoint_as_a_logged_model(
     save_shot(page, tmp_path, "ui-experiment-models.png")
     page.goto(ui_link(server.url, store.experiment_id, store.run_id))
     page.get_by_text(f"Logged models ({len(rewards)})").first.wait_for()
-    table = page.get_by_text(f"Logged models ({len(rewards)})").first
-    table.scroll_into_view_if_needed()
     steps = {int(row.rsplit("step-", 1)[1]) for row in rewards}
+    page.get_by_text("Output", exact=True).last.scroll_into_view_if_needed()  # the table's last row, in view
     text = page.inner_text("body")
     for step in steps:  # each one's step, as the run's output
         assert re.search(rf"Output\n{step}\n.*?step-{step:08d}", text, re.S), (step, text[-3000:])
@@ -243,7 +243,9 @@ def test_a_promoted_checkpoint_shows_on_the_models_pages_with_its_source_run(
 ) -> None:
     _, _, promoted = lineage
     assert promoted.source.startswith("models:/m-")  # linked to its LoggedModel: the checkpoint's own
-    assert promoted.source == f"models:/{promoted.model_id}"
+    lm = MlflowClient(server.store.uri).get_logged_model(promoted.source.removeprefix("models:/"))
+    versions = '[{"name": "cartpole-demo", "version": "1"}]'  # the Models tab's "Registered models" column
+    assert lm.name.startswith("step-") and lm.tags["mlflow.modelVersions"] == versions
     assert promoted.tags[MODEL_TAG_CHECKPOINT].startswith(f"runs:/{server.store.run_id}/checkpoints/")
     context = browser.new_context(viewport={"width": 1920, "height": 1200})
     page = context.new_page()

@@ -237,6 +237,7 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
                                                  description=f"{ref} (step {step})")  # fmt: skip
             if alias:
                 client.set_registered_model_alias(name, alias, mv.version)
+        models.note_version(model_id, name, str(mv.version))
     except MlflowException as e:
         raise describe_mlflow_error(e, f"register {ref} as model {name!r}", server) from e
     if existing:

@@ -150,6 +150,19 @@ class CheckpointModels:
         if "MLmodel" not in names:
             self.store._call(lambda: self._write_pointer(lm, repo, path, m), f"write the MLmodel of {path}")
 
+    def note_version(self, model_id: str, name: str, version: str) -> None:
+        """Name the model version on its LoggedModel (tag ``mlflow.modelVersions``: the Models tab's "Registered
+        models" column), as MLflow's own ``register_model`` and its server do; a local store needs it done here."""
+        import json
+
+        client = self.store.client
+        lm = self.store._call(lambda: client.get_logged_model(model_id), f"read model {model_id}")
+        versions = json.loads((lm.tags or {}).get("mlflow.modelVersions") or "[]")
+        entry = {"name": name, "version": str(version)}
+        if entry not in versions:
+            tags = {"mlflow.modelVersions": json.dumps([*versions, entry])}
+            self.store._call(lambda: client.set_logged_model_tags(model_id, tags), f"tag model {model_id}")
+
     def _repo(self, lm: Any) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
