@@ -20,9 +20,11 @@ store.py are the only places that talk to MLflow about a run's models.
 from __future__ import annotations
 
 import logging
+import queue
 import tempfile
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,21 +77,40 @@ class CheckpointModels:
         self.ids: dict[str, list[str]] = {}
         self._searched = False
         self._linked: set[str] = set()  # model ids whose run output link exists (log_outputs is not idempotent)
-        self._pool: ThreadPoolExecutor | None = None
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
 
     def submit(self, fn: Callable[[], T]) -> Future[T]:
         """Run ``fn`` on this run's one model thread: the publisher uploads meanwhile (a save waits for the slower).
 
         One thread, so the model calls of a checkpoint stay in order (create before READY, a retry after the try).
+        A daemon, like the publisher: a call stuck on a hung server never holds the process at exit.
         """
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracked_ckpt-models")
-        return self._pool.submit(fn)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="tracked_ckpt-models", daemon=True)
+            self._thread.start()
+        future: Future[T] = Future()
+        self._queue.put((future, fn))
+        return future
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed to whoever waits on it
+                    future.set_exception(e)
+
+    def close(self, timeout: float) -> None:
+        """Let the model thread finish what is queued (a retired checkpoint's model deletion), ``timeout`` at most.
+
+        What it does not finish (a hung server) is repaired by the run's next owner (``reconcile``).
+        """
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
 
     # ------------------------------------------------------------------------------------------ making
 

@@ -363,9 +363,9 @@ class RunRecorder:
             self._forget(p.seq)
             return
         t0 = time.perf_counter()
-        # PENDING while the files upload: a crash leaves a model that the next owner's reconcile deletes.
+        # The checkpoint's LoggedModel, made (PENDING) on the model thread while the files upload: the save waits
+        # for the slower of the two. A crash leaves a PENDING model, which the next owner's reconcile deletes.
         ours = p.seq in self._mine  # else queued by an earlier process, which may have made its model already
-        # Made on the model thread while the files upload: the save waits for the slower of the two, not both.
         models = self.models
         model = models.submit(lambda: models.begin(path, manifest, ours=ours)) if models is not None else None
         for f in manifest.files:
@@ -613,8 +613,8 @@ class RunRecorder:
 
     def stop(self) -> None:
         self.publisher.stop()
-        if self.models is not None:
-            self.models.close()
+        if self.models is not None:  # a deletion left on the model thread: bounded like the record itself
+            self.models.close(min(self.publish_timeout, 10.0))
 
 
 def fields_of(step: int, seq: int, meta: Metadata, resumed_from: str | None) -> dict[str, Any]:
