@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import tempfile
 import threading
 from collections.abc import Callable, Mapping
@@ -59,6 +60,17 @@ def model_tags(run_id: str, path: str, m: Manifest) -> dict[str, str]:
     """The tags that tie a LoggedModel (and a model version) to its checkpoint."""
     checkpoint = ref_for(run_id, path)
     return {MODEL_TAG_CHECKPOINT: checkpoint, MODEL_TAG_STEP: str(m.step), MODEL_TAG_DIGEST: checkpoint_digest(m)}
+
+
+def model_name(path: str) -> str:
+    """The LoggedModel's name: the folder name, with what MLflow refuses in a name (``/:.%"'``) as ``_``."""
+    return re.sub(r"[/:.%\"']", "_", path.rpartition("/")[2])
+
+
+def optional(e: StoreError) -> bool:
+    """True when a model call failed for good (refused, or a server without LoggedModels: MLflow < 3 answers 404):
+    the checkpoint is recorded without its model rather than queued forever."""
+    return not e.transient or "404" in str(e) or "ENDPOINT_NOT_FOUND" in str(e)
 
 
 def is_ready(model: Any) -> bool:
@@ -152,7 +164,7 @@ class CheckpointModels:
         client, run_id = self.store.client, self.store.run_id
         tags = model_tags(run_id, path, m)
         params = {"folder": path, "step": str(m.step), "format": m.format, "digest": tags[MODEL_TAG_DIGEST]}
-        name, experiment_id = path.rpartition("/")[2], self.store.experiment_id
+        name, experiment_id = model_name(path), self.store.experiment_id
         lm = self.store._call(
             lambda: client.create_logged_model(
                 experiment_id, name=name, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE
@@ -199,7 +211,7 @@ class CheckpointModels:
             "load": f"tracked_ckpt.load('models:/{lm.model_id}', model)",
         }  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-            mlmodel = Model(artifact_path=path.rpartition("/")[2], run_id=self.store.run_id, flavors={FLAVOR: flavor},
+            mlmodel = Model(artifact_path=model_name(path), run_id=self.store.run_id, flavors={FLAVOR: flavor},
                             model_id=lm.model_id)  # fmt: skip
             mlmodel.save(str(Path(tmp) / "MLmodel"))
             repo.log_artifact(str(Path(tmp) / "MLmodel"))

@@ -28,7 +28,7 @@ from .catalog import Resolved, RunCatalog, info_of
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
-from .models import CheckpointModels
+from .models import CheckpointModels, optional
 from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .refs import Which, parse_path, ref_for
@@ -373,7 +373,7 @@ class RunRecorder:
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
             sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
             self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
-        model_id = model.result() if model is not None else None  # its error (an outage) retries the whole entry
+        model_id = self._model_of(model, p.step)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
@@ -394,8 +394,18 @@ class RunRecorder:
         try:
             self.apply_retention()
         finally:
-            if ready is not None:
-                ready.result()
+            self._model_of(ready, p.step)
+
+    def _model_of(self, model: Future[Any] | None, step: int) -> Any:
+        """A model call's result; an outage retries the whole entry, a refusal records the checkpoint without it."""
+        try:
+            return model.result() if model is not None else None
+        except StoreError as e:
+            if not optional(e):
+                raise
+            log.warning("step %d is recorded without its LoggedModel: %s (`tracked-ckpt models %s` makes it later; "
+                        "logged_models=False turns them off)", step, e, self.run_id)  # fmt: skip
+            return None
 
     def _forget(self, seq: int) -> None:
         with self._lock:
