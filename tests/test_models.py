@@ -23,10 +23,11 @@ from mlflow.tracking import MlflowClient
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager, KeepBest, KeepLast
 from tracked_ckpt.cli import cli
-from tracked_ckpt.errors import CheckpointNotFoundError
+from tracked_ckpt.errors import CheckpointNotFoundError, StoreError
 from tracked_ckpt.lifecycle import promote
 from tracked_ckpt.models import MODEL_TAG_CHECKPOINT
 from tracked_ckpt.runtags import TAG_FORK_ORIGINS
+from tracked_ckpt.store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 2.0, 40: 3.0, 50: 0.5}  # not monotonic: the best (20) is an old one
 KEPT = [20, 40, 50]  # KeepLast(2) | KeepBest(1)
@@ -231,3 +232,30 @@ def test_an_outage_queues_the_model_with_its_checkpoint_and_records_it_after(
     models = live_models(direct, run_id, order_by=[{"field_name": "metrics.reward", "ascending": False}])
     assert [(step_of(lm), str(lm.status).rpartition(".")[2]) for lm in models] == [(20, "READY"), (10, "READY")]
     assert {x.key: x.step for x in models[0].metrics}["reward"] == 20
+
+
+class RefusingModels(RunStore):
+    """A server that refuses LoggedModels for good (a permission, an MLflow 2 server): checkpoints still record."""
+
+    def _call(self, fn: Any, action: str) -> Any:
+        if action.startswith("create the logged model"):
+            err = StoreError(f"MLflow at {self.server} failed to {action}: 404 ENDPOINT_NOT_FOUND")
+            err.transient = True  # what a 404 from an MLflow 2 server looks like to describe_mlflow_error
+            raise err
+        return super()._call(fn, action)
+
+
+def test_a_server_refusing_logged_models_still_records_every_checkpoint(
+    tmp_path: Path, experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = torch.nn.Linear(2, 2)
+    with CheckpointManager(tmp_path / "ck", experiment=experiment, store_factory=RefusingModels) as mgr:
+        for step in (10, 10):  # the second is step-00000010.2: a name MLflow would refuse as is
+            mgr.save(m, None, {"step": step, "reward": 1.0})
+        assert mgr.outbox.pending(mgr.run_id) == []
+        run_id = mgr.run_id
+    assert [c.path for c in MlflowClient().list_artifacts(run_id, "checkpoints")] == [
+        "checkpoints/step-00000010", "checkpoints/step-00000010.2"]  # fmt: skip
+    assert "recorded without its LoggedModel" in caplog.text
+    CliRunner().invoke(cli, ["models", run_id])  # made later, with a name MLflow accepts
+    assert sorted(lm.name for lm in live_models(MlflowClient(), run_id)) == ["step-00000010", "step-00000010_2"]
