@@ -177,12 +177,14 @@ def test_ls_csv_and_json_carry_the_typed_view_columns(run5: tuple[str, str]) -> 
     assert [r["reward"] for r in rows] == list(REWARDS.values())
     assert [r["is_best"] for r in rows] == [False, True, False, False, False]
     assert rows[-1]["is_latest"] and rows[0]["epoch"] == 0 and rows[0]["ref"].startswith(f"runs:/{run_id}/")
+    assert all(r["model_id"].startswith("m-") for r in rows)  # each checkpoint's LoggedModel
     assert rows[0]["created"].endswith("Z") and isinstance(rows[0]["size_bytes"], int)
     code, out, _ = invoke("ls", "--experiment", experiment, "--format", "csv")
     table = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and len(table) == len(REWARDS)
     assert list(table[0]) == [
-        *("run_id", "path", "ref", "step", "seq", "epoch", "created", "size_bytes", "is_latest", "is_best"),
+        *("run_id", "path", "ref", "model_id", "step", "seq", "epoch", "created", "size_bytes", "is_latest"),
+        "is_best",
         *("blocked_s", "commit_s", "record_s", "loss", "reward"),
     ]
     assert {r["run_id"] for r in table} == {run_id}

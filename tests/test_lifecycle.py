@@ -263,11 +263,20 @@ def test_promote_registers_a_logged_model_of_the_run_and_loads_back_by_alias(tmp
 
     text = Path(download_artifacts(f"{lm.artifact_location}/MLmodel", dst_path=str(tmp_path))).read_text()
     assert f"{FLAVOR}:" in text and "step-00000020" in text
+    # The version's model is the checkpoint's own LoggedModel (made when it was recorded), not a second one.
     outputs = client.get_run(run_id).outputs.model_outputs
-    assert [(o.model_id, o.step) for o in outputs] == [(promoted.model_id, 20)]
+    assert [o.step for o in outputs if o.model_id == promoted.model_id] == [20] and lm.name == "step-00000020"
+    live = client.search_logged_models([lm.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    assert sorted(m.name for m in live) == ["step-00000020", "step-00000040"]  # retention deleted 10 and 30
     fresh = TinyNet()
     assert tracked_ckpt.load("models:/" + name + "@prod", fresh) == {"step": 20, "reward": 1.0}
     assert_same_state(fresh, saved[20])
+    # The same checkpoint again (the docs' CLI example, then the Python one): the same version, said so.
+    again = CliRunner().invoke(cli, ["promote", f"{run_id}@20", "--name", name, "--alias", "prod"])
+    assert again.exit_code == 0 and "is already" in again.stdout and "version 1" in again.stdout, again.output
+    twice = promote(f"runs:/{run_id}/checkpoints/step-00000020", name)
+    assert (twice.version, twice.model_id, twice.existing) == ("1", promoted.model_id, True)
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
     # A second promotion through the CLI: version 2, the alias moves, both checkpoints are protected.
     result = CliRunner().invoke(cli, ["promote", f"{run_id}@40", "--name", name, "--alias", "prod"])
     assert result.exit_code == 0 and "version 2" in result.stdout, result.output

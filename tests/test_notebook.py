@@ -227,6 +227,7 @@ def test_views_cost_a_bounded_number_of_queries(request: pytest.FixtureRequest, 
     ckpts = api_calls(
         server.log, lambda: tracked_ckpt.list_checkpoints(experiment=DEMO_EXPERIMENT, tracking_uri=server.url)
     )
-    # two per experiment, then per run one get-run and one history per cost column (blocked/commit/record);
-    # the manifests are read from the artifact store
-    assert ckpts == ["experiments/get-by-name", "runs/search", "runs/get", *["metrics/get-history"] * 3]
+    # two per experiment, then per run one get-run, one search of its logged models (the model_id column) and one
+    # history per cost column (blocked/commit/record); the manifests are read from the artifact store
+    assert ckpts == ["experiments/get-by-name", "runs/search", "runs/get", "logged-models/search",
+                     *["metrics/get-history"] * 3]  # fmt: skip

@@ -9,6 +9,10 @@ Screenshots go to the test's tmp_path; with TRACKED_CKPT_UPDATE_DOCS=1 they are 
 The checkpoint's life after training (docs/lifecycle.md): a fork of the demo run (`demo --fork-from`) shows its
 parent on its page and a reward chart that continues the parent's; a promoted checkpoint shows on the Models
 pages with its source run (docs/ui-fork-page.png, docs/ui-fork-metrics.png, docs/ui-model-version.png).
+
+Every kept checkpoint is a LoggedModel (models.py): the experiment's Models tab lists them with their metrics and
+source run, the run page's "Logged models" table with their steps (docs/ui-experiment-models.png,
+docs/ui-run-models.png).
 """
 
 from __future__ import annotations
@@ -214,11 +218,50 @@ def test_a_forks_page_names_its_parent_and_its_reward_chart_continues_the_parent
     page.context.close()
 
 
+def test_the_models_tab_and_the_run_page_list_each_checkpoint_as_a_logged_model(
+    browser: Any, server: DemoServer, lineage: tuple[str, str, Any], tmp_path: Path
+) -> None:
+    client = MlflowClient(server.store.uri)
+    store = server.store
+    models = client.search_logged_models([store.experiment_id], filter_string=f"source_run_id = '{store.run_id}'",
+                                         order_by=[{"field_name": "metrics.reward", "ascending": False}])  # fmt: skip
+    rewards = {lm.name: next(m.value for m in lm.metrics if m.key == "reward") for lm in models}
+    assert sorted(rewards) == ["step-00000005", "step-00000010", "step-00000015"]
+    assert list(rewards.values()) == sorted(rewards.values(), reverse=True)  # MLflow's own "best first"
+    promoted_model = lineage[2].source.removeprefix("models:/")
+    assert client.get_logged_model(promoted_model).name in rewards  # promote registered one of them
+    page = first_visit(browser, server, run=(store.experiment_id, store.run_id))
+    page.goto(f"{server.url}/#/experiments/{store.experiment_id}/models?workflowType=machine_learning")
+    for name in rewards:
+        page.get_by_text(name, exact=True).first.wait_for()
+    close = page.get_by_role("button", name="Close")  # the MLflow Assistant panel hides the metric columns
+    if close.count():
+        close.first.click()
+    page.get_by_role("columnheader", name="reward").first.wait_for()
+    body = page.inner_text("body")
+    for name, reward in rewards.items():  # each checkpoint and its reward, as the table prints it
+        assert name in body and f"\n{reward!r}\n" in body, (name, reward, body[:3000])
+    assert body.count("cartpole-reinforce") >= 3 and "cartpole-demo" in body  # source runs; the registered one
+    save_shot(page, tmp_path, "ui-experiment-models.png")
+    page.goto(ui_link(server.url, store.experiment_id, store.run_id))
+    page.get_by_text(f"Logged models ({len(rewards)})").first.wait_for()
+    steps = {int(row.rsplit("step-", 1)[1]) for row in rewards}
+    page.get_by_text("Output", exact=True).last.scroll_into_view_if_needed()  # the table's last row, in view
+    text = page.inner_text("body")
+    for step in steps:  # each one's step, as the run's output
+        assert re.search(rf"Output\n{step}\n.*?step-{step:08d}", text, re.S), (step, text[-3000:])
+    save_shot(page, tmp_path, "ui-run-models.png")
+    page.context.close()
+
+
 def test_a_promoted_checkpoint_shows_on_the_models_pages_with_its_source_run(
     browser: Any, server: DemoServer, lineage: tuple[str, str, Any], tmp_path: Path
 ) -> None:
     _, _, promoted = lineage
-    assert promoted.source.startswith("models:/m-")  # linked to its LoggedModel
+    assert promoted.source.startswith("models:/m-")  # linked to its LoggedModel: the checkpoint's own
+    lm = MlflowClient(server.store.uri).get_logged_model(promoted.source.removeprefix("models:/"))
+    versions = '[{"name": "cartpole-demo", "version": "1"}]'  # the Models tab's "Registered models" column
+    assert lm.name.startswith("step-") and lm.tags["mlflow.modelVersions"] == versions
     assert promoted.tags[MODEL_TAG_CHECKPOINT].startswith(f"runs:/{server.store.run_id}/checkpoints/")
     context = browser.new_context(viewport={"width": 1920, "height": 1200})
     page = context.new_page()

@@ -4,7 +4,7 @@
 reaches ``<stage>``; with a trailing ``!`` (``"<stage>@<n>!"``) it raises ``OSError(EIO)`` there instead, as a
 failing disk would. Unset (always, outside tests), a fault point costs one dict lookup.
 Stages, in save order: write, fsync, manifest, outbox, rename, upload:<file>, commit_marker, tags,
-retention, retention_mid.
+model_ready, retention, retention_mid, model_delete.
 """
 
 from __future__ import annotations

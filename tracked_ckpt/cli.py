@@ -54,6 +54,8 @@ REF names one checkpoint:
   RUN_ID@best       the best by the run's monitored metric (tag tracked_ckpt.monitor)
   RUN_ID@120        the checkpoint saved at step 120
   runs:/RUN_ID/checkpoints/step-00000120   the exact folder (what save() returns)
+  models:/MODEL_ID  the checkpoint's logged model (the Models tab's, e.g. models:/m-0123...)
+  models:/NAME@ALIAS | models:/NAME/VERSION   a version `promote` registered
 """
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -635,16 +637,23 @@ def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str |
     from . import maintenance
 
     parsed = _parse(ref)
+    if parsed is None:  # models:/...: MLflow's model APIs name the run and the folder
+        from .lifecycle import resolve_source
+        from .reading import read_client
+
+        return resolve_source(read_client(tracking_uri), ref)
     catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
     return catalog, maintenance.resolve(catalog, parsed, metric, mode)
 
 
 def _parse(ref: str) -> Any:
+    """A run reference (maintenance.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
     from . import maintenance
     from .errors import ConfigError
+    from .refs import is_model_uri, parse_model
 
     try:
-        return maintenance.parse(ref)
+        return None if is_model_uri(ref) and parse_model(ref) else maintenance.parse(ref)
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="REF") from None
 
@@ -722,11 +731,13 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
     from .progress import human_bytes
 
     parsed = _parse(ref)
-    catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
-    if parsed.explicit:
+    if parsed is None:
+        verdicts = [maintenance.verify_one(*_resolve(ref, metric, mode, tracking_uri))]
+    elif parsed.explicit:
+        catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
         verdicts = [maintenance.verify_one(catalog, maintenance.resolve(catalog, parsed, metric, mode))]
     else:
-        verdicts = maintenance.verify_run(catalog)
+        verdicts = maintenance.verify_run(maintenance.open_catalog(parsed.run_id, tracking_uri))
     for v in verdicts:
         what = f"step {v.step}: {v.files} files, {human_bytes(v.size)}" if v.step is not None else ""
         click.echo(f"{v.status.upper():<11} {v.path}  {what}".rstrip())
@@ -740,7 +751,7 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
     if not ok:
         from .errors import CheckpointNotFoundError
 
-        raise CheckpointNotFoundError(f"run {catalog.run_id} has no committed checkpoint to verify")
+        raise CheckpointNotFoundError(f"{ref} names no committed checkpoint to verify")
     click.echo(f"{ok} checkpoint(s) verified")
 
 
@@ -767,7 +778,8 @@ def prune_cmd(
     """Delete old checkpoints of RUN_ID from MLflow with the library's retention rules.
 
     Keeps the union of --keep-last and --keep-best, and always the latest checkpoint, the best one, and
-    the ones the run's tags name. Only checkpoints/<name> folders are ever deleted; the summary tags
+    the ones the run's tags name (promoted, a fork's origin). Only checkpoints/<name> folders (and their
+    LoggedModels) are ever deleted; the summary tags
     (tracked_ckpt.count, .bytes, .pruned_last) are updated. Local copies in the trainer's save_dir are
     left alone. Do not prune a run that is still training: its next save rewrites the tags.
 
@@ -806,7 +818,7 @@ def prune_cmd(
 
 # ---------------------------------------------------------------------------------------- export / promote
 
-MODEL_REF_HELP = REF_HELP + "  models:/NAME@ALIAS | models:/NAME/VERSION   a version `promote` registered\n"
+MODEL_REF_HELP = REF_HELP
 
 
 @cli.command("export", epilog=MODEL_REF_HELP + "\n" + EXIT_CODES_HELP)
@@ -834,8 +846,7 @@ def export_cmd(ref: str, out: Path, fmt: str, force: bool, tracking_uri: str | N
     from .export import export_model
     from .progress import human_bytes
 
-    if not ref.startswith("models:/"):
-        _parse(ref)  # a bad reference is a usage error (exit 2), before anything is read
+    _parse(ref)  # a bad reference is a usage error (exit 2), before anything is read
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it or -o another file")
     path = export_model(ref, out, format=fmt, tracking_uri=tracking_uri, overwrite=force)  # type: ignore[arg-type]
@@ -862,12 +873,43 @@ def promote_cmd(ref: str, name: str, alias: str | None, tracking_uri: str | None
     """
     from .lifecycle import promote
 
-    if not ref.startswith("models:/"):
-        _parse(ref)
+    _parse(ref)
     p = promote(ref, name, alias=alias, tracking_uri=tracking_uri)
     with_alias = f", alias {alias!r}" if alias else ""
+    if p.existing:
+        click.echo(f"{p.checkpoint} (step {p.step}) is already {name!r} version {p.version}: nothing new registered"
+                   f"{with_alias and '; ' + with_alias[2:] + ' points at it'}; load it with "
+                   f"tracked_ckpt.load({p.uri!r}, model)")  # fmt: skip
+        return
     click.echo(f"registered {p.checkpoint} (step {p.step}) as {name!r} version {p.version}{with_alias}; "
                f"load it with tracked_ckpt.load({p.uri!r}, model)")  # fmt: skip
+
+
+@cli.command("models", epilog=EXIT_CODES_HELP)
+@click.argument("run_ids", nargs=-1, required=True, metavar="RUN_ID...")
+@_common
+@_reads
+def models_cmd(run_ids: tuple[str, ...], tracking_uri: str | None) -> None:
+    """Give every kept checkpoint of each run its MLflow LoggedModel; delete those whose checkpoint is gone.
+
+    For runs recorded before tracked_ckpt made a LoggedModel per checkpoint (or with logged_models=False):
+    afterwards the experiment's Models tab lists them, and models:/MODEL_ID loads them. No weights are copied.
+    A run that resumes training does the same by itself. Run it on runs that are not training.
+
+    \b
+    Examples:
+      tracked-ckpt models RUN_ID
+      tracked-ckpt ls RUN_ID          # the model_id column
+    """
+    from . import maintenance
+    from .models import CheckpointModels
+
+    for run_id in run_ids:
+        catalog = maintenance.open_catalog(run_id, tracking_uri)
+        found = catalog.scan()
+        done = CheckpointModels(catalog.store).reconcile({r.path: r.manifest for r in found})
+        click.echo(f"run {run_id}: {len(found)} checkpoint(s) with their logged model; "
+                   f"{done['created']} created, {done['deleted']} deleted")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- sync

@@ -8,13 +8,14 @@ MLflow's own ``mlflow.parentRunId`` is not used: it means "part of" (nested runs
 collapsed parent row in the runs table, and cannot cross experiments.
 
 Promote. ``promote("RUN@best", name="cartpole", alias="prod")`` registers the checkpoint in the Model Registry
-the MLflow 3 way: a LoggedModel (``create_logged_model`` with ``source_run_id``, linked to the run at the
-checkpoint's step by ``log_outputs``) whose artifacts are an ``MLmodel`` file with a ``tracked_ckpt`` flavor
-that names the checkpoint, then a model version with ``source="models:/<model_id>"``. The UI's model
-pages read ``MLmodel`` (a bare checkpoint folder has none: no flavor, no schema, no logged model to link) and link
-the version to its run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)``
+the MLflow 3 way: its own LoggedModel (models.py: made when it was recorded, or now for an older one; linked to
+the run at the checkpoint's step, an ``MLmodel`` file with a ``tracked_ckpt`` flavor naming the checkpoint) becomes
+a model version with ``source="models:/<model_id>"``. A checkpoint that is already a version of that name is not
+registered again: the existing version is returned (``Promoted.existing``). The UI's model pages read ``MLmodel``
+and link the version to its run and logged model. The weights are not copied: ``load("models:/NAME@ALIAS", model)``
 resolves the version to its run and checkpoint and loads it verified (size, BLAKE3, weights_only), and the run's
-``tracked_ckpt.promoted`` tag keeps retention and ``prune`` from ever deleting it.
+``tracked_ckpt.promoted`` tag keeps retention and ``prune`` from ever deleting it. A fork's origin is kept the
+same way (``tracked_ckpt.fork_origins`` on the parent run).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from mlflow.entities import LoggedModelOutput, Metric
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from . import _http
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointNotFoundError, ConfigError, TrackedCkptError
-from .refs import parse, parse_ref, ref_for
+from .models import FLAVOR, MODEL_TAG_CHECKPOINT, MODEL_TAG_DIGEST, MODEL_TAG_STEP, CheckpointModels, model_tags
+from .models import checkpoint_digest as manifest_digest
+from .refs import is_model_uri, parse, parse_model, parse_ref, ref_for
 from .runtags import (
     TAG_COUNT,
+    TAG_FORK_ORIGINS,
     TAG_FORKED_FROM,
     TAG_PARENT_RUN,
     TAG_PARENT_STEP,
@@ -47,21 +52,18 @@ from .store import RunStore, describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
 
-FLAVOR = "tracked_ckpt"
-MODEL_TAG_CHECKPOINT = "tracked_ckpt.checkpoint"  # on the LoggedModel and the model version: runs:/RUN/checkpoints/NAME
-MODEL_TAG_STEP = "tracked_ckpt.step"
-MODEL_TAG_DIGEST = "tracked_ckpt.digest"
+__all__ = ["FLAVOR", "MODEL_TAG_CHECKPOINT", "MODEL_TAG_DIGEST", "MODEL_TAG_STEP", "Fork", "Promoted", "promote"]
 
 
 # ------------------------------------------------------------------------------------------------ naming
 
 
 def resolve_source(client: MlflowClient, text: str) -> tuple[RunCatalog, Resolved]:
-    """The committed checkpoint named by ``runs:/RUN/checkpoints/NAME``, ``RUN[@latest|best|STEP]`` or
-    ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION`` (a version made by ``promote``)."""
+    """The committed checkpoint named by ``runs:/RUN/checkpoints/NAME``, ``RUN[@latest|best|STEP]``,
+    ``models:/<model_id>`` (a checkpoint's LoggedModel) or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
     from .maintenance import resolve
 
-    if text.startswith("models:/"):
+    if is_model_uri(text):
         run_id, path = registered_checkpoint(client, text)
         catalog = RunCatalog(RunStore(client, run_id))
         return catalog, Resolved(path, catalog.manifest(path))
@@ -71,32 +73,36 @@ def resolve_source(client: MlflowClient, text: str) -> tuple[RunCatalog, Resolve
 
 
 def registered_checkpoint(client: MlflowClient, uri: str) -> tuple[str, str]:
-    """(run_id, checkpoint path) of a model version registered by ``promote``."""
+    """(run_id, checkpoint path) of a ``models:/`` reference: a checkpoint's LoggedModel or a promoted version."""
     server = redact(str(client.tracking_uri))
-    body = uri[len("models:/") :]
+    ref = parse_model(uri)
     try:
         with _http.bounded():
-            if "@" in body:
-                name, alias = body.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            elif "/" in body:
-                name, version = body.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
+            if ref.model_id is not None:
+                lm = client.get_logged_model(ref.model_id)
+                what, tags = f"logged model {ref.model_id}", lm.tags
             else:
-                raise ConfigError(f"{uri!r}: name a version, models:/NAME@ALIAS or models:/NAME/VERSION")
+                if ref.alias is not None:
+                    mv = client.get_model_version_by_alias(str(ref.name), ref.alias)
+                else:
+                    mv = client.get_model_version(str(ref.name), str(ref.version))
+                what, tags = f"version {mv.version} of {mv.name!r}", mv.tags
     except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            hint = "`tracked-ckpt ls RUN` lists checkpoints" if ref.model_id else "`tracked-ckpt promote` registers one"
+            kind = "logged model" if ref.model_id else "model version"
             raise CheckpointNotFoundError(
-                f"{uri!r} names no model version at {server} ({e.message}); `tracked-ckpt promote` registers one"
+                f"{uri!r} names no {kind} at {server} ({e.message}); it may have been deleted with its "
+                f"checkpoint; {hint}"
             ) from None
         raise describe_mlflow_error(e, f"look up {uri}", server) from e
-    ref = (mv.tags or {}).get(MODEL_TAG_CHECKPOINT)
-    if not ref:
+    checkpoint = (tags or {}).get(MODEL_TAG_CHECKPOINT)
+    if not checkpoint:
         raise CheckpointNotFoundError(
-            f"{uri!r} (version {mv.version} of {mv.name!r}) was not registered by tracked_ckpt: it names no "
-            f"checkpoint (tag {MODEL_TAG_CHECKPOINT}); load it with MLflow's own flavor loader instead"
+            f"{uri!r} ({what}) was not made by tracked_ckpt: it names no checkpoint (tag {MODEL_TAG_CHECKPOINT}); "
+            "load it with MLflow's own flavor loader instead"
         )
-    return parse_ref(ref)  # the path is checked: a tag is no reason to read outside checkpoints/
+    return parse_ref(checkpoint)  # the path is checked: a tag is no reason to read outside checkpoints/
 
 
 # -------------------------------------------------------------------------------------------------- fork
@@ -113,7 +119,7 @@ class Fork:
         try:
             if not isinstance(self.source, str):
                 raise ConfigError(f"a {type(self.source).__name__}")
-            if not self.source.startswith("models:/"):
+            if not is_model_uri(self.source):
                 parse(self.source)
         except ConfigError:
             raise ConfigError(
@@ -141,6 +147,8 @@ class Fork:
                     store.client.delete_run(store.run_id)
             raise
         ref = ref_for(catalog.run_id, r.path)
+        # The parent's retention and prune keep this checkpoint from now on: the fork's tag must name a folder.
+        _add_to_tag(catalog.store, TAG_FORK_ORIGINS, r.path)
         new_tags = {TAG_FORKED_FROM: ref, TAG_PARENT_RUN: catalog.run_id, TAG_PARENT_STEP: str(r.manifest.step)}
         # The parent's "best" definition, so the fork's summary and best compare like with like.
         metric, mode = monitor_of(catalog.store.tags_at_open)
@@ -183,6 +191,7 @@ class Promoted:
     run_id: str
     step: int
     checkpoint: str  # runs:/RUN/checkpoints/NAME
+    existing: bool = False  # True: the checkpoint was already this version of ``name`` (nothing new registered)
 
     @property
     def uri(self) -> str:
@@ -190,9 +199,11 @@ class Promoted:
 
 
 def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: str | None = None) -> Promoted:
-    """Register checkpoint ``source`` (``RUN@best``, ``runs:/...``) as a new version of registered model ``name``.
+    """Register checkpoint ``source`` (``RUN@best``, ``runs:/...``) as a version of registered model ``name``.
 
-    The checkpoint is verified first. Returns the version; ``load(promoted.uri, model)`` loads it back.
+    The checkpoint is verified first; the version's model is the checkpoint's own LoggedModel (made now if it
+    has none). Promoting a checkpoint that is already a version of ``name`` registers nothing: it returns that
+    version (``existing=True``), with ``alias`` moved to it. ``load(promoted.uri, model)`` loads it back.
     """
     from .reading import read_client
 
@@ -205,30 +216,48 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
         catalog.fetch_verified(r, Path(tmp))  # never register what would not load
     ref = ref_for(catalog.run_id, r.path)
     step = r.manifest.step
-    tags = {MODEL_TAG_CHECKPOINT: ref, MODEL_TAG_STEP: str(step), MODEL_TAG_DIGEST: checkpoint_digest(r)}
+    tags = model_tags(catalog.run_id, r.path, r.manifest)
     # Retention must never delete what the registry points at: tag first, register second.
-    _mark_promoted(catalog.store, r.path)
+    _add_to_tag(catalog.store, TAG_PROMOTED, r.path)
+    models = CheckpointModels(catalog.store)
+    model_id = models.ready_model(r.path) or models.record(r.path, r.manifest)
+    models.pointer(model_id, r.path, r.manifest)  # the MLmodel the version pages read
     try:
         with _http.bounded():
-            model_id, location = _logged_model(client, catalog.store, r, name, tags)
-            try:
-                client.create_registered_model(name, description="Checkpoints registered by tracked_ckpt")
-            except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-            mv = client.create_model_version(name, source=_version_source(client, model_id, location),
-                                             run_id=catalog.run_id, tags=tags, model_id=model_id,
-                                             description=f"{ref} (step {step})")  # fmt: skip
+            mv = _existing_version(client, name, catalog.run_id, ref)
+            existing = mv is not None
+            if mv is None:
+                try:
+                    client.create_registered_model(name, description="Checkpoints registered by tracked_ckpt")
+                except MlflowException as e:
+                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                mv = client.create_model_version(name, source=_version_source(client, model_id), run_id=catalog.run_id,
+                                                 tags=tags, model_id=model_id,
+                                                 description=f"{ref} (step {step})")  # fmt: skip
             if alias:
                 client.set_registered_model_alias(name, alias, mv.version)
+        models.note_version(model_id, name, str(mv.version))
     except MlflowException as e:
         raise describe_mlflow_error(e, f"register {ref} as model {name!r}", server) from e
-    log.info("promoted %s (step %d) to model %r version %s%s", ref, step, name, mv.version,
-             f" @{alias}" if alias else "")  # fmt: skip
-    return Promoted(name, str(mv.version), alias, model_id, catalog.run_id, step, ref)
+    if existing:
+        log.info("%s (step %d) is already version %s of model %r: nothing registered%s", ref, step, mv.version, name,
+                 f"; alias @{alias} set on it" if alias else "")  # fmt: skip
+    else:
+        log.info("promoted %s (step %d) to model %r version %s%s", ref, step, name, mv.version,
+                 f" @{alias}" if alias else "")  # fmt: skip
+    return Promoted(name, str(mv.version), alias, str(mv.model_id or model_id), catalog.run_id, step, ref, existing)
 
 
-def _version_source(client: MlflowClient, model_id: str, location: str) -> str:
+def _existing_version(client: MlflowClient, name: str, run_id: str, ref: str) -> Any:
+    """The version of ``name`` that already registers checkpoint ``ref`` (the oldest), or None."""
+    quoted = name.replace("'", "\\'")
+    found = client.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'")
+    same = [mv for mv in found if (mv.tags or {}).get(MODEL_TAG_CHECKPOINT) == ref]
+    return min(same, key=lambda mv: int(mv.version)) if same else None
+
+
+def _version_source(client: MlflowClient, model_id: str) -> str:
     """``models:/<model_id>`` (the UI links the version to its logged model) where the registry can resolve it.
 
     A registry store in this process (sqlite, a database) resolves a ``models:/`` source through MLflow's *global*
@@ -242,54 +271,18 @@ def _version_source(client: MlflowClient, model_id: str, location: str) -> str:
         return f"models:/{model_id}"
     log.info("registering %s by its artifact location: MLFLOW_TRACKING_URI names another store than %s",
              model_id, redact(uri))  # fmt: skip
-    return location
+    return str(client.get_logged_model(model_id).artifact_location)
 
 
 def checkpoint_digest(r: Resolved) -> str:
     """One digest for a checkpoint: its state.pt's BLAKE3, or for a DCP folder the BLAKE3 of its file digests."""
-    files = r.manifest.files
-    if len(files) == 1 or r.manifest.format == "torch":
-        main = next((f for f in files if f.name == "state.pt"), files[0])
-        return f"blake3:{main.blake3}"
-    import blake3
-
-    joined = "\n".join(f"{f.name} {f.blake3}" for f in sorted(files, key=lambda f: f.name))
-    return f"blake3-files:{blake3.blake3(joined.encode()).hexdigest()}"
+    return manifest_digest(r.manifest)
 
 
-def _mark_promoted(store: RunStore, path: str) -> None:
-    names = {p.rpartition("/")[2] for p in promoted_paths(store.tags())} | {path.rpartition("/")[2]}
-    store.set_tags({TAG_PROMOTED: ",".join(sorted(names))})
-
-
-def _logged_model(
-    client: MlflowClient, store: RunStore, r: Resolved, name: str, tags: dict[str, str]
-) -> tuple[str, str]:
-    """A READY LoggedModel of the run, linked to it at the checkpoint's step, whose MLmodel names the checkpoint."""
-    from mlflow.models import Model
-
-    step = r.manifest.step
-    params = {"checkpoint": tags[MODEL_TAG_CHECKPOINT], "step": str(step), "format": r.manifest.format}
-    lm = client.create_logged_model(store.experiment_id, name=name, source_run_id=store.run_id, tags=tags,
-                                    params=params, model_type="tracked_ckpt checkpoint")  # fmt: skip
-    flavor = {
-        "checkpoint": tags[MODEL_TAG_CHECKPOINT], "step": step, "digest": tags[MODEL_TAG_DIGEST],
-        "format": r.manifest.format, "world_size": r.manifest.world_size, "library_version": r.manifest.library_version,
-        "load": "tracked_ckpt.load('models:/NAME@ALIAS', model)",
-    }  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-        mlmodel = Model(artifact_path=name, run_id=store.run_id, flavors={FLAVOR: flavor}, model_id=lm.model_id)
-        mlmodel.save(str(Path(tmp) / "MLmodel"))
-        client.log_model_artifacts(lm.model_id, tmp)
-    # The checkpoint's metrics on the model (the Models table shows them) and the run's link to it at its step.
-    now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, step, model_id=lm.model_id, run_id=store.run_id)
-               for k, v in r.manifest.metrics.items()]  # fmt: skip
-    if metrics:
-        client.log_batch(store.run_id, metrics=metrics)
-    client.log_outputs(store.run_id, [LoggedModelOutput(lm.model_id, step)])
-    client.finalize_logged_model(lm.model_id, "READY")
-    return str(lm.model_id), str(lm.artifact_location)
+def _add_to_tag(store: RunStore, key: str, path: str) -> None:
+    """Add a checkpoint folder's name to a run's comma-separated tag (promoted, fork origins)."""
+    names = {p.rpartition("/")[2] for p in promoted_paths(store.tags(), key)} | {path.rpartition("/")[2]}
+    store.set_tags({key: ",".join(sorted(names))})
 
 
 def promoted_checkpoints(tags: dict[str, str]) -> list[str]:

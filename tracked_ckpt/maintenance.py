@@ -30,7 +30,16 @@ from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
-from .runtags import TAG_BEST, TAG_LATEST, TAG_PRUNED, monitor_of, promoted_paths, pruned_value, summary_tags
+from .runtags import (
+    TAG_BEST,
+    TAG_LATEST,
+    TAG_PRUNED,
+    fork_origin_paths,
+    monitor_of,
+    promoted_paths,
+    pruned_value,
+    summary_tags,
+)
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -137,7 +146,8 @@ def plan_prune(
     # The tagged latest/best stay even when --metric picks another "best": what the run advertises must exist.
     tagged = {p for p in (tags.get(TAG_LATEST), tags.get(TAG_BEST)) if p}
     promoted = promoted_paths(tags)  # registered in the Model Registry (lifecycle.promote): never deleted
-    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged | promoted)
+    origins = fork_origin_paths(tags)  # a fork started from it: its forked_from tag must keep naming a folder
+    doomed = plan_deletions(infos, policy, metric=metric, mode=chosen_mode, protected=tagged | promoted | origins)
     gone = {c.path for c in doomed}
     keep = [c for c in infos if c.path not in gone]
     latest = max(infos, key=lambda c: c.seq).path if infos else None
@@ -152,6 +162,7 @@ def plan_prune(
                 (f"best {metric}", best is not None and c.path == best.path),
                 ("tagged", c.path in tagged),
                 ("promoted", c.path in promoted),
+                ("fork origin", c.path in origins),
                 ("policy", c.path in by_policy),
             )
             if hit
@@ -166,12 +177,16 @@ def apply_prune(catalog: RunCatalog, plan: PrunePlan) -> None:
     Local copies in the training ``save_dir`` are not touched. A trainer still running on the run keeps its
     own view and rewrites the summary tags at its next save: prune runs that are not training.
     """
+    from .models import CheckpointModels
+
     deleted: list[CheckpointInfo] = []
+    models = CheckpointModels(catalog.store)
     try:
         for c in plan.delete:
             t0 = time.perf_counter()
             catalog.store.delete(c.path)
             deleted.append(c)
+            models.delete(c.path)  # its LoggedModel (one search of the run's models, the first time)
             elapsed = time.perf_counter() - t0
             log.info("deleted step %d (%s, %s) in %.2f s", c.step, c.path, human_bytes(c.size), elapsed)
     finally:

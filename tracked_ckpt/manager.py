@@ -86,6 +86,8 @@ class CheckpointManager:
             ``"runs:/RUN/checkpoints/NAME"``, ``"models:/NAME@ALIAS"``): the first ``load()`` restores it, the run
             records its parent, and a relaunch resumes the fork itself (lifecycle.py, docs/lifecycle.md).
         fork_metrics: with ``fork_from``, copy the parent's metric history up to the fork step into the new run.
+        logged_models: make each recorded checkpoint an MLflow LoggedModel (the experiment's Models tab, the run
+            page's models, ``models:/<model_id>``), with no copy of its weights (models.py); False: none.
     """
 
     def __new__(cls, *args: Any, **kwargs: Any) -> CheckpointManager:
@@ -118,13 +120,14 @@ class CheckpointManager:
         store_factory: StoreFactory = RunStore,
         fork_from: str | None = None,
         fork_metrics: bool = True,
+        logged_models: bool = True,
     ) -> None:
         if resume == "never" and run_id is not None:
             raise ConfigError(f"resume='never' starts a new run, but run_id={run_id!r} was passed; drop one")
         self.options = Options(
             monitor=monitor, mode=check_mode(mode), resume=resume, save_policy=save_policy, retention=retention,
             save_rng=save_rng, publish_timeout=float(publish_timeout), lease_timeout=lease_timeout,
-            store_factory=store_factory,
+            store_factory=store_factory, logged_models=logged_models,
         )  # fmt: skip
         self.save_dir = Path(save_dir).expanduser().resolve()
         self.local = LocalDir(self.save_dir)

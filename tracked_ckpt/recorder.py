@@ -19,6 +19,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from .catalog import Resolved, RunCatalog, info_of, name_step
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
+from .models import CheckpointModels, optional
 from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
 from .progress import human_bytes
@@ -38,7 +40,7 @@ from .runtags import (
     TAG_LATEST,
     TAG_PRUNED,
     TAG_SKIPPED,
-    promoted_paths,
+    kept_by_tags,
     pruned_value,
     summary_tags,
 )
@@ -62,6 +64,7 @@ class RunRecorder:
         publish_timeout: float,
         on_connect: Callable[[], None] | None = None,
         start: bool = True,
+        logged_models: bool = True,
     ) -> None:
         self.store = store
         self.local = local
@@ -70,6 +73,7 @@ class RunRecorder:
         self.publish_timeout = publish_timeout
         self.outbox = Outbox(local.root)
         self.catalog = RunCatalog(store)
+        self.models = CheckpointModels(store) if logged_models else None  # one LoggedModel per checkpoint
         self.index: dict[str, CheckpointInfo] = {}  # committed checkpoints, by path; replaced, never mutated
         self.taken: set[str] = set()  # every folder name in use, committed or not
         self._top = ((0, 0), -(2**63))  # ((id, len) of taken, the highest step named in it): plan()'s cache
@@ -81,6 +85,7 @@ class RunRecorder:
         self._late: list[tuple[str, float, int, int]] = []  # costs of earlier saves, for the next log_batch
         self._manifests: dict[int, CheckpointInfo] = {}  # queued checkpoints' infos, by seq (coalescing)
         self._committing: set[int] = set()  # seqs queued whose local commit is not over yet
+        self._mine: set[int] = set()  # seqs this process queued (others were queued by an earlier process)
         self._local: dict[str, CheckpointInfo] = {}  # committed locally, not yet recorded (by path)
         self._lock = threading.Lock()  # the dicts above: the saving thread writes them, the publisher reads
         self._deferred = on_connect
@@ -121,6 +126,18 @@ class RunRecorder:
             log.warning("run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
                         self.run_id, tags.get(TAG_LATEST), found[-1].path)  # fmt: skip
             self.store.set_tags(self.summary_tags())
+        if not self.outbox.pending(self.run_id):
+            self._reconcile_models(found)
+
+    def _reconcile_models(self, found: list[Resolved]) -> None:
+        """Repair what a crash left between a checkpoint and its LoggedModel; give older checkpoints theirs."""
+        if self.models is None:
+            return
+        try:
+            self.models.reconcile({r.path: r.manifest for r in found})
+        except StoreError as e:
+            log.warning("run %s: could not bring its logged models in line with its checkpoints (%s); the next "
+                        "owner of the run, or `tracked-ckpt models %s`, tries again", self.run_id, e, self.run_id)
 
     def recover_offline(self) -> None:
         """Index the verified local copies in ``save_dir`` (the server is unreachable)."""
@@ -221,6 +238,7 @@ class RunRecorder:
         def add() -> None:
             with self._lock:
                 self._committing.add(pending.seq)
+                self._mine.add(pending.seq)
             self.outbox.add(pending)
             fault_point("outbox")
 
@@ -288,6 +306,9 @@ class RunRecorder:
         t0 = time.perf_counter()
         gone = self.index.get(path)
         self.store.delete(path)
+        deleting = self._delete_model(path)
+        if deleting is not None:
+            deleting.result()
         self.local.remove(self.run_id, path.rpartition("/")[2])
         with self._lock:  # the publisher adds to the index meanwhile
             self.index = {p: c for p, c in self.index.items() if p != path}
@@ -355,11 +376,17 @@ class RunRecorder:
             self._forget(p.seq)
             return
         t0 = time.perf_counter()
+        # The checkpoint's LoggedModel, made (PENDING) on the model thread while the files upload: the save waits
+        # for the slower of the two. A crash leaves a PENDING model, which the next owner's reconcile deletes.
+        ours = p.seq in self._mine  # else queued by an earlier process, which may have made its model already
+        models = self.models
+        model = models.submit(lambda: models.begin(path, manifest, ours=ours)) if models is not None else None
         for f in manifest.files:
             if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
                 continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
             sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
             self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
+        model_id = self._model_of(model, p.step)
         self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
         costs[METRIC_RECORD_S] = time.perf_counter() - t0
         # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
@@ -368,11 +395,30 @@ class RunRecorder:
         fault_point("tags")
         with self._lock:
             late = list(self._late)
-        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late)
+        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late,
+                           model_id=model_id)  # fmt: skip
         with self._lock:
             del self._late[: len(late)]
+        ready = None
+        if models is not None and model_id is not None:
+            fault_point("model_ready")
+            ready = models.submit(lambda: models.ready(model_id))  # READY while retention deletes
         self._forget(p.seq)
-        self.apply_retention()
+        try:
+            self.apply_retention()
+        finally:
+            self._model_of(ready, p.step)
+
+    def _model_of(self, model: Future[Any] | None, step: int) -> Any:
+        """A model call's result; an outage retries the whole entry, a refusal records the checkpoint without it."""
+        try:
+            return model.result() if model is not None else None
+        except StoreError as e:
+            if not optional(e):
+                raise
+            log.warning("step %d is recorded without its LoggedModel: %s (`tracked-ckpt models %s` makes it later; "
+                        "logged_models=False turns them off)", step, e, self.run_id)  # fmt: skip
+            return None
 
     def _forget(self, seq: int) -> None:
         with self._lock:
@@ -439,8 +485,8 @@ class RunRecorder:
         doomed = plan_deletions(
             list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
         )
-        if doomed:  # a checkpoint registered in the Model Registry (lifecycle.promote) is never deleted
-            protected |= promoted_paths(self.store.tags())
+        if doomed:  # a checkpoint registered in the Model Registry (promote), or that a fork started from, stays
+            protected |= kept_by_tags(self.store.tags())
             doomed = plan_deletions(
                 list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
             )
@@ -455,6 +501,7 @@ class RunRecorder:
                     log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
                                 "only. This warning is shown once per manager", c.path, e)  # fmt: skip
                     self._warned_no_delete = True
+            self._delete_model(c.path)  # on the model thread; the save does not wait for it (close() does)
             self.local.remove(self.run_id, c.path.rpartition("/")[2])
             with self._lock:
                 self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
@@ -462,6 +509,22 @@ class RunRecorder:
             log.info("deleted step %d (%s, %s) in %.2f s", c.step, c.path, human_bytes(c.size), elapsed)
         if doomed:
             self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
+
+    def _delete_model(self, path: str) -> Future[None] | None:
+        """The checkpoint's LoggedModel goes with it (on the model thread); a failure is repaired by the next owner."""
+        if self.models is None:
+            return None
+        fault_point("model_delete")  # the checkpoint is gone, its model not yet
+        models = self.models
+
+        def delete() -> None:
+            try:
+                models.delete(path)
+            except StoreError as e:
+                log.warning("could not delete the logged model of %s (%s); the next owner of run %s deletes it",
+                            path, e, self.run_id)  # fmt: skip
+
+        return models.submit(delete)
 
     # --------------------------------------------------------------------------------------- reading
 
@@ -574,6 +637,8 @@ class RunRecorder:
 
     def stop(self) -> None:
         self.publisher.stop()
+        if self.models is not None:  # a deletion left on the model thread: bounded like the record itself
+            self.models.close(min(self.publish_timeout, 10.0))
 
 
 def fields_of(step: int, seq: int, meta: Metadata, resumed_from: str | None) -> dict[str, Any]:

@@ -7,9 +7,12 @@
     RUN_ID@latest | RUN_ID@best | RUN_ID@120   the latest, the best by the run's monitored metric, step 120
     checkpoints/step-00000120                  a folder of the manager's own run (CheckpointManager.load)
     ./save_dir/<run_id>/step-00000120          a local checkpoint folder holding a MANIFEST.json (the same)
+    models:/m-<32 hex>                         a checkpoint's LoggedModel (its model_id)
+    models:/NAME@ALIAS | models:/NAME/VERSION  a model version ``promote`` registered
 
 ``parse`` reads the command-line forms (the first three); ``parse_path`` reads what ``CheckpointManager.load``
-accepts as ``checkpoint_path`` (the first and the last two).
+accepts as ``checkpoint_path`` (the first and the last two); ``parse_model`` reads the ``models:/`` forms, which
+a client resolves to a run and a folder (lifecycle.resolve_source).
 """
 
 from __future__ import annotations
@@ -27,6 +30,39 @@ Which = Literal["latest", "best"] | int
 _RUN_ID = r"[0-9A-Za-z_-]+"
 _RUNS_URI = re.compile(rf"^runs:/({_RUN_ID})/(.+?)/?$")
 _SELECTOR = re.compile(rf"^({_RUN_ID})(?:@(latest|best|-?\d+))?$")
+_MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # what MLflow 3 names a LoggedModel
+MODELS = "models:/"
+
+
+def is_model_uri(text: str) -> bool:
+    return text.startswith(MODELS)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A parsed ``models:/`` reference: a LoggedModel's id, or a registered model's name with an alias or version."""
+
+    model_id: str | None = None
+    name: str | None = None
+    alias: str | None = None
+    version: str | None = None
+
+
+def parse_model(uri: str) -> ModelRef:
+    """Parse ``models:/<model_id>``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    body = uri[len(MODELS) :] if is_model_uri(uri) else ""
+    if _MODEL_ID.match(body):
+        return ModelRef(model_id=body)
+    name, at, alias = body.partition("@")
+    if at and name and alias and "/" not in name:
+        return ModelRef(name=name, alias=alias)
+    name, slash, version = body.rpartition("/")
+    if slash and name and version.isdigit():
+        return ModelRef(name=name, version=version)
+    raise ConfigError(
+        f"{uri!r}: name a model as models:/<model_id> (a checkpoint's logged model, e.g. models:/m-0123...), "
+        "models:/NAME@ALIAS or models:/NAME/VERSION (a version `promote` registered)"
+    )
 
 
 def ref_for(run_id: str, path: str) -> str:

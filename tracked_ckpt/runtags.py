@@ -17,6 +17,8 @@ the read side (catalog.py verifies every one against a manifest), never the reco
     tracked_ckpt.parent_run / parent_step    the same, split for search (lifecycle.py)
     tracked_ckpt.promoted                    checkpoint folders registered in the Model Registry (retention keeps
                                              them), comma-separated names: ``step-00000040,step-00000100``
+    tracked_ckpt.fork_origins                checkpoint folders a fork of the run started from (retention keeps
+                                             them, like promoted ones; written by the fork), the same form
     mlflow.note.content                      the run page's description: how to resume (written by tracked_ckpt
                                              only while it starts with NOTE_MARK, so a user's own note stays)
 """
@@ -42,6 +44,7 @@ TAG_FORKED_FROM = "tracked_ckpt.forked_from"
 TAG_PARENT_RUN = "tracked_ckpt.parent_run"
 TAG_PARENT_STEP = "tracked_ckpt.parent_step"
 TAG_PROMOTED = "tracked_ckpt.promoted"
+TAG_FORK_ORIGINS = "tracked_ckpt.fork_origins"
 TAG_NOTE = "mlflow.note.content"
 
 # What each save cost, logged as metrics at its step. The "system/" prefix puts their charts on the run page's
@@ -93,9 +96,22 @@ def pruned_value(deleted: Iterable[CheckpointInfo]) -> str:
     return ", ".join(f"step {c.step}" for c in deleted)[:500]
 
 
-def promoted_paths(tags: Mapping[str, str]) -> set[str]:
-    """The checkpoint folders of a run registered in the Model Registry (``TAG_PROMOTED``): never deleted."""
-    return {f"checkpoints/{n.strip()}" for n in tags.get(TAG_PROMOTED, "").split(",") if n.strip()}
+def promoted_paths(tags: Mapping[str, str], key: str = TAG_PROMOTED) -> set[str]:
+    """The checkpoint folders of a run registered in the Model Registry (``TAG_PROMOTED``): never deleted.
+
+    ``key=TAG_FORK_ORIGINS``: those a fork started from, never deleted either.
+    """
+    return {f"checkpoints/{n.strip()}" for n in tags.get(key, "").split(",") if n.strip()}
+
+
+def fork_origin_paths(tags: Mapping[str, str]) -> set[str]:
+    """The checkpoint folders of a run that a fork started from (``TAG_FORK_ORIGINS``): never deleted."""
+    return promoted_paths(tags, TAG_FORK_ORIGINS)
+
+
+def kept_by_tags(tags: Mapping[str, str]) -> set[str]:
+    """What retention and prune never delete, whatever the policy: promoted checkpoints and forks' origins."""
+    return promoted_paths(tags) | fork_origin_paths(tags)
 
 
 def fork_note(tags: Mapping[str, str]) -> str:

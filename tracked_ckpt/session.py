@@ -48,6 +48,7 @@ class Options:
     publish_timeout: float = 30.0
     lease_timeout: float = 60.0
     store_factory: StoreFactory = RunStore
+    logged_models: bool = True
 
     def __post_init__(self) -> None:
         check_mode(self.mode)
@@ -176,7 +177,8 @@ class RunSession:
     def _recorder(self, on_connect: Callable[[], None] | None = None) -> RunRecorder:
         o = self.options
         return RunRecorder(self.store, self.local, monitor=o.monitor, mode=o.mode, retention=o.retention,
-                           publish_timeout=o.publish_timeout, on_connect=on_connect)  # fmt: skip
+                           publish_timeout=o.publish_timeout, on_connect=on_connect,
+                           logged_models=o.logged_models)  # fmt: skip
 
     def _attach_late(self) -> None:
         """The server answered after an offline start (publisher thread): what an online start does first."""

@@ -266,13 +266,19 @@ class RunStore:
         tags: dict[str, str],
         timestamp_ms: int | None = None,
         late: Sequence[tuple[str, float, int, int]] = (),
+        model_id: str | None = None,
     ) -> None:
         """Metrics at ``step`` and tags in one MLflow call (a fixed ``timestamp_ms`` makes replays idempotent).
 
         ``late``: (key, value, step, timestamp_ms) of metrics of earlier steps known only now, in the same call.
+        ``model_id``: the checkpoint's LoggedModel, which gets the same metrics (not the "system/" costs).
         """
         now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-        batch_metrics = [Metric(k, v, now, step) for k, v in metrics.items()]
+        on_model = {k: model_id if model_id and not k.startswith("system/") else None for k in metrics}
+        batch_metrics = [
+            Metric(k, v, now, step, model_id=on_model[k], run_id=self.run_id if on_model[k] else None)
+            for k, v in metrics.items()
+        ]
         batch_metrics += [Metric(k, v, ts, s) for k, v, s, ts in late]
         batch_tags = [RunTag(k, v) for k, v in tags.items()]
         self._call(

@@ -1,6 +1,7 @@
 """pandas views of checkpoints and runs, with stable, typed columns.
 
-``list_checkpoints`` columns: run_id, path, ref, step (Int64), seq (Int64), epoch (Int64),
+``list_checkpoints`` columns: run_id, path, ref, model_id (the checkpoint's MLflow LoggedModel, <NA> where it has
+none), step (Int64), seq (Int64), epoch (Int64),
 created (datetime64[ns, UTC]), size_bytes (Int64), is_latest, is_best (bool), blocked_s, commit_s, record_s
 (float64: what the save cost — seconds the training thread was blocked, to commit locally, to upload; NaN where
 not recorded, e.g. checkpoints of older versions), then one float64 column
@@ -27,6 +28,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
+from .errors import StoreError
 from .evals import eval_metrics, with_scores
 from .policies import Mode, best_of
 from .reading import read_client, reading
@@ -56,6 +58,7 @@ CHECKPOINT_COLUMNS = [
     "run_id",
     "path",
     "ref",
+    "model_id",
     "step",
     "seq",
     "epoch",
@@ -93,12 +96,22 @@ def checkpoints_frame(
 ) -> pd.DataFrame:
     """One row per committed checkpoint of one run, in commit order; the cost columns when ``client`` answers."""
     costs: dict[int, dict[str, float]] = {}
+    models: dict[str, str] = {}
     if client is not None:
         try:
             costs = save_costs(client, run_id)
-        except (MlflowException, OSError) as e:  # an outage: the rest of the frame needs no server
-            log.debug("no cost metrics for run %s: %s", run_id, e)
-    return _typed_checkpoints(pd.DataFrame(_checkpoint_rows(run_id, found, metric, mode, costs)))
+            models = model_ids(RunStore(client, run_id, connect=False))
+        except (MlflowException, OSError, StoreError) as e:  # an outage: the rest of the frame needs no server
+            log.debug("no cost metrics or models for run %s: %s", run_id, e)
+    rows = _checkpoint_rows(run_id, found, metric, mode, costs)
+    return _typed_checkpoints(pd.DataFrame([{**row, "model_id": models.get(row["path"])} for row in rows]))
+
+
+def model_ids(store: RunStore) -> dict[str, str]:
+    """{checkpoint path: model_id} of the run's READY LoggedModels (models.py), one search."""
+    from .models import CheckpointModels
+
+    return CheckpointModels(store).ready_ids()
 
 
 def save_costs(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
@@ -153,7 +166,7 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     df["created"] = utc_times(df["created"], "s")
     for col in ("is_latest", "is_best"):
         df[col] = df[col].fillna(False).astype(bool)
-    for col in ("run_id", "path", "ref"):
+    for col in ("run_id", "path", "ref", "model_id"):
         df[col] = df[col].astype("string")
     for col in [*_COST_COLUMNS.values(), *metric_cols]:
         df[col] = df[col].astype("float64")
@@ -204,8 +217,9 @@ def checkpoints_of(
         store = RunStore(client, rid)
         run_metric, run_mode = monitor_of(store.tags_at_open, metric, mode)
         scores = eval_metrics(store, store.tags_at_open)  # what evaluators logged at each step (log_eval)
-        found = RunCatalog(store).scan()
-        rows += _checkpoint_rows(rid, found, run_metric, run_mode, save_costs(client, rid), scores)
+        found, models = RunCatalog(store).scan(), model_ids(store)
+        rows += [{**row, "model_id": models.get(row["path"])}
+                 for row in _checkpoint_rows(rid, found, run_metric, run_mode, save_costs(client, rid), scores)]
     return _typed_checkpoints(pd.DataFrame(rows))
 
 
