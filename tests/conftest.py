@@ -66,6 +66,20 @@ def local_store(session_dir: Path) -> Iterator[str]:
             os.environ[k] = v
 
 
+@pytest.fixture(autouse=True)
+def no_process_wide_tracking_uri() -> Iterator[None]:
+    """Undo ``mlflow.set_tracking_uri`` made by a framework run in this process (Lightning's MLFlowLogger, HF's
+    callback): it outlives the test and would answer later tests' "no tracking URI" reads, as no fresh process sees."""
+    yield
+    import mlflow.tracking._tracking_service.utils as tracking  # the process-wide URI has no public reset
+
+    if tracking._tracking_uri is not None:
+        env = os.environ.get("MLFLOW_TRACKING_URI")
+        tracking.set_tracking_uri(None)  # type: ignore[arg-type]  # also unsets the environment variable
+        if env is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = env
+
+
 @pytest.fixture
 def experiment() -> str:
     """A fresh experiment name per test, so tests never see each other's runs."""
