@@ -241,6 +241,24 @@ def test_metadata_pointing_outside_the_checkpoint_is_refused(runs: Runs, tmp_pat
     mgr.close()
 
 
+def test_a_dcp_run_is_followed_and_loaded_by_one_process(runs: Runs, tmp_path: Path) -> None:
+    """A torchrun run's DCP checkpoints, followed by a single-process evaluator: consolidated weights, verified.
+
+    Before the next test damages step 2 of this run (a damaged checkpoint is never yielded)."""
+    import tracked_ckpt
+
+    seen = []
+    for ckpt in tracked_ckpt.follow(runs.uninterrupted, weights_only=True, cache_dir=tmp_path / "cache"):
+        model, _, _ = plain_training()
+        assert ckpt.load(model)["step"] == ckpt.step
+        saved = torch.load(runs.root / "saves-a" / f"step-{ckpt.step}.pt")
+        msd, _ = get_state_dict(model, torch.optim.AdamW(model.parameters()))
+        assert_same(saved["model"], msd, "model")
+        assert_same(saved["model"], ckpt.model_state(), "consolidated")
+        seen.append(ckpt.step)
+    assert seen == [2, 4, 6]
+
+
 def test_a_flipped_byte_in_a_shard_is_caught_before_dcp_reads_it(runs: Runs, tmp_path: Path) -> None:
     client = MlflowClient()
     r = RunCatalog(RunStore(client, runs.uninterrupted)).at_step(2)
@@ -474,19 +492,3 @@ def test_torchrun_outage_blocks_no_rank_and_sigterm_on_every_rank_saves_once(
     mgr = CheckpointManager(tmp_path / "ck", run_id=run_id, tracking_uri=mlflow_server)
     assert mgr.load(model, torch.optim.AdamW(model.parameters(), lr=1e-3))["step"] == final
     mgr.close()
-
-
-def test_a_dcp_run_is_followed_and_loaded_by_one_process(runs: Runs, tmp_path: Path) -> None:
-    """A torchrun run's DCP checkpoints, followed by a single-process evaluator: consolidated weights, verified."""
-    import tracked_ckpt
-
-    seen = []
-    for ckpt in tracked_ckpt.follow(runs.uninterrupted, weights_only=True, cache_dir=tmp_path / "cache"):
-        model, _, _ = plain_training()
-        assert ckpt.load(model)["step"] == ckpt.step
-        saved = torch.load(runs.root / "saves-a" / f"step-{ckpt.step}.pt")
-        msd, _ = get_state_dict(model, torch.optim.AdamW(model.parameters()))
-        assert_same(saved["model"], msd, "model")
-        assert_same(saved["model"], ckpt.model_state(), "consolidated")
-        seen.append(ckpt.step)
-    assert seen == [2, 4, 6]
