@@ -148,7 +148,7 @@ def test_large_files_move_in_parallel_parts_and_a_cut_costs_one_part(s3: S3, tmp
     with CheckpointManager(tmp_path / "ck", experiment=experiment) as mgr:
         mgr.save(model, None, {"step": 1})
         run_id = mgr.run_id
-    key = next(k for k in s3.keys(experiment) if k.endswith("state.pt"))
+    key = next(k for k in s3.keys(experiment) if k.endswith("model.pt"))  # the weights: the large file
     size = s3.client.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
     assert parts_of(s3, key) > 1  # boto3's upload_file, through MLflow's S3 repository
 
@@ -183,7 +183,7 @@ def test_a_tracking_server_proxying_to_s3(
             assert not mgr.outbox.pending(mgr.run_id)  # recorded by that save: the part was retried, not the file
             run_id = mgr.run_id
         assert s3.folders(f"proxied-{experiment}") == ["step-00000002"]  # stored, and pruned, in the bucket
-        key = next(k for k in s3.keys(f"proxied-{experiment}") if k.endswith("state.pt"))
+        key = next(k for k in s3.keys(f"proxied-{experiment}") if k.endswith("model.pt"))  # the large file
         size = s3.client.head_object(Bucket=BUCKET, Key=key)["ContentLength"]
         assert parts_of(s3, key) == -(-size // transfer.UPLOAD_PART)  # our parts (the server's boto3 uses 8 MB)
         assert not s3.proxy.cut_pending and size < s3.proxy.up < size + 2 * transfer.UPLOAD_PART, s3.proxy.up
