@@ -39,6 +39,7 @@ from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .evals import TAG_EVALS, eval_keys, last_scored_step, record_eval
 from .manifest import MANIFEST_NAME, Manifest
+from .progress import human_bytes
 from .refs import parse, ref_for
 from .runtags import TAG_LATEST, TAG_LATEST_STEP
 from .state import Stateful, TrainingState
@@ -290,8 +291,8 @@ class _Follower:
         self._up()
         m = r.manifest
         size = sum(f.size for f in m.files if (folder / f.name).is_file())
-        log.info("run %s: step %d ready in %s (%.1f MB verified in %.2f s)", self.store.run_id, m.step, folder,
-                 size / 1e6, time.perf_counter() - t0)  # fmt: skip
+        log.info("run %s: step %d ready in %s (%s verified in %.2f s)", self.store.run_id, m.step, folder,
+                 human_bytes(size), time.perf_counter() - t0)  # fmt: skip
         return FollowedCheckpoint(self.store.run_id, r.path, m.step, m.seq, dict(m.metrics), dict(m.metadata),
                                   folder, time.time(), self, r)  # fmt: skip
 

@@ -24,6 +24,7 @@ from ..catalog import Resolved, RunCatalog
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, SaveError, StoreError
 from ..local import foreign_files
 from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
+from ..progress import human_bytes
 from ..reading import read_client, reading
 from ..refs import Which, ref_for
 from ..runtags import monitor_of
@@ -206,6 +207,6 @@ def _fetch_one(catalog: RunCatalog, r: Resolved, dest: Path) -> Path:
         part.rename(target)
     finally:
         shutil.rmtree(part, ignore_errors=True)
-    log.info("fetched step %d of run %s to %s (%.1f MB) in %.2f s", m.step, catalog.run_id, target, m.size / 1e6,
+    log.info("fetched step %d of run %s to %s (%s) in %.2f s", m.step, catalog.run_id, target, human_bytes(m.size),
              time.perf_counter() - t0)  # fmt: skip
     return target
