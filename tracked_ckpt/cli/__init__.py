@@ -23,7 +23,7 @@ import click
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .catalog import Resolved, RunCatalog
+    from ..catalog import Resolved, RunCatalog
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -68,7 +68,7 @@ URI_KEY = "tracked_ckpt.tracking_uri"  # ctx.meta: the --tracking-uri given befo
 
 def classify(e: BaseException, tracking_uri: str | None = None) -> tuple[int, str] | None:
     """The exit code and one-line message for a known failure; None for a bug (which keeps its traceback)."""
-    from .errors import (
+    from ..errors import (
         CheckpointCorruptError,
         CheckpointNotFoundError,
         ConfigError,
@@ -118,7 +118,7 @@ _CONNECTION_FAILURES = [
 
 def _unreachable(e: BaseException, tracking_uri: str | None) -> str | None:
     """One line for "the server cannot be reached" (naming it and what to check), else None."""
-    from .errors import StoreError
+    from ..errors import StoreError
 
     transport: list[type[BaseException]] = [StoreError, ConnectionError, TimeoutError]
     for module, name in (("mlflow.exceptions", "MlflowException"), ("requests.exceptions", "RequestException")):
@@ -143,7 +143,7 @@ def _unreachable(e: BaseException, tracking_uri: str | None) -> str | None:
 
 
 def _first_line(e: BaseException) -> str:
-    from .errors import TrackedCkptError
+    from ..errors import TrackedCkptError
 
     text = str(e).strip().splitlines()
     if not text:
@@ -155,8 +155,8 @@ def _first_line(e: BaseException) -> str:
 
 def _uri(tracking_uri: str | None) -> str:
     """The store a command reads, as MLflow resolves it (absolute for the default sqlite:///mlflow.db)."""
-    from .reading import resolve_uri
-    from .store import redact
+    from ..reading import resolve_uri
+    from ..store import redact
 
     return redact(resolve_uri(tracking_uri))
 
@@ -244,7 +244,7 @@ def _reads(f: F) -> F:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from .reading import reading
+        from ..reading import reading
 
         with reading():
             return f(*args, **kwargs)
@@ -323,9 +323,9 @@ def ls_cmd(
       tracked-ckpt ls --experiment tracked-ckpt-demo      # every tracked run of an experiment
       tracked-ckpt ls RUN_ID --format csv > checkpoints.csv
     """
-    from .errors import CheckpointNotFoundError
-    from .reading import read_client
-    from .views import checkpoints_of, tracked_runs
+    from ..errors import CheckpointNotFoundError
+    from ..reading import read_client
+    from ..views import checkpoints_of, tracked_runs
 
     client = read_client(tracking_uri)
     mode_ = mode if mode is None else _check_mode(mode)
@@ -370,8 +370,8 @@ def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | N
       tracked-ckpt runs --tree
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
-    from .reading import read_client
-    from .views import runs_frame, tracked_runs
+    from ..reading import read_client
+    from ..views import runs_frame, tracked_runs
 
     client = read_client(tracking_uri)
     df = runs_frame(tracked_runs(client, _experiment_ids(client, experiment)))
@@ -385,7 +385,7 @@ def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | N
 
 def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
     """The experiment named, else every active one (never created: reads look things up)."""
-    from .runs import existing_experiment_ids
+    from ..runs import existing_experiment_ids
 
     return existing_experiment_ids(client, _redacted(client), experiment, every=True)
 
@@ -396,13 +396,13 @@ def _searched(client: Any, experiment: str | None) -> str:
 
 
 def _check_mode(mode: str) -> Any:
-    from .policies import check_mode
+    from ..policies import check_mode
 
     return check_mode(mode)
 
 
 def _redacted(client: Any) -> str:
-    from .store import redact
+    from ..store import redact
 
     return redact(str(client.tracking_uri))
 
@@ -446,7 +446,7 @@ _FIRST_COLUMNS = {"samples": 0, "tokens": 1, "reward": 2}  # how far into the da
 
 
 def _checkpoints_table(df: pd.DataFrame, *, with_run: bool) -> str:
-    from .views import CHECKPOINT_COLUMNS
+    from ..views import CHECKPOINT_COLUMNS
 
     metrics = [c for c in df.columns if c not in CHECKPOINT_COLUMNS]
     metrics.sort(key=lambda c: (_FIRST_COLUMNS.get(c, len(_FIRST_COLUMNS)), c))
@@ -534,7 +534,7 @@ def _num(v: Any) -> str:
 
 
 def _size(v: Any) -> str:
-    from .progress import human_bytes
+    from ..progress import human_bytes
 
     return "-" if _is_na(v) else human_bytes(int(v))
 
@@ -567,7 +567,7 @@ def show_cmd(ref: str, fmt: str, metric: str | None, mode: str | None, tracking_
       tracked-ckpt show RUN_ID@best --format json
       tracked-ckpt show runs:/RUN_ID/checkpoints/step-00000015   # a path `ls` prints
     """
-    from . import maintenance
+    from .. import maintenance
 
     catalog, r = _resolve(ref, metric, mode, tracking_uri)
     marks = maintenance.markers(catalog, r, metric, mode)
@@ -581,7 +581,7 @@ def _manifest_json(catalog: RunCatalog, r: Resolved, marks: list[str]) -> dict[s
     """The manifest with the fields `ls --format json` shares spelled as there (created, size_bytes, metrics)."""
     import pandas as pd
 
-    from .views import utc_times
+    from ..views import utc_times
 
     data: dict[str, Any] = json.loads(r.manifest.to_json())
     data["created"] = iso_utc(utc_times(pd.Series([r.manifest.created]), "s").iloc[0])
@@ -593,14 +593,14 @@ def _manifest_json(catalog: RunCatalog, r: Resolved, marks: list[str]) -> dict[s
 
 def _scores(catalog: RunCatalog, r: Resolved) -> dict[str, float]:
     """What evaluators logged on the run at this checkpoint's step (``log_eval``)."""
-    from .evals import eval_metrics
+    from ..evals import eval_metrics
 
     return eval_metrics(catalog.store, catalog.store.tags()).get(r.manifest.step, {})
 
 
 def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
-    from .manifest import MANIFEST_NAME
-    from .progress import human_bytes
+    from ..manifest import MANIFEST_NAME
+    from ..progress import human_bytes
 
     m = r.manifest
     created = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(m.created))
@@ -628,18 +628,18 @@ def _describe(catalog: RunCatalog, r: Resolved, marks: list[str]) -> str:
 
 
 def _uri_of(catalog: RunCatalog, r: Resolved) -> str:
-    from .refs import ref_for
+    from ..refs import ref_for
 
     return ref_for(catalog.run_id, r.path)
 
 
 def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> tuple[RunCatalog, Resolved]:
-    from . import maintenance
+    from .. import maintenance
 
     parsed = _parse(ref)
     if parsed is None:  # models:/...: MLflow's model APIs name the run and the folder
-        from .lifecycle import resolve_source
-        from .reading import read_client
+        from ..lifecycle import resolve_source
+        from ..reading import read_client
 
         return resolve_source(read_client(tracking_uri), ref)
     catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
@@ -648,9 +648,9 @@ def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str |
 
 def _parse(ref: str) -> Any:
     """A run reference (maintenance.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
-    from . import maintenance
-    from .errors import ConfigError
-    from .refs import is_model_uri, parse_model
+    from .. import maintenance
+    from ..errors import ConfigError
+    from ..refs import is_model_uri, parse_model
 
     try:
         return None if is_model_uri(ref) and parse_model(ref) else maintenance.parse(ref)
@@ -695,8 +695,8 @@ def pull_cmd(
       tracked-ckpt pull RUN_ID@best -o ./best
       python -c "import torch; print(torch.load('best/state.pt', weights_only=True).keys())"
     """
-    from . import maintenance
-    from .progress import Progress, human_bytes
+    from .. import maintenance
+    from ..progress import Progress, human_bytes
 
     catalog, r = _resolve(ref, metric, mode, tracking_uri)
     target = out if out is not None else Path(r.path.rpartition("/")[2])
@@ -727,8 +727,8 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
       tracked-ckpt verify RUN_ID            # every checkpoint of the run
       tracked-ckpt verify RUN_ID@best       # just that one
     """
-    from . import maintenance
-    from .progress import human_bytes
+    from .. import maintenance
+    from ..progress import human_bytes
 
     parsed = _parse(ref)
     if parsed is None:
@@ -749,7 +749,7 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
         click.echo(f"tracked-ckpt: verify: {len(failed)} of {len(verdicts)} checkpoint folders FAILED", err=True)
         sys.exit(EXIT_CORRUPT)
     if not ok:
-        from .errors import CheckpointNotFoundError
+        from ..errors import CheckpointNotFoundError
 
         raise CheckpointNotFoundError(f"{ref} names no committed checkpoint to verify")
     click.echo(f"{ok} checkpoint(s) verified")
@@ -788,8 +788,8 @@ def prune_cmd(
       tracked-ckpt prune RUN_ID --keep-last 3 --dry-run
       tracked-ckpt prune RUN_ID --keep-last 2 --keep-best 1
     """
-    from . import maintenance
-    from .policies import KeepBest, KeepLast, RetentionPolicy
+    from .. import maintenance
+    from ..policies import KeepBest, KeepLast, RetentionPolicy
 
     if keep_last is None and keep_best is None:
         raise click.UsageError("pass --keep-last N and/or --keep-best K")
@@ -799,7 +799,7 @@ def prune_cmd(
     catalog = maintenance.open_catalog(run_id, tracking_uri)
     plan = maintenance.plan_prune(catalog, policy, metric, mode)
     if not plan.keep and not plan.delete:
-        from .errors import CheckpointNotFoundError
+        from ..errors import CheckpointNotFoundError
 
         raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint to prune")
     rows = [[str(c.step), _num(c.metrics.get(plan.metric)), "keep", plan.reasons[c.path], c.path] for c in plan.keep]
@@ -807,7 +807,7 @@ def prune_cmd(
     rows.sort(key=lambda row: int(row[0]))
     click.echo(_table(["step", plan.metric, "action", "why kept", "path"], rows, left={"action", "why kept", "path"}))
     freed = sum(c.size for c in plan.delete)
-    from .progress import human_bytes
+    from ..progress import human_bytes
 
     if dry_run:
         click.echo(f"dry run: would delete {len(plan.delete)} checkpoint(s), {human_bytes(freed)}")
@@ -843,8 +843,8 @@ def export_cmd(ref: str, out: Path, fmt: str, force: bool, tracking_uri: str | N
       tracked-ckpt export RUN_ID --format torch -o model.pt
       python -c "from safetensors.torch import load_file; print(list(load_file('model.safetensors')))"
     """
-    from .export import export_model
-    from .progress import human_bytes
+    from ..export import export_model
+    from ..progress import human_bytes
 
     _parse(ref)  # a bad reference is a usage error (exit 2), before anything is read
     if out.exists() and not force:
@@ -871,7 +871,7 @@ def promote_cmd(ref: str, name: str, alias: str | None, tracking_uri: str | None
       tracked-ckpt promote RUN_ID@best --name cartpole --alias prod
       tracked-ckpt show RUN_ID@best
     """
-    from .lifecycle import promote
+    from ..lifecycle import promote
 
     _parse(ref)
     p = promote(ref, name, alias=alias, tracking_uri=tracking_uri)
@@ -901,8 +901,8 @@ def models_cmd(run_ids: tuple[str, ...], tracking_uri: str | None) -> None:
       tracked-ckpt models RUN_ID
       tracked-ckpt ls RUN_ID          # the model_id column
     """
-    from . import maintenance
-    from .models import CheckpointModels
+    from .. import maintenance
+    from ..models import CheckpointModels
 
     for run_id in run_ids:
         catalog = maintenance.open_catalog(run_id, tracking_uri)
@@ -931,7 +931,7 @@ def sync_cmd(save_dir: Path, timeout: float, tracking_uri: str | None) -> None:
       tracked-ckpt sync ./training_checkpoints
       MLFLOW_TRACKING_URI=sqlite:///mlflow.db tracked-ckpt sync ./training_checkpoints --timeout 60
     """
-    from .api import sync
+    from ..api import sync
 
     left = sync(save_dir, tracking_uri=tracking_uri, timeout=timeout)
     if not left:
@@ -970,7 +970,7 @@ def follow_cmd(run: str, command: tuple[str, ...], latest_only: bool, log_metric
       tracked-ckpt follow RUN_ID --log-metrics --resume eval/accuracy -- python eval.py {path}
       tracked-ckpt follow RUN_ID --latest-only --weights-only -- ./reload-server.sh
     """
-    from .follow_cmd import follow_command
+    from ..follow_cmd import follow_command
 
     sys.exit(follow_command(run, command, latest_only=latest_only, log_metrics=log_metrics, resume=resume,
                             until_step=until_step, timeout=timeout, weights_only=weights_only, cache_dir=cache_dir,
@@ -995,7 +995,7 @@ def demo_cmd(ctx: click.Context, args: tuple[str, ...]) -> None:
       tracked-ckpt demo                   # a new run, or resume this folder's run
       tracked-ckpt demo --iterations 10
     """
-    from .demo import main as demo_main
+    from ..demo import main as demo_main
 
     uri = ctx.meta.get(URI_KEY)
     if uri and not any(a == "--tracking-uri" or a.startswith("--tracking-uri=") for a in args):
