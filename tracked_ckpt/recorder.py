@@ -10,6 +10,9 @@ that an earlier process left behind.
 It can start *offline* (the server unreachable when the job starts): the index then comes from the verified
 local copies in ``save_dir``, saves queue, and the deferred work (the lease, the run's RUNNING status and note,
 the scan of what MLflow already has) runs on the publisher thread when the server first answers.
+
+The publishing side (record, retention, costs) lives in ``publishing.py`` and recovery in ``recovery.py``, as
+functions of the recorder that its methods delegate to.
 """
 
 from __future__ import annotations
@@ -19,31 +22,22 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from . import publishing, recovery
 from ._faults import fault_point
 from .catalog import Resolved, RunCatalog, info_of, name_step
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
-from .models import CheckpointModels, optional
-from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
-from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of, plan_deletions
+from .models import CheckpointModels
+from .outbox import Outbox, Pending, Publisher
+from .policies import CheckpointInfo, Mode, RetentionPolicy, SaveContext, best_of
 from .progress import human_bytes
 from .refs import Which, parse_path, ref_for
-from .runtags import (
-    METRIC_BYTES,
-    METRIC_COMMIT_S,
-    METRIC_RECORD_S,
-    TAG_LATEST,
-    TAG_PRUNED,
-    TAG_SKIPPED,
-    kept_by_tags,
-    pruned_value,
-    summary_tags,
-)
+from .runtags import METRIC_BYTES, METRIC_COMMIT_S, summary_tags
 from .state import Metadata
 from .store import RunStore
 
@@ -90,8 +84,8 @@ class RunRecorder:
         self._lock = threading.Lock()  # the dicts above: the saving thread writes them, the publisher reads
         self._deferred = on_connect
         self.publisher = Publisher(
-            self.outbox, store.run_id, self._publish_pending, store.server, probe=store.probe,
-            on_connect=self._connect if on_connect is not None else None, start=start,
+            self.outbox, store.run_id, partial(publishing.publish_pending, self), store.server, probe=store.probe,
+            on_connect=partial(recovery.connect, self) if on_connect is not None else None, start=start,
         )  # fmt: skip
 
     @property
@@ -107,80 +101,11 @@ class RunRecorder:
 
     def recover(self) -> None:
         """Index the run's committed checkpoints (MLflow's and the local queue); repair lagging summary tags."""
-        found = self.catalog.scan()
-        self.taken = {p.rpartition("/")[2] for p in self.catalog.listed}
-        self.index = {r.path: r.info for r in found}
-        queued = self.outbox.pending(self.run_id)
-        if queued:  # committed locally by an earlier process and never recorded: record them now
-            log.info("recording %d queued checkpoint(s) of run %s from %s", len(queued), self.run_id, self.outbox.dir)
-            drained = self.publisher.drained(self.publish_timeout)
-            # The queue before the scan: an entry the publisher records meanwhile is in one or the other, never lost.
-            queued = self.outbox.pending(self.run_id)
-            found = self.catalog.scan()
-            if drained:
-                self.index = {r.path: r.info for r in found}
-        self._clean_leftovers(found, {p.name for p in queued})
-        self.taken |= {p.name for p in self.outbox.pending(self.run_id)}
-        tags = self.store.tags_at_open
-        if found and tags.get(TAG_LATEST) != found[-1].path and not self.outbox.pending(self.run_id):
-            log.warning("run %s: latest tag %r lags behind committed checkpoint %s (an interrupted save); repairing it",
-                        self.run_id, tags.get(TAG_LATEST), found[-1].path)  # fmt: skip
-            self.store.set_tags(self.summary_tags())
-        if not self.outbox.pending(self.run_id):
-            self._reconcile_models(found)
-
-    def _reconcile_models(self, found: list[Resolved]) -> None:
-        """Repair what a crash left between a checkpoint and its LoggedModel; give older checkpoints theirs."""
-        if self.models is None:
-            return
-        try:
-            self.models.reconcile({r.path: r.manifest for r in found})
-        except StoreError as e:
-            log.warning("run %s: could not bring its logged models in line with its checkpoints (%s); the next "
-                        "owner of the run, or `tracked-ckpt models %s`, tries again", self.run_id, e, self.run_id)
+        recovery.recover(self)
 
     def recover_offline(self) -> None:
         """Index the verified local copies in ``save_dir`` (the server is unreachable)."""
-        self.index = {r.path: r.info for r in self.local_committed()}
-        root = self.local.root / self.run_id
-        self.taken = {d.name for d in root.iterdir()} if root.is_dir() else set()
-        self.taken |= {p.name for p in self.outbox.pending(self.run_id)}
-
-    def _connect(self) -> None:
-        """The server answers for the first time (publisher thread): the work an offline start deferred."""
-        assert self._deferred is not None
-        self.store.connect()
-        self._deferred()  # the manager's part: lease, RUNNING status, run-page note
-        local = self.index
-        found = self.catalog.scan()
-        self.taken |= {p.rpartition("/")[2] for p in self.catalog.listed}
-        queued = {f"{ARTIFACT_PREFIX}/{p.name}" for p in self.outbox.pending(self.run_id)}
-        # MLflow's committed checkpoints, plus local ones that are only queued (published one by one next).
-        merged = {r.path: r.info for r in found}
-        self.index = {**merged, **{p: c for p, c in local.items() if p in queued and p not in merged}}
-        self._deferred = None
-        log.info("MLflow at %s answers: run %s attached (%d checkpoints recorded, %d queued)",
-                 self.store.server, self.run_id, len(merged), len(queued))  # fmt: skip
-
-    def _clean_leftovers(self, found: list[Resolved], queued: set[str]) -> None:
-        """Remove what dead saves left behind: uncommitted artifact folders, local copies retention had deleted.
-
-        Only the lease holder runs this, so nothing here can be another live writer's save in progress.
-        """
-        # A folder whose manifest exists but does not parse (torn, or written by a newer tracked_ckpt) is kept.
-        committed = {r.path.rpartition("/")[2] for r in found} | {p.rpartition("/")[2] for p in self.catalog.unreadable}
-        for name in sorted(self.taken - committed - queued):
-            log.info("removing uncommitted artifact folder %s/%s of run %s (a save that died)", ARTIFACT_PREFIX, name,
-                     self.run_id)  # fmt: skip
-            try:
-                self.store.delete(f"{ARTIFACT_PREFIX}/{name}")
-            except StoreError as e:
-                log.warning("could not remove uncommitted artifact folder %s: %s", name, e)
-        local_run = self.local.root / self.run_id
-        if local_run.is_dir():
-            for d in local_run.iterdir():
-                if d.name not in committed and d.name not in queued:
-                    self.local.remove(self.run_id, d.name)
+        recovery.recover_offline(self)
 
     def save_context(
         self, step: int, metrics: Mapping[str, float] | None, pending: CheckpointInfo | None, last_time: float
@@ -303,19 +228,7 @@ class RunRecorder:
 
     def delete(self, path: str) -> None:
         """Delete one committed checkpoint from the run and ``save_dir``: what a library's own rotation removed."""
-        t0 = time.perf_counter()
-        gone = self.index.get(path)
-        self.store.delete(path)
-        deleting = self._delete_model(path)
-        if deleting is not None:
-            deleting.result()
-        self.local.remove(self.run_id, path.rpartition("/")[2])
-        with self._lock:  # the publisher adds to the index meanwhile
-            self.index = {p: c for p, c in self.index.items() if p != path}
-        if gone is not None:
-            self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value([gone])})
-        log.info("deleted %s (%s) in %.2f s", path, f"step {gone.step}" if gone else "not indexed",
-                 time.perf_counter() - t0)  # fmt: skip
+        publishing.delete(self, path)
 
     def _latest_step(self) -> int | None:
         return max(self.index.values(), key=lambda c: c.seq).step if self.index else None
@@ -330,201 +243,28 @@ class RunRecorder:
             log.info("step %d is below the previous latest step %d: this checkpoint is now the latest", m.step, latest)
 
     def record(self, step: int, seq: int, folder: Path) -> bool:
-        """Hand a locally committed checkpoint to the publisher; wait for its record within the budget.
-
-        True once recorded; False when it stays queued (outage, hang). SaveError if MLflow refused it for good.
-        """
-        self.publisher.kick()
-        try:
-            recorded = self.publisher.wait_for(seq, self.publish_timeout)
-            refusal = self.publisher.take_refusal()  # found in the background, while no save was waiting
-        except PermanentStoreError as e:
-            self.publisher.take_refusal()
-            refusal = e
-        if refusal is not None:
-            raise SaveError(
-                f"checkpoint of step {step} is committed locally at {folder} but MLflow run {self.run_id} refuses "
-                f"the queue: {refusal}. It stays queued in {self.outbox.dir}; `tracked-ckpt sync {self.local.root}` "
-                "retries once that is fixed"
-            ) from refusal
-        if not recorded and not self.publisher.in_outage and self.publish_timeout > 0:
-            self.publisher.note_timeout(step, self.publish_timeout)
-        return recorded
+        """Hand a locally committed checkpoint to the publisher; wait for its record (see publishing.record)."""
+        return publishing.record(self, step, seq, folder)
 
     # ------------------------------------------------------------------------ publishing (publisher thread)
 
-    def _publish_pending(self, p: Pending) -> None:
-        """Record one locally committed checkpoint in MLflow, then apply retention."""
-        with self._lock:
-            if p.seq in self._committing:
-                raise NotReady(p.seq)
-        folder = self.local.folder(p.run_id, p.name)
-        try:
-            manifest = Manifest.from_json((folder / MANIFEST_NAME).read_bytes(), str(folder / MANIFEST_NAME))
-        except FileNotFoundError:
-            log.warning("queued checkpoint %s of step %d has no local folder any more (its save died before the "
-                        "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
-            return
-        path = f"{ARTIFACT_PREFIX}/{p.name}"
-        with self._lock:
-            costs = dict(self._costs.get(p.seq, {}))
-        if self._coalesced(p, path):
-            # Its metrics are training history and are logged; its files would be deleted right after landing.
-            self.store.publish(manifest.step, {**manifest.metrics, **costs}, {TAG_SKIPPED: self._skipped_note(p)},
-                               p.timestamp_ms)  # fmt: skip
-            self.local.remove(self.run_id, p.name)
-            self._forget(p.seq)
-            return
-        t0 = time.perf_counter()
-        # The checkpoint's LoggedModel, made (PENDING) on the model thread while the files upload: the save waits
-        # for the slower of the two. A crash leaves a PENDING model, which the next owner's reconcile deletes.
-        ours = p.seq in self._mine  # else queued by an earlier process, which may have made its model already
-        models = self.models
-        model = models.submit(lambda: models.begin(path, manifest, ours=ours)) if models is not None else None
-        for f in manifest.files:
-            if not (folder / f.name).is_file() and manifest.format == "dcp" and self.store.exists(f"{path}/{f.name}"):
-                continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
-            sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
-            self.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)
-        model_id = self._model_of(model, p.step)
-        self.store.upload(folder / MANIFEST_NAME, path)  # the commit marker, last
-        costs[METRIC_RECORD_S] = time.perf_counter() - t0
-        # Replaced, never mutated: the training thread reads it (should_save) meanwhile.
-        with self._lock:
-            self.index = {**self.index, path: info_of(manifest, path)}
-        fault_point("tags")
-        with self._lock:
-            late = list(self._late)
-        self.store.publish(manifest.step, {**manifest.metrics, **costs}, self.summary_tags(), p.timestamp_ms, late,
-                           model_id=model_id)  # fmt: skip
-        with self._lock:
-            del self._late[: len(late)]
-        ready = None
-        if models is not None and model_id is not None:
-            fault_point("model_ready")
-            ready = models.submit(lambda: models.ready(model_id))  # READY while retention deletes
-        self._forget(p.seq)
-        try:
-            self.apply_retention()
-        finally:
-            self._model_of(ready, p.step)
-
-    def _model_of(self, model: Future[Any] | None, step: int) -> Any:
-        """A model call's result; an outage retries the whole entry, a refusal records the checkpoint without it."""
-        try:
-            return model.result() if model is not None else None
-        except StoreError as e:
-            if not optional(e):
-                raise
-            log.warning("step %d is recorded without its LoggedModel: %s (`tracked-ckpt models %s` makes it later; "
-                        "logged_models=False turns them off)", step, e, self.run_id)  # fmt: skip
-            return None
-
-    def _forget(self, seq: int) -> None:
-        with self._lock:
-            self._costs.pop(seq, None)
-            self._manifests.pop(seq, None)
-            self._local = {p: c for p, c in self._local.items() if c.seq != seq}
-
     def note_cost(self, seq: int, name: str, value: float) -> None:
         """A cost of the save ``seq`` known on the saving side (blocked, commit, bytes), logged with its record."""
-        with self._lock:
-            self._costs.setdefault(seq, {})[name] = value
+        publishing.note_cost(self, seq, name, value)
 
     def note_late_cost(self, step: int, name: str, value: float) -> None:
         """A cost known only after the save's record (a sync save's blocked time): logged with the next record."""
-        with self._lock:
-            self._late.append((name, value, step, int(time.time() * 1000)))
+        publishing.note_late_cost(self, step, name, value)
 
     def flush_late_costs(self) -> None:
         """Log the costs still waiting for a next record (at close); best effort."""
-        with self._lock:
-            late, self._late = self._late, []
-        if late and self.attached:
-            try:
-                self.store.publish(late[-1][2], {}, {}, late=late)
-            except StoreError as e:
-                log.debug("could not log the last save's costs: %s", e)
+        publishing.flush_late_costs(self)
 
-    def _coalesced(self, p: Pending, path: str) -> bool:
-        """True when retention would delete ``p`` as soon as the checkpoints queued after it land (a backlog).
-
-        Only with a retention policy and a newer queued checkpoint; the latest, the best and the checkpoint the run
-        resumed from are never skipped (plan_deletions keeps them), so nothing that retention keeps is skipped.
-        """
-        queued = self.outbox.pending(self.run_id)
-        if self.retention is None or not queued or queued[-1].seq == p.seq:
-            return False
-        future = dict(self.index)
-        for q in queued:
-            info = self._manifests.get(q.seq)  # read once per queued checkpoint, not once per publish
-            if info is None:
-                copy = self._local_copy(q.name)
-                if copy is None:
-                    continue
-                info = self._manifests[q.seq] = copy.info
-            future[info.path] = info
-        protected = {self.resumed_from} if self.resumed_from else set()
-        doomed = plan_deletions(list(future.values()), self.retention, metric=self.monitor, mode=self.mode,
-                                protected=protected)  # fmt: skip
-        if path not in {c.path for c in doomed}:
-            return False
-        log.info("step %d: not uploaded — %d newer checkpoint(s) are queued and retention would delete it as soon as "
-                 "they land; its metrics are recorded", p.step, len(queued) - 1)  # fmt: skip
-        return True
-
-    def _skipped_note(self, p: Pending) -> str:
-        self._skipped = [*self._skipped[-19:], p.step]
-        return "steps " + ", ".join(map(str, self._skipped)) + " (a backlog: retention would have deleted them)"
+    def apply_retention(self) -> None:
+        publishing.apply_retention(self)
 
     def summary_tags(self) -> dict[str, str]:
         return summary_tags(self.index.values(), self.monitor, self.mode)
-
-    def apply_retention(self) -> None:
-        protected = {self.resumed_from} if self.resumed_from else set()
-        doomed = plan_deletions(
-            list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
-        )
-        if doomed:  # a checkpoint registered in the Model Registry (promote), or that a fork started from, stays
-            protected |= kept_by_tags(self.store.tags())
-            doomed = plan_deletions(
-                list(self.index.values()), self.retention, metric=self.monitor, mode=self.mode, protected=protected
-            )
-        for c in doomed:
-            t0 = time.perf_counter()
-            try:
-                self.store.delete(c.path)
-            except StoreError as e:
-                if e.transient:
-                    raise  # an outage: retention runs again after the next record
-                if not self._warned_no_delete:
-                    log.warning("retention could not delete %s from the artifact store (%s); it is deleted locally "
-                                "only. This warning is shown once per manager", c.path, e)  # fmt: skip
-                    self._warned_no_delete = True
-            self._delete_model(c.path)  # on the model thread; the save does not wait for it (close() does)
-            self.local.remove(self.run_id, c.path.rpartition("/")[2])
-            with self._lock:
-                self.index = {p: c2 for p, c2 in self.index.items() if p != c.path}
-            elapsed = time.perf_counter() - t0
-            log.info("deleted step %d (%s, %s) in %.2f s", c.step, c.path, human_bytes(c.size), elapsed)
-        if doomed:
-            self.store.set_tags({**self.summary_tags(), TAG_PRUNED: pruned_value(doomed)})
-
-    def _delete_model(self, path: str) -> Future[None] | None:
-        """The checkpoint's LoggedModel goes with it (on the model thread); a failure is repaired by the next owner."""
-        if self.models is None:
-            return None
-        fault_point("model_delete")  # the checkpoint is gone, its model not yet
-        models = self.models
-
-        def delete() -> None:
-            try:
-                models.delete(path)
-            except StoreError as e:
-                log.warning("could not delete the logged model of %s (%s); the next owner of run %s deletes it",
-                            path, e, self.run_id)  # fmt: skip
-
-        return models.submit(delete)
 
     # --------------------------------------------------------------------------------------- reading
 
@@ -652,4 +392,3 @@ def fields_of(step: int, seq: int, meta: Metadata, resumed_from: str | None) -> 
         "epoch": meta.epoch,
         "resumed_from": resumed_from,
     }
-
