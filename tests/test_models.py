@@ -173,8 +173,11 @@ with CheckpointManager({str(tmp_path / "ck")!r}, experiment={experiment!r}, rete
     client = MlflowClient()
     run_id = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])[0].info.run_id
     left = {step_of(lm): str(lm.status).rpartition(".")[2] for lm in live_models(client, run_id)}
-    crashed = {10: "READY", 20: "READY", 30: "READY" if fault == "model_delete" else "PENDING"}
-    assert left == crashed
+    if fault == "model_delete":  # step 30's READY runs beside retention on the model thread: either, at the kill
+        assert left.pop(30) in ("READY", "PENDING")
+        assert left == {10: "READY", 20: "READY"}  # 10: a READY model of a deleted checkpoint
+    else:
+        assert left == {10: "READY", 20: "READY", 30: "PENDING"}
     with CheckpointManager(tmp_path / "ck", experiment=experiment, retention=KeepLast(2)) as mgr:
         assert mgr.run_id == run_id
     models = live_models(client, run_id)
