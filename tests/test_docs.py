@@ -37,9 +37,6 @@ SLOW = {
     "docs/distributed.md": "four torchrun launches of the FSDP2 demo (~2 min on 2 cores)",
     "docs/huggingface.md": "two Trainer runs of a GPT-2 (~1 min on 2 cores)",
 }
-# Pages that show a known bug as printed, fixed in another branch of issue 21 (deliverable 3): strict, so the merge
-# that fixes it fails here until the entry is removed.
-KNOWN_BUGS: dict[str, str] = {}
 RUNNABLE = {"python", "bash", "sh", "console"}
 DISPLAY = {"", "text", "json", "ini", "toml", "yaml"}  # layouts, outputs, grammars: nothing to run
 FENCE = re.compile(r"^```([\w-]*)[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
@@ -89,10 +86,7 @@ def not_run() -> list[object]:
 
 
 def page_params() -> list[object]:
-    marks: dict[str, list[pytest.MarkDecorator]] = {p: [pytest.mark.slow] for p in SLOW}
-    for p, why in KNOWN_BUGS.items():
-        marks.setdefault(p, []).append(pytest.mark.xfail(reason=why, strict=True, raises=AssertionError))
-    return [pytest.param(p, id=p, marks=marks.get(p, [])) for p in PAGES]
+    return [pytest.param(p, id=p, marks=[pytest.mark.slow] if p in SLOW else []) for p in PAGES]
 
 
 def test_every_page_has_its_programs_run_or_marked() -> None:
