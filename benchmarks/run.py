@@ -316,7 +316,7 @@ def bench_scale(b: Bench, counts: list[int], work: Path, uri: str) -> None:
 
     from tracked_ckpt import list_checkpoints
     from tracked_ckpt.catalog import RunCatalog
-    from tracked_ckpt.store import RunStore
+    from tracked_ckpt.store.run_store import RunStore
 
     catalogs = {}
     for n in counts:

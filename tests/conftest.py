@@ -230,7 +230,7 @@ def checkpoint_steps(run_id: str) -> list[int]:
     from mlflow.tracking import MlflowClient
 
     from tracked_ckpt.catalog import RunCatalog
-    from tracked_ckpt.store import RunStore
+    from tracked_ckpt.store.run_store import RunStore
 
     return [r.manifest.step for r in RunCatalog(RunStore(MlflowClient(), run_id)).scan()]
 

@@ -33,9 +33,10 @@ def main() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(args.width, args.width), torch.nn.Linear(args.width, 4))
     latest = args.mode == "latest"
     resume = None if latest else "eval/score"
-    from tracked_ckpt import _http, following, loading, transfer  # noqa: F401 - imported before READY, not timed
+    from tracked_ckpt import following, loading  # noqa: F401
+    from tracked_ckpt.store import http, transfer  # noqa: F401 - imported before READY, not timed
 
-    _http.install()
+    http.install()
     print("READY", flush=True)  # imports done (seconds on a busy machine): what follows is the following itself
     while args.wait_for and not os.path.exists(args.wait_for):
         time.sleep(0.05)

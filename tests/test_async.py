@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from tracked_ckpt import CheckpointManager, EveryNSteps, KeepLast
 from tracked_ckpt.errors import SaveError, StoreError
 from tracked_ckpt.snapshot import BackgroundSaver, StagingBuffers
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 
 class GatedStore(RunStore):

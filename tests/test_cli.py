@@ -39,7 +39,7 @@ from tracked_ckpt.manifest import MANIFEST_NAME, Manifest, hash_file
 from tracked_ckpt.policies import KeepLast
 from tracked_ckpt.progress import Progress
 from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_PRUNED
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 3.0, 40: 4.0, 50: 2.0}  # the best is step 20, the latest step 50
 COMMANDS = ["ls", "runs", "show", "pull", "verify", "prune", "export", "promote"]

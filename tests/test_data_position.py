@@ -36,7 +36,7 @@ from tracked_ckpt import (
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.cli import cli
 from tracked_ckpt.state import split_metadata
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 JOB = ROOT / "tests" / "data_job.py"
 RANKS_JOB = ROOT / "tests" / "data_ranks_job.py"

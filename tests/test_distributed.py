@@ -29,11 +29,11 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.catalog import RunCatalog
-from tracked_ckpt.dcp_safe import load_bytes_safely
 from tracked_ckpt.errors import CheckpointCorruptError, CheckpointMismatchError, UnsafeCheckpointError
+from tracked_ckpt.formats.dcp import load_bytes_safely
 from tracked_ckpt.fsdp_demo import build
 from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 LAUNCH_TIMEOUT_S = 120
 
@@ -307,7 +307,7 @@ import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import SaveError, StoreError
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 class FlakyStore(RunStore):
     mode = "ok"  # "reset": uploads fail as a dropped connection does (transient); "refuse": a 403 (for good)

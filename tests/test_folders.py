@@ -24,7 +24,7 @@ from tracked_ckpt.frameworks import fetch_folder, record_folder
 from tracked_ckpt.frameworks.folders import delete_removed
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest
 from tracked_ckpt.refs import parse_ref
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 
 def make_folder(root: Path, name: str, seed: int) -> Path:

@@ -29,7 +29,7 @@ from tracked_ckpt.frameworks.hf import resume_folder
 from tracked_ckpt.frameworks.lightning import resume_path
 from tracked_ckpt.manifest import Manifest
 from tracked_ckpt.runtags import TAG_LATEST_STEP
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 KILLED = """
 import sys, torch

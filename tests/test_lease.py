@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import RunLockedError
-from tracked_ckpt.lease import TAG_LEASE
+from tracked_ckpt.store.lease import TAG_LEASE
 
 HOLDER = """
 import sys, time

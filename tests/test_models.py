@@ -27,7 +27,7 @@ from tracked_ckpt.errors import CheckpointNotFoundError, StoreError
 from tracked_ckpt.lifecycle import promote
 from tracked_ckpt.models import MODEL_TAG_CHECKPOINT
 from tracked_ckpt.runtags import TAG_FORK_ORIGINS
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 REWARDS = {10: 1.0, 20: 5.0, 30: 2.0, 40: 3.0, 50: 0.5}  # not monotonic: the best (20) is an old one
 KEPT = [20, 40, 50]  # KeepLast(2) | KeepBest(1)

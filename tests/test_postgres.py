@@ -26,7 +26,7 @@ from tracked_ckpt import CheckpointManager
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.fsdp_demo import build
 from tracked_ckpt.loading import torch_load_safe
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 # Fail fast against a dead server instead of MLflow's default ~4 minutes of retries.
 CLIENT_ENV = {

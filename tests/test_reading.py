@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
 from tracked_ckpt import CheckpointManager
-from tracked_ckpt._http import READ
 from tracked_ckpt.errors import ExperimentNotFoundError, StoreError, StoreNotFoundError
-from tracked_ckpt.reading import missing_store, read_client, resolve_uri
 from tracked_ckpt.runs import KIND_TRAINING, TAG_EXPERIMENT_KIND, existing_experiment_ids, experiment_id
+from tracked_ckpt.store.http import READ
+from tracked_ckpt.store.reading import missing_store, read_client, resolve_uri
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import StoreError
 from tracked_ckpt.runtags import COST_METRICS
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store.run_store import RunStore
 
 
 class FlakyStore(RunStore):

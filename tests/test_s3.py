@@ -26,8 +26,9 @@ from fault_proxy import FaultProxy
 from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
-from tracked_ckpt import CheckpointManager, KeepLast, transfer
+from tracked_ckpt import CheckpointManager, KeepLast
 from tracked_ckpt.errors import CheckpointCorruptError
+from tracked_ckpt.store import transfer
 
 BUCKET = "ckpt"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

@@ -28,7 +28,7 @@ from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError
 from tracked_ckpt.manifest import MANIFEST_NAME, FileEntry, Manifest, hash_file
 from tracked_ckpt.runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP
-from tracked_ckpt.store import Entry, RunStore
+from tracked_ckpt.store.run_store import Entry, RunStore
 
 # Paths a checkpoint folder or file name may never be: each tries to step out of the run or to hide.
 HOSTILE = [

@@ -21,10 +21,11 @@ from mlflow.store.artifact.s3_artifact_repo import S3ArtifactRepository
 from mlflow.tracking import MlflowClient
 
 import tracked_ckpt
-from tracked_ckpt import CheckpointManager, transfer
+from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import CheckpointCorruptError
 from tracked_ckpt.manifest import FileEntry, hash_file, verify_file
-from tracked_ckpt.store import RunStore
+from tracked_ckpt.store import transfer
+from tracked_ckpt.store.run_store import RunStore
 
 BIG = 40 << 20  # over two ranges of transfer.CHUNK: the rest comes in parallel
 

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .following import follow
     from .lifecycle import promote
     from .manager import CheckpointManager
-    from .store import RunStore
+    from .store.run_store import RunStore
     from .views import list_checkpoints, list_runs
 
 # Imported on first use: these pull in mlflow and torch (~3 s), which `tracked-ckpt --help` must not pay.
@@ -59,7 +59,7 @@ _LAZY = {
     "promote": ".lifecycle",
     "follow": ".following",
     "log_eval": ".evals",
-    "RunStore": ".store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
+    "RunStore": ".store.run_store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }
 
 

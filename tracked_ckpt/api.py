@@ -16,10 +16,10 @@ from .catalog import RunCatalog
 from .data import data_parts
 from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
-from .reading import read_client, reading
 from .refs import Which
 from .state import Stateful, TrainingState
-from .store import RunStore
+from .store.reading import read_client, reading
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +79,11 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     defaults to the one ``save_dir`` was used with (from its pointer file), then MLflow's own resolution.
     The run's status is left alone: sync records checkpoints, it does not end or restart a run.
     """
-    from .lease import DirLock, Lease
     from .local import LocalDir
     from .outbox import Outbox
     from .recorder import RunRecorder
     from .runtags import monitor_of
+    from .store.lease import DirLock, Lease
 
     root = Path(save_dir).expanduser().resolve()
     local = LocalDir(root)

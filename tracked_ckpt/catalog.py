@@ -29,7 +29,7 @@ from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest, check_checkpoint
 from .policies import CheckpointInfo, Mode, best_of
 from .refs import Which, ref_for
 from .runtags import TAG_BEST, TAG_BEST_STEP, TAG_LATEST, TAG_LATEST_STEP, TAG_MONITOR, monitor_of
-from .store import RunStore
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from mlflow.entities import Metric, RunTag
 
 from .errors import ConfigError, StoreError
 from .policies import CheckpointInfo
-from .store import RunStore
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,8 @@ def log_eval(checkpoint: Any, metrics: Mapping[str, Any], *, tracking_uri: str |
         checkpoint.log_eval(metrics)
         return
     from .catalog import RunCatalog
-    from .reading import read_client
     from .refs import parse_ref, ref_for
+    from .store.reading import read_client
 
     run_id, path = parse_ref(str(checkpoint))
     store = RunStore(read_client(tracking_uri), run_id)

@@ -60,7 +60,7 @@ def _dcp_model_state(folder: Path, r: Resolved, where: str) -> dict[str, torch.T
     from torch.distributed.checkpoint import metadata as dcp_md
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    from .dcp_safe import METADATA_NAME, SafeLoadPlanner, SafeReader, load_metadata
+    from .formats.dcp import METADATA_NAME, SafeLoadPlanner, SafeReader, load_metadata
 
     md = load_metadata((folder / METADATA_NAME).read_bytes(), where)
     template: dict[str, torch.Tensor] = {}
@@ -152,7 +152,7 @@ def warm_start(
         strict: raise CheckpointMismatchError for missing/unexpected keys too (shape mismatches always raise).
     """
     from .lifecycle import resolve_source
-    from .reading import read_client, reading
+    from .store.reading import read_client, reading
 
     t0 = time.perf_counter()
     with reading():
@@ -182,7 +182,7 @@ def export_model(
     format (``pip install 'tracked-ckpt[export]'``).
     """
     from .lifecycle import checkpoint_digest, resolve_source
-    from .reading import read_client, reading
+    from .store.reading import read_client, reading
 
     if format not in ("safetensors", "torch"):
         raise ConfigError(f"format={format!r}: pass 'safetensors' or 'torch'")

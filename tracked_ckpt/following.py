@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _http
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, StoreError
 from .evals import TAG_EVALS, eval_keys, last_scored_step, record_eval
@@ -43,7 +42,8 @@ from .progress import human_bytes
 from .refs import parse, ref_for
 from .runtags import TAG_LATEST, TAG_LATEST_STEP
 from .state import Stateful, TrainingState
-from .store import RunStore
+from .store import http as _http
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def follow(
         raise ConfigError(f"keep={keep}: keep at least 1 fetched checkpoint (the one being used)")
     if poll_interval <= 0 or max_interval < poll_interval:
         raise ConfigError(f"poll_interval={poll_interval}, max_interval={max_interval}: need 0 < poll <= max")
-    from .reading import read_client
+    from .store.reading import read_client
 
     run_id = parse(run).run_id  # checked here, not at the first next(): bad arguments fail where they are passed
     store = RunStore(read_client(tracking_uri), run_id, connect=False)  # a missing sqlite store is not created

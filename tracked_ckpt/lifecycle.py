@@ -32,7 +32,6 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import _http
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointNotFoundError, ConfigError, TrackedCkptError
 from .models import FLAVOR, MODEL_TAG_CHECKPOINT, MODEL_TAG_DIGEST, MODEL_TAG_STEP, CheckpointModels, model_tags
@@ -48,7 +47,8 @@ from .runtags import (
     monitor_of,
     promoted_paths,
 )
-from .store import RunStore, describe_mlflow_error, redact
+from .store import http as _http
+from .store.run_store import RunStore, describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     has none). Promoting a checkpoint that is already a version of ``name`` registers nothing: it returns that
     version (``existing=True``), with ``alias`` moved to it. ``load(promoted.uri, model)`` loads it back.
     """
-    from .reading import read_client
+    from .store.reading import read_client
 
     if not name or "/" in name or "@" in name:
         raise ConfigError(f"name={name!r}: pass a registered model name without '/' or '@'")

@@ -81,7 +81,7 @@ def load_resolved(
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
     if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
-        from .distributed import load_resolved_dcp
+        from .distributed.sharded import load_resolved_dcp
 
         load_resolved_dcp(catalog, r, state, cache_dir)
         return dict(r.manifest.metadata)

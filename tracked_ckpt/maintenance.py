@@ -26,7 +26,6 @@ from .errors import CheckpointCorruptError, CheckpointNotFoundError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
 from .progress import Progress, human_bytes, watch_file
-from .reading import read_client
 from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
@@ -40,7 +39,8 @@ from .runtags import (
     pruned_value,
     summary_tags,
 )
-from .store import RunStore
+from .store.reading import read_client
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20

@@ -33,7 +33,6 @@ from mlflow.tracking import MlflowClient
 from .catalog import Resolved, RunCatalog
 from .data import data_parts
 from .errors import CheckpointNotFoundError, ConfigError
-from .lease import DirLock
 from .loading import first_that_loads, load_resolved
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX
@@ -46,7 +45,8 @@ from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession, StoreFactory
 from .snapshot import BackgroundSaver, StagingBuffers
 from .state import Metadata, Stateful, TrainingState, gather, split_metadata
-from .store import RunStore, redact
+from .store.lease import DirLock
+from .store.run_store import RunStore, redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class CheckpointManager:
         # Under torchrun (torch.distributed initialized) the same API saves sharded DCP checkpoints.
         # Importing torch.distributed.checkpoint costs ~2 s: only when a process group is really up.
         if cls is CheckpointManager and _distributed_active():
-            from .distributed import manager_class
+            from .distributed.sharded import manager_class
 
             cls = manager_class()
         return super().__new__(cls)

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError, StoreError
 from .manifest import Manifest
 from .refs import parse_ref, ref_for
-from .store import RunStore
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

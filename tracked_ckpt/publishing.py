@@ -25,7 +25,7 @@ from .outbox import NotReady, Outbox, Pending, PermanentStoreError, Publisher
 from .policies import CheckpointInfo, Mode, RetentionPolicy, plan_deletions
 from .progress import human_bytes
 from .runtags import METRIC_RECORD_S, TAG_PRUNED, TAG_SKIPPED, kept_by_tags, pruned_value
-from .store import RunStore
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -39,7 +39,7 @@ from .progress import human_bytes
 from .refs import Which, parse_path, ref_for
 from .runtags import METRIC_BYTES, METRIC_COMMIT_S, summary_tags
 from .state import Metadata
-from .store import RunStore
+from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 

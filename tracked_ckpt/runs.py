@@ -23,10 +23,10 @@ from mlflow.entities import Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import _http
 from .errors import ConfigError, ExperimentNotFoundError, StoreError
 from .runtags import TAG_SAVE_DIR, short_path
-from .store import describe_mlflow_error, redact
+from .store import http as _http
+from .store.run_store import describe_mlflow_error, redact
 
 if TYPE_CHECKING:  # local.py imports torch (~3 s): the CLI's reads import this module and need none
     from .local import LocalDir

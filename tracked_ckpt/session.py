@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 from mlflow.tracking import MlflowClient
 
 from .errors import CheckpointNotFoundError, ConfigError, StoreError
-from .lease import Lease
 from .local import LocalDir
 from .policies import Mode, RetentionPolicy, SavePolicy, check_mode
 from .recorder import RunRecorder
 from .runs import FoundRun, find_run, known_locally
 from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, fork_note, monitor_value, run_note
-from .store import RunStore, redact
+from .store.lease import Lease
+from .store.run_store import RunStore, redact
 
 if TYPE_CHECKING:
     from .lifecycle import Fork

@@ -31,7 +31,6 @@ from .catalog import Resolved, RunCatalog
 from .errors import StoreError
 from .evals import eval_metrics, with_scores
 from .policies import Mode, best_of
-from .reading import read_client, reading
 from .refs import ref_for
 from .runs import existing_experiment_ids
 from .runtags import (
@@ -50,7 +49,8 @@ from .runtags import (
     TAG_PARENT_STEP,
     monitor_of,
 )
-from .store import RunStore, describe_mlflow_error, redact
+from .store.reading import read_client, reading
+from .store.run_store import RunStore, describe_mlflow_error, redact
 
 log = logging.getLogger(__name__)
 

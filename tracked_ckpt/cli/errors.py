@@ -124,8 +124,8 @@ def _first_line(e: BaseException) -> str:
 
 def _uri(tracking_uri: str | None) -> str:
     """The store a command reads, as MLflow resolves it (absolute for the default sqlite:///mlflow.db)."""
-    from ..reading import resolve_uri
-    from ..store import redact
+    from ..store.reading import resolve_uri
+    from ..store.run_store import redact
 
     return redact(resolve_uri(tracking_uri))
 

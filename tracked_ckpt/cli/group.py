@@ -92,7 +92,7 @@ def _reads(f: F) -> F:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..reading import reading
+        from ..store.reading import reading
 
         with reading():
             return f(*args, **kwargs)

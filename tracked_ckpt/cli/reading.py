@@ -60,7 +60,7 @@ def ls_cmd(
       tracked-ckpt ls RUN_ID --format csv > checkpoints.csv
     """
     from ..errors import CheckpointNotFoundError
-    from ..reading import read_client
+    from ..store.reading import read_client
     from ..views import checkpoints_of, tracked_runs
 
     client = read_client(tracking_uri)
@@ -106,7 +106,7 @@ def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | N
       tracked-ckpt runs --tree
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
-    from ..reading import read_client
+    from ..store.reading import read_client
     from ..views import runs_frame, tracked_runs
 
     client = read_client(tracking_uri)
@@ -138,7 +138,7 @@ def _check_mode(mode: str) -> Any:
 
 
 def _redacted(client: Any) -> str:
-    from ..store import redact
+    from ..store.run_store import redact
 
     return redact(str(client.tracking_uri))
 
@@ -233,7 +233,7 @@ def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str |
     parsed = _parse(ref)
     if parsed is None:  # models:/...: MLflow's model APIs name the run and the folder
         from ..lifecycle import resolve_source
-        from ..reading import read_client
+        from ..store.reading import read_client
 
         return resolve_source(read_client(tracking_uri), ref)
     catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)

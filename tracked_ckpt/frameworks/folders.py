@@ -25,11 +25,11 @@ from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigErro
 from ..local import foreign_files
 from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
 from ..progress import human_bytes
-from ..reading import read_client, reading
 from ..refs import Which, ref_for
 from ..runtags import monitor_of
 from ..state import split_metadata
-from ..store import RunStore
+from ..store.reading import read_client, reading
+from ..store.run_store import RunStore
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager

@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 from typing import IO
 
-from .errors import RunLockedError, StoreError
-from .store import RunStore
+from ..errors import RunLockedError, StoreError
+from .run_store import RunStore
 
 log = logging.getLogger(__name__)
 TAG_LEASE = "tracked_ckpt.lease"

@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 
 from mlflow.tracking import MlflowClient
 
-from ._http import READ, bounded
-from .errors import StoreNotFoundError
-from .store import redact
+from ..errors import StoreNotFoundError
+from .http import READ, bounded
+from .run_store import redact
 
 
 def resolve_uri(tracking_uri: str | None) -> str:

@@ -40,24 +40,24 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from ._faults import fault_point
-from ._version import __version__
-from .catalog import Resolved, RunCatalog
-from .data import data_file
-from .data import encode as data_position
-from .dcp_safe import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
-from .errors import (
+from .._faults import fault_point
+from .._version import __version__
+from ..catalog import Resolved, RunCatalog
+from ..data import data_file
+from ..data import encode as data_position
+from ..errors import (
     SaveError,
 )
-from .local import STAGING
-from .manager import CheckpointManager
-from .manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
-from .preemption import EXIT_STATUS, SigtermFlag
-from .refs import ref_for
-from .runtags import METRIC_BLOCKED_S
-from .session import Options, RunSession
-from .snapshot import BackgroundSaver
-from .state import Stateful, TrainingState
+from ..formats.dcp import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
+from ..local import STAGING
+from ..manager import CheckpointManager
+from ..manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
+from ..preemption import EXIT_STATUS, SigtermFlag
+from ..refs import ref_for
+from ..runtags import METRIC_BLOCKED_S
+from ..session import Options, RunSession
+from ..snapshot import BackgroundSaver
+from ..state import Stateful, TrainingState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -133,8 +133,8 @@ class DistributedCheckpointManager(CheckpointManager):
         """Ranks > 0 never decide nor record: they write their shards; they read the run only to load."""
         from mlflow.tracking import MlflowClient
 
-        from .local import LocalDir
-        from .recorder import RunRecorder
+        from ..local import LocalDir
+        from ..recorder import RunRecorder
 
         self.options = o = Options.pick(kwargs)
         self.save_dir = Path(save_dir).expanduser().resolve()
@@ -362,7 +362,7 @@ class DistributedCheckpointManager(CheckpointManager):
         where = f"checkpoint {ref_for(run_id, r.path)} (step {r.manifest.step})"
         t0 = time.perf_counter()
         if r.manifest.format != "dcp":  # a single-process checkpoint: every rank loads the whole of it
-            from .loading import load_resolved
+            from ..loading import load_resolved
 
             err: BaseException | None = None
             try:

@@ -49,7 +49,7 @@ from typing import Any
 
 import blake3
 
-from . import _http
+from . import http as _http
 
 log = logging.getLogger(__name__)
 

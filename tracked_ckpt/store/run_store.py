@@ -29,10 +29,11 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
-from . import _http, transfer
-from ._faults import fault_point
-from .errors import CheckpointCorruptError, RunNotFoundError, StoreError
-from .manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
+from .._faults import fault_point
+from ..errors import CheckpointCorruptError, RunNotFoundError, StoreError
+from ..manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
+from . import http as _http
+from . import transfer
 
 log = logging.getLogger(__name__)
 

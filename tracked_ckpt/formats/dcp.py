@@ -30,11 +30,11 @@ from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-from . import data
-from .errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
-from .loading import unsafe_pickle_error
-from .manifest import Manifest
-from .state import TrainingState, cuda_rng_states, host_rng_json, restore
+from .. import data
+from ..errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
+from ..loading import unsafe_pickle_error
+from ..manifest import Manifest
+from ..state import TrainingState, cuda_rng_states, host_rng_json, restore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Checkpoint formats: how each kind of checkpoint folder is staged, described, restored and read for weights."""
