@@ -106,6 +106,20 @@ class RunSession:
                 f"in {self.local.root}); check run_id / save_dir, or use resume='auto' to start from scratch"
             )
 
+    def join(self, run_id: str) -> None:
+        """Attach to the run that rank 0 opened (torchrun's other ranks): they never decide nor record, so no lease,
+        no status and a recorder that does not publish; the store connects only when a load downloads."""
+        self.owns_status, self.how = False, "joined rank 0's run"
+        self.store = self.options.store_factory(self.client, run_id, connect=False)
+        o = self.options
+        self.recorder = RunRecorder(self.store, self.local, monitor=o.monitor, mode=o.mode, retention=None,
+                                    publish_timeout=o.publish_timeout, start=False)  # fmt: skip
+
+    @property
+    def decides(self) -> bool:
+        """True for the session that holds the run (lease, status, publisher); False for a rank that joined it."""
+        return "lease" in vars(self)
+
     def _attach(self, run_id: str | None, experiment: str | None, run_name: str | None) -> None:
         try:
             found = find_run(self.client, self.server, self.local, run_id=run_id, experiment=experiment,
