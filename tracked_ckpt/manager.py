@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from .catalog import Resolved, RunCatalog
 from .data import data_parts
 from .distributed.ranks import current as current_ranks
+from .distributed.ranks import node_of
 from .errors import CheckpointNotFoundError, ConfigError
 from .loading import first_that_loads, load_resolved
 from .local import LocalDir
@@ -139,12 +140,16 @@ class CheckpointManager:
         self._sigterm = SigtermFlag()
         self._session = RunSession(self.client, self.local, self.options)
         self._sharded: Any = None  # under torchrun: the ShardedWriter (distributed/sharded.py)
-        # Rank 0 alone decides which run and holds it (save_dir lock, lease, publisher); the others join its run.
-        self._dir_lock = DirLock(self.save_dir) if self._ranks.is_rank0 else None
+        # A node: the ranks sharing this save_dir on this host. Its lowest rank holds the save_dir (lock, outbox).
+        self._node = node_of(self._ranks, self.save_dir)
+        self._dir_lock = DirLock(self.save_dir) if self._node[0] == self._ranks.rank else None
+        # Rank 0 alone decides which run and holds it (lease, status, records); the others join its run.
         try:
             opened = self._ranks.on_rank0(lambda: self._open(run_id, experiment, run_name, fork_from, fork_metrics))
             if not self._ranks.is_rank0:
                 self._session.join(opened)
+                if self._dir_lock is not None:  # another node's leader: what a dead save left here is garbage
+                    self.local.sweep_staging(max_age_s=0)
             if self._ranks.distributed:
                 from .distributed.sharded import ShardedWriter
 

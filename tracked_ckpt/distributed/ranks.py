@@ -14,7 +14,7 @@ leader, which commits the node's files and queues them in the node's own outbox 
 from __future__ import annotations
 
 import pickle
-import socket
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -22,6 +22,7 @@ from typing import Any, Literal, Protocol, TypeVar, cast
 from ..errors import SaveError
 
 T = TypeVar("T")
+_PROBE = ".tracked_ckpt-node-"
 Channel = Literal["ctl", "io"]
 
 
@@ -143,9 +144,24 @@ def current() -> Ranks:
 
 
 def node_of(ranks: Ranks, save_dir: Path) -> list[int]:
-    """The ranks that share this rank's node-local save_dir (same host, same path), lowest first."""
-    mine = (socket.gethostname(), str(save_dir))
-    return [r for r, where in enumerate(ranks.gather(mine)) if tuple(where) == mine]
+    """The ranks that share this rank's save_dir (one node-local disk, or one shared filesystem), lowest first.
+
+    Each rank leaves a probe file in its save_dir and looks for the others': whatever the host names and paths,
+    ranks that see each other's probes write into one folder.
+    """
+    if not ranks.distributed:
+        return [ranks.rank]
+    token = ranks.on_rank0(lambda: uuid.uuid4().hex[:12])
+    save_dir.mkdir(parents=True, exist_ok=True)
+    probe = save_dir / f"{_PROBE}{token}-{ranks.rank}"
+    probe.touch()
+    try:
+        ranks.gather(None)  # every rank's probe is written
+        seen = sorted(int(p.name.rpartition("-")[2]) for p in save_dir.glob(f"{_PROBE}{token}-*"))
+        ranks.gather(None)  # every rank has looked
+    finally:
+        probe.unlink(missing_ok=True)
+    return seen
 
 
 def portable(e: BaseException, rank: int) -> BaseException:
