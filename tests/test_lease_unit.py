@@ -174,13 +174,15 @@ def test_the_same_job_takes_over_at_once(run: tuple[MlflowClient, str], tmp_path
 
 
 def test_a_holder_whose_clock_runs_ahead_is_waited_for_at_most_the_timeout(
-    run: tuple[MlflowClient, str], tmp_path: Path
+    run: tuple[MlflowClient, str], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     client, run_id = run
     clock = FakeClock()
     hold(client, run_id, clock.t + 3600)
-    acquire(lease_on(run_id, clock, tmp_path))
+    with caplog.at_level(logging.WARNING, logger="tracked_ckpt.store.lease"):
+        acquire(lease_on(run_id, clock, tmp_path))
     assert clock.slept == pytest.approx(60)
+    assert "its heartbeat did not advance in 60 s" in caplog.text
 
 
 def test_heartbeat_and_release(run: tuple[MlflowClient, str], tmp_path: Path) -> None:

@@ -255,7 +255,10 @@ class Lease:
                 log.info("run %s: still waiting for the lease of %s, %.0f s left", self.store.run_id, held,
                          max(0.0, deadline - self.clock()))  # fmt: skip
                 next_note += 10.0
-        return "take", f"no heartbeat for {self.clock() - held.heartbeat:.0f} s", held
+        since = self.clock() - held.heartbeat
+        if since < 0:  # its clock runs ahead of this host's: what counted is the time this process waited
+            return "take", f"its heartbeat did not advance in {left:.0f} s", held
+        return "take", f"no heartbeat for {since:.0f} s", held
 
     def beat(self) -> None:
         """One heartbeat (the thread's body); an outage is the outbox's to report: the lease simply ages."""
