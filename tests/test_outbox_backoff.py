@@ -45,7 +45,7 @@ def run_outage(tmp_path: Path, up_at: float, enter: str) -> tuple[Clock, Server,
     while box.pending():
         assert pub.run_once()
         assert clock.t < 600, clock.waits
-    assert pub.backoff() is None  # the outage is over: the thread waits for the next kick
+    assert pub._interval() is None  # the outage is over: the thread waits for the next kick
     pub.stop()
     assert not pub.run_once()
     return clock, server, box
@@ -70,9 +70,9 @@ def test_the_backlog_is_recorded_within_one_back_off_of_the_server_answering(
     assert clock.t - up_at <= 4.0  # the longest back-off: well inside "within 10 s of the server answering"
 
 
-def test_backoff_while_the_server_answers_is_none(tmp_path: Path) -> None:
+def test_no_back_off_while_the_server_answers(tmp_path: Path) -> None:
     server = Server()
     pub = Publisher(Outbox(tmp_path), "run1", server.publish, "http://server", probe=server.probe, start=False)
-    assert pub.backoff() is None
+    assert pub._interval() is None
     pub.note_outage()
-    assert pub.backoff() == 1.0
+    assert pub._interval() == 1.0

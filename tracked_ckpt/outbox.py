@@ -221,15 +221,6 @@ class Publisher:
             self._stopped = True
             self._cond.notify_all()
 
-    def backoff(self) -> float | None:
-        """Seconds the thread waits for its next pass unless kicked; None (until kicked) while the server answers."""
-        with self._cond:
-            if not self._in_outage:
-                return None
-            # Back off on failed probes and on failed passes alike (a probe can answer while uploads fail).
-            tries = max(self._probes_failed, self._passes_failed)
-            return PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
-
     def _run(self) -> None:
         while self.run_once():
             pass
@@ -238,7 +229,8 @@ class Publisher:
         """The thread's loop body: wait for a kick or the back-off, then one pass; False once stopped."""
         with self._cond:
             if not self._wake and not self._stopped:
-                self._wait(self._cond, self.backoff())
+                # Back off on failed probes and on failed passes alike (a probe can answer while uploads fail).
+                self._wait(self._cond, self._interval())
             if self._stopped:
                 return False
             self._wake = False
@@ -250,6 +242,13 @@ class Publisher:
             with self._cond:
                 self._in_outage = True
         return True
+
+    def _interval(self) -> float | None:
+        """Seconds until the next pass without a kick: None waits for one (nothing to retry)."""
+        if self._in_outage:
+            tries = max(self._probes_failed, self._passes_failed)
+            return PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
+        return None
 
     def drain_once(self) -> bool:
         """One pass: probe during an outage, connect once, publish the queue in order. True when it is empty."""
