@@ -54,7 +54,9 @@ def test_verdict(held: Holder, age: float, alive: bool, action: str, why: str) -
         ({}, None),
         ({"TORCHELASTIC_RUN_ID": "none"}, None),  # torchrun's default --rdzv-id names no job
         ({"TORCHELASTIC_RUN_ID": "abc"}, "torchelastic:abc"),
-        ({"SLURM_JOB_ID": "42"}, "slurm:42"),
+        ({"SLURM_JOB_ID": "42"}, "slurm:42"),  # the batch script itself
+        ({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "0"}, "slurm:42.0"),  # srun torchrun ...
+        ({"SLURM_JOB_ID": "42", "SLURM_STEP_ID": "1"}, "slurm:42.1"),  # another step: another job
         ({"TORCHELASTIC_RUN_ID": "abc", "SLURM_JOB_ID": "42"}, "torchelastic:abc"),
         ({JOB_ENV: "mine", "TORCHELASTIC_RUN_ID": "abc", "SLURM_JOB_ID": "42"}, "user:mine"),
         ({JOB_ENV: "", "SLURM_JOB_ID": "42"}, "slurm:42"),

@@ -51,7 +51,8 @@ def job_identity(env: Mapping[str, str]) -> str | None:
     """The job this process belongs to, as its launcher names it across relaunches; None when nothing says.
 
     ``TRACKED_CKPT_JOB_ID`` (the user's) first, then torchrun's rendezvous id (``--rdzv-id``; its default "none"
-    names nothing, and ``--standalone`` draws a new one per launch), then ``SLURM_JOB_ID`` (kept by a requeue).
+    names nothing, and ``--standalone`` draws a new one per launch), then ``SLURM_JOB_ID`` (kept by a requeue) with
+    its ``SLURM_STEP_ID`` (two ``srun`` steps of one allocation are two jobs; a requeue numbers them alike again).
     """
     if env.get(JOB_ENV):
         return f"user:{env[JOB_ENV]}"
@@ -59,7 +60,8 @@ def job_identity(env: Mapping[str, str]) -> str | None:
     if rdzv and rdzv != "none":
         return f"torchelastic:{rdzv}"
     if env.get("SLURM_JOB_ID"):
-        return f"slurm:{env['SLURM_JOB_ID']}"
+        step = env.get("SLURM_STEP_ID")
+        return f"slurm:{env['SLURM_JOB_ID']}" + (f".{step}" if step else "")
     return None
 
 
