@@ -134,7 +134,7 @@ class DistributedCheckpointManager(CheckpointManager):
         from mlflow.tracking import MlflowClient
 
         from ..local import LocalDir
-        from ..recorder import RunRecorder
+        from ..recording import RunRecorder
 
         self.options = o = Options.pick(kwargs)
         self.save_dir = Path(save_dir).expanduser().resolve()
@@ -308,7 +308,7 @@ class DistributedCheckpointManager(CheckpointManager):
             world_size=self.world_size,
             **plan.fields,
         )
-        self.recorder.commit_folder(staging, plan.name, manifest, t0)
+        self.recorder.commit(staging, plan.name, manifest, t0)
         self._last_save_time = time.time()
         return ref_for(self.run_id, path)
 
