@@ -48,13 +48,11 @@ def run_id(experiment: str) -> str:
 
 @pytest.fixture
 def nodes(tmp_path: Path, run_id: str) -> Iterator[list[RunRecorder]]:
-    recorders = [
-        RunRecorder(
-            CountingStore(MlflowClient(), run_id), LocalDir(tmp_path / f"node{i}"), monitor="loss", mode="min",
-            retention=None, publish_timeout=0, start=False,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    def node(i: int) -> RunRecorder:
+        store, local = CountingStore(MlflowClient(), run_id), LocalDir(tmp_path / f"node{i}")
+        return RunRecorder(store, local, monitor="loss", mode="min", retention=None, publish_timeout=0, start=False)
+
+    recorders = [node(0), node(1)]
     yield recorders
     for r in recorders:
         r.stop()
