@@ -15,7 +15,7 @@ Example — a script that resumes where it stopped, every time it is launched::
                 mgr.save(model, optimizer, {"step": step, "epoch": epoch, "reward": reward})
 
 Which run, and what happens when its server is unreachable: session.py and runs.py. What a save records, and
-how: recorder.py.
+how: recording/.
 """
 
 from __future__ import annotations
