@@ -111,7 +111,9 @@ def test_drained_gives_up_after_one_failed_probe_not_the_whole_budget(tmp_path: 
     t.join()
 
 
-def test_a_waiting_entry_is_retried_on_a_growing_back_off_without_an_outage(tmp_path: Path) -> None:
+def test_a_waiting_entry_is_retried_on_a_growing_back_off_without_an_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     server = Server()
     box, pub = publisher(tmp_path, server)
     box.add(entry(1))
@@ -123,5 +125,9 @@ def test_a_waiting_entry_is_retried_on_a_growing_back_off_without_an_outage(tmp_
         assert pub._interval() == expected
     assert server.recorded == [] and [p.seq for p in box.pending()] == [1, 2]  # in order: 2 waits behind 1
     assert pub.wait_for(1, timeout=0) is False
+    pub.note_timeout(10, timeout=30)  # a save gave up waiting: the warning says what for, once
+    pub.note_timeout(20, timeout=30)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "has not got every file of checkpoint step 10 yet (1 file from another" in warned[0]
     server.waiting_for = set()
-    assert pub.drain_once() and server.recorded == [1, 2] and pub._interval() is None
+    assert pub.drain_once() and server.recorded == [1, 2] and pub._interval() is None and not pub.in_outage
