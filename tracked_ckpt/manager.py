@@ -15,7 +15,7 @@ Example — a script that resumes where it stopped, every time it is launched::
                 mgr.save(model, optimizer, {"step": step, "epoch": epoch, "reward": reward})
 
 Which run, and what happens when its server is unreachable: session.py and runs.py. What a save records, and
-how: recorder.py.
+how: recording/.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ from .catalog import Resolved, RunCatalog
 from .data import data_parts
 from .distributed.ranks import current as current_ranks
 from .distributed.ranks import node_of
-from .errors import CheckpointNotFoundError, ConfigError
+from .errors import CheckpointNotFoundError, ConfigError, StoreError
 from .loading import first_that_loads, load_resolved
-from .local import LocalDir
+from .local import LocalDir, checked_foreign
 from .manifest import ARTIFACT_PREFIX
 from .outbox import Outbox
 from .policies import CheckpointInfo, RetentionPolicy, SavePolicy, check_mode
 from .preemption import EXIT_STATUS, SigtermFlag
-from .recorder import RunRecorder
+from .recording import RunRecorder
 from .refs import Which, ref_for
 from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession, StoreFactory
@@ -53,6 +53,7 @@ from .store.lease import DirLock
 from .store.run_store import RunStore, redact
 
 T = TypeVar("T")
+K = TypeVar("K")
 log = logging.getLogger(__name__)
 
 Resume = Literal["auto", "never", "must"]
@@ -277,7 +278,7 @@ class CheckpointManager:
         payload, rng_json = gather(state, rng=self.options.save_rng)
         if background:
             payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
-        return lambda: self.recorder.commit(name, payload, rng_json, fields, t0)
+        return lambda: self._commit_state(name, payload, rng_json, fields, t0)
 
     def _begin_save(
         self, model: Stateful | None, optimizer: Stateful | None, metadata: Mapping[str, Any] | None,
@@ -292,6 +293,13 @@ class CheckpointManager:
             raise ConfigError("save() got nothing to save: pass a model, an optimizer or extra= state")
         self.wait()
         return meta, state
+
+    def _commit_state(self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any],
+                      fields: Mapping[str, Any], t0: float) -> None:  # fmt: skip
+        """Stage a single-process state (model.pt, state.pt), then the one commit."""
+        t1 = time.perf_counter()
+        staging, manifest = self.local.stage(self.run_id, payload, rng_json, fields)
+        self.recorder.commit(staging, name, manifest, t0, since=t1)
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -386,6 +394,62 @@ class CheckpointManager:
         self.wait()
         o, client = self.options, self.client if self.store.connected else None
         return checkpoints_frame(self.run_id, self.recorder.committed(), o.monitor, o.mode, client)
+
+    # ------------------------------------------------------------ a library's own checkpoints (frameworks/)
+
+    def record_folder(
+        self, folder: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None, *, format: str = "folder",
+        step: int | None = None, files: list[tuple[str, Path]] | None = None,
+    ) -> str:  # fmt: skip
+        """Record ``folder``, a checkpoint another library wrote (``format``), in this run; returns its reference.
+
+        ``files``: the (name, path) pairs to record (default: every file under ``folder``); ``metadata`` as for
+        ``save()``. Returns once the files are hard-linked into ``save_dir`` (the library may rotate them away);
+        the commit and the record follow on the recording thread: ``wait()`` waits for them and raises their error.
+        """
+        src = Path(folder)
+        found = checked_foreign(src, files, format)
+        self._check_open()
+        self.wait()  # the save in flight (an async save of the manager's own, or the previous folder): one at a time
+        t0 = time.perf_counter()
+        name, fields = self.recorder.plan(split_metadata(metadata), step)
+        staging, names = self.local.link_foreign(found, src)
+
+        def commit() -> None:
+            t1 = time.perf_counter()
+            manifest = self.local.stage_foreign(self.run_id, staging, names, fields, format)
+            self.recorder.commit(staging, name, manifest, t0, since=t1)
+
+        self._recording.submit(fields["step"], commit)
+        self._last_save_time = time.time()
+        return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}")
+
+    def delete_removed(self, recorded: dict[K, str], removed: Callable[[K], bool]) -> None:
+        """Delete from the run each recorded checkpoint whose source the library removed (``removed(key)``).
+
+        ``recorded`` maps the library's name for a checkpoint to its path; entries deleted are dropped from it. Runs
+        on the recording thread behind the save in flight, without waiting; with MLflow unreachable a deletion
+        waits for the next call (a warning): the training loop never fails on it.
+        """
+
+        def delete() -> None:
+            for key, path in list(recorded.items()):
+                if not removed(key):
+                    continue
+                try:
+                    self.recorder.delete(path)
+                except StoreError as e:
+                    log.warning("run %s: could not delete %s, which the library removed (%s); retrying after the "
+                                "next save", self.run_id, path, e)  # fmt: skip
+                    continue
+                recorded.pop(key, None)
+
+        self._recording.submit(-1, delete, wait=False)
+
+    def committed(self) -> list[Resolved]:
+        """Every committed checkpoint of this run (recorded, or queued while MLflow is out), in commit order."""
+        self.wait()
+        return self.recorder.committed()
 
     # --------------------------------------------------------------------------------------- lifecycle
 

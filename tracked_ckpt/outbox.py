@@ -43,6 +43,7 @@ class Pending:
     name: str  # folder name: save_dir/<run_id>/<name> and artifact path checkpoints/<name>
     step: int
     timestamp_ms: int  # fixed at commit, so that a replayed log_batch is stored once
+    upload_only: bool = False  # another node's share of a checkpoint: its files only, rank 0's node records it
 
 
 class Outbox:
@@ -86,11 +87,16 @@ class NotReady(Exception):
     """The entry's local commit is still in progress: end this pass; the committing save kicks the next one."""
 
 
+class Waiting(NotReady):
+    """The entry waits for files that other nodes upload: end this pass and retry it after a short back-off."""
+
+
 class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
 
 PROBE_INTERVALS = (1.0, 2.0, 4.0)  # seconds between probes during an outage (then the last, repeated)
+WAIT_INTERVALS = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between passes while an entry is Waiting (then the last)
 
 
 class Publisher:
@@ -130,6 +136,8 @@ class Publisher:
         self._probes_failed = 0  # consecutive failed probes of the current outage
         self._passes = 0  # completed drain_once() passes
         self._passes_failed = 0  # consecutive passes that ended in a transient failure
+        self._waits = 0  # consecutive passes that ended Waiting (for other nodes' files)
+        self._waiting_on: str | None = None  # what the entry at the head of the queue waits for, if it does
         self._refusal: PermanentStoreError | None = None  # the last refusal, until a save reports it
         self._warned = False  # one warning per outage
         self._current: tuple[int, float] | None = None  # (step, since) of the checkpoint being published now
@@ -179,8 +187,10 @@ class Publisher:
         """A save gave up waiting: the server hangs, or an upload is slow; later saves do not wait until it answers."""
         with self._cond:
             self._in_outage = True
-            current = self._current
-        if current is None:
+            current, waiting = self._current, self._waiting_on
+        if waiting is not None:
+            self._warn(f"has not got every file of checkpoint step {step} yet ({waiting})", step)
+        elif current is None:
             self._warn(f"did not answer within {timeout:.0f} s", step)
         else:  # nothing tells a large upload that is still moving from a server that stopped answering
             self._warn(f"has been recording checkpoint step {current[0]} for {self._clock() - current[1]:.0f} s "
@@ -248,6 +258,8 @@ class Publisher:
         if self._in_outage:
             tries = max(self._probes_failed, self._passes_failed)
             return PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
+        if self._waits:
+            return WAIT_INTERVALS[min(self._waits - 1, len(WAIT_INTERVALS) - 1)]
         return None
 
     def drain_once(self) -> bool:
@@ -297,6 +309,12 @@ class Publisher:
                 self._current = (p.step, self._clock())
             try:
                 self._publish(p)
+            except Waiting as e:
+                with self._cond:
+                    self._waits += 1
+                    self._waiting_on = str(e)
+                log.debug("checkpoint step %d waits: %s", p.step, e)
+                return False
             except NotReady:
                 return False
             except StoreError as e:
@@ -317,7 +335,8 @@ class Publisher:
                             self._server, p.step)  # fmt: skip
             with self._cond:
                 self._in_outage, self._probes_failed, self._warned, self._refusal = False, 0, False, None
-                self._passes_failed = 0
+                self._passes_failed = self._waits = 0
+                self._waiting_on = None
                 self._done.add(p.seq)
                 self._cond.notify_all()
         if self._in_outage:  # nothing was queued, but the probe answered: the outage is over

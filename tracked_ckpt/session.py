@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from .errors import CheckpointNotFoundError, ConfigError, StoreError
 from .local import LocalDir
 from .policies import Mode, RetentionPolicy, SavePolicy, check_mode
-from .recorder import RunRecorder
+from .recording import RunRecorder
 from .runs import FoundRun, find_run, known_locally
 from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, fork_note, monitor_value, run_note
 from .store.lease import Lease

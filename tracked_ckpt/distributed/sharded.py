@@ -44,7 +44,7 @@ from ..errors import SaveError
 from ..formats.dcp import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from ..local import STAGING
 from ..manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
-from ..recorder import RunRecorder
+from ..recording import RunRecorder
 from ..refs import ref_for
 from ..state import TrainingState
 from ..store.run_store import RunStore
@@ -152,7 +152,7 @@ class ShardedWriter:
             world_size=self.ranks.world_size,
             **fields,
         )
-        self.recorder.commit_folder(staging, name, manifest, t0)
+        self.recorder.commit(staging, name, manifest, t0)
 
 
 def _absent_ranks(staging: Path, everyone: list[Any], failed: Any) -> list[int]:
