@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -168,6 +168,15 @@ class LocalDir:
 
     def remove(self, run_id: str, name: str) -> None:
         shutil.rmtree(self.folder(run_id, name), ignore_errors=True)
+
+    def prune(self, run_id: str, keep: Collection[str]) -> list[str]:
+        """Remove this run's checkpoint folders not named in ``keep`` (another node's copies that retention dropped
+        or that were never committed); returns their names."""
+        root = self.root / run_id
+        gone = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in keep) if root.is_dir() else []
+        for name in gone:
+            self.remove(run_id, name)
+        return gone
 
 
 def checked_foreign(src: Path, files: list[tuple[str, Path]] | None, fmt: str) -> list[tuple[str, Path]]:

@@ -148,13 +148,17 @@ class CheckpointManager:
         try:
             opened = self._ranks.on_rank0(lambda: self._open(run_id, experiment, run_name, fork_from, fork_metrics))
             if not self._ranks.is_rank0:
-                self._session.join(opened)
+                self._session.join(opened, shares=self._dir_lock is not None)
                 if self._dir_lock is not None:  # another node's leader: what a dead save left here is garbage
                     self.local.sweep_staging(max_age_s=0)
             if self._ranks.distributed:
-                from .distributed.sharded import ShardedWriter
+                from .distributed.sharded import ShardedWriter, kept_names, prune_node
 
-                self._sharded = ShardedWriter(self._ranks, self.save_dir, self.recorder, self.store,  # type: ignore[arg-type]
+                kept = self._ranks.on_rank0(lambda: kept_names(self.recorder))
+                if self._dir_lock is not None and not self._ranks.is_rank0:
+                    prune_node(self.recorder, kept)  # copies retention dropped while this node was away
+
+                self._sharded = ShardedWriter(self._ranks, self.save_dir, self.recorder, self._node,  # type: ignore[arg-type]
                                               self.options.save_rng)  # fmt: skip
             if save_on_sigterm:
                 self._sigterm.install()
@@ -471,7 +475,8 @@ class CheckpointManager:
         """Wait until every checkpoint queued in the outbox is recorded in MLflow; False after ``timeout``."""
         self.wait()
         limit = self.options.publish_timeout if timeout is None else timeout
-        return self._ranks.on_rank0(lambda: self.recorder.drain(limit))  # under torchrun: rank 0's outbox
+        mine = self.recorder.drain(limit) if self._dir_lock is not None else True  # each node drains its own outbox
+        return all(self._ranks.gather(mine))
 
     def close(self, status: str = "FINISHED") -> None:
         """Finish the save in flight, mark the run ended (unless it is the user's own ``mlflow.start_run()``).
@@ -487,6 +492,8 @@ class CheckpointManager:
         atexit.unregister(self._close_at_exit)
         if self._session.decides:
             self._finish_run("FAILED" if failure is not None else status)
+        elif self._dir_lock is not None:  # another node's leader: its share of the checkpoints uploads from here
+            self._finish_shares()
         if self._dir_lock is not None:
             self._dir_lock.release()
         if failure is not None:
@@ -501,6 +508,13 @@ class CheckpointManager:
                         "uploaded by the next process on this run or `tracked-ckpt sync %s`",
                         self._server, self.outbox.dir, self.save_dir)  # fmt: skip
         self._session.finish(status, drained)
+
+    def _finish_shares(self) -> None:
+        if not self.recorder.drain(self.options.publish_timeout):
+            log.warning("MLflow at %s did not get every file of this node in time: they stay queued in %s and are "
+                        "uploaded by the next process on this save_dir or `tracked-ckpt sync %s`",
+                        self._server, self.outbox.dir, self.save_dir)  # fmt: skip
+        self.recorder.stop()
 
     def _abandon(self) -> None:
         """Undo a half-finished __init__."""

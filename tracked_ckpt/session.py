@@ -106,14 +106,15 @@ class RunSession:
                 f"in {self.local.root}); check run_id / save_dir, or use resume='auto' to start from scratch"
             )
 
-    def join(self, run_id: str) -> None:
-        """Attach to the run that rank 0 opened (torchrun's other ranks): they never decide nor record, so no lease,
-        no status and a recorder that does not publish; the store connects only when a load downloads."""
+    def join(self, run_id: str, shares: bool = False) -> None:
+        """Attach to the run that rank 0 opened (torchrun's other ranks): they never decide nor record, so no lease
+        and no status; the store connects on first use. ``shares``: this rank leads another node, whose publisher
+        uploads that node's share of each checkpoint from its own outbox; else the recorder does not publish."""
         self.owns_status, self.how = False, "joined rank 0's run"
         self.store = self.options.store_factory(self.client, run_id, connect=False)
         o = self.options
         self.recorder = RunRecorder(self.store, self.local, monitor=o.monitor, mode=o.mode, retention=None,
-                                    publish_timeout=o.publish_timeout, start=False)  # fmt: skip
+                                    publish_timeout=o.publish_timeout, start=shares, logged_models=False)  # fmt: skip
 
     @property
     def decides(self) -> bool:

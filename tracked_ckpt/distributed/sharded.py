@@ -43,11 +43,10 @@ from ..data import encode as data_position
 from ..errors import SaveError
 from ..formats.dcp import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
 from ..local import STAGING
-from ..manifest import ARTIFACT_PREFIX, FileEntry, Manifest, hash_file, write_file
+from ..manifest import FileEntry, Manifest, hash_file, write_file
 from ..recording import RunRecorder
 from ..refs import ref_for
 from ..state import TrainingState
-from ..store.run_store import RunStore
 from .node_copy import node_view
 from .ranks import TorchRun, portable
 
@@ -66,10 +65,11 @@ def load_resolved_dcp(catalog: RunCatalog, r: Resolved, state: TrainingState, ca
 
 
 class ShardedWriter:
-    """Every rank writes its DCP shard durably; rank 0 commits the folder locally (manifest last) and queues it."""
+    """Every rank writes its DCP shard durably; each node commits its files locally (manifest last) and queues them."""
 
-    def __init__(self, ranks: TorchRun, save_dir: Path, recorder: RunRecorder, store: RunStore, save_rng: bool) -> None:
-        self.ranks, self.save_dir, self.recorder, self.store = ranks, save_dir, recorder, store
+    def __init__(self, ranks: TorchRun, save_dir: Path, recorder: RunRecorder, node: list[int], save_rng: bool) -> None:
+        self.ranks, self.save_dir, self.recorder = ranks, save_dir, recorder
+        self.node = node  # the ranks sharing this save_dir, lowest (the node's leader) first
         self.save_rng = save_rng
 
     def stage(self, name: str, token: str, fields: dict[str, Any], state: TrainingState, background: bool,
@@ -126,24 +126,31 @@ class ShardedWriter:
             err = SaveError(f"rank {rank} could not write its shard of step {step}: {e}")
         everyone = self.ranks.gather((mine, None if err is None else portable(err, rank)), "io")
         failed = next((e for _, e in everyone if e is not None), None)
-        # Shards that rank 0 cannot see (a node-local save_dir on another node) are uploaded by their rank now.
-        absent = self.ranks.on_rank0(lambda: _absent_ranks(staging, everyone, failed), "io")
-        upload_err: BaseException | None = None
-        if rank in absent:
+        leader = self.node[0] == rank
+        if failed is not None:
+            if leader:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise failed if err is None else err
+        manifest, kept = self.ranks.on_rank0(lambda: (self._manifest(fields, everyone), kept_names(self.recorder)),
+                                             "io")  # fmt: skip
+        # Each node commits the files its own ranks wrote (node-local disks), durably, and queues them in its own
+        # outbox; rank 0's entry records the checkpoint once every node's files are in the store.
+        held = {f.name for r in self.node for f in everyone[r][0]}
+        whole = held == {f.name for f in manifest.files}
+        commit_err: BaseException | None = None
+        if leader:
             try:
-                self.store.connect() if not self.store.connected else None
-                for f in mine:
-                    self.store.upload(staging / f.name, f"{ARTIFACT_PREFIX}/{name}")
+                self.recorder.commit(staging, name, manifest, t0, held=None if whole else held,
+                                     record=rank == 0, wait=whole)  # fmt: skip
             except Exception as e:  # reported on every rank by agree() below
-                upload_err = SaveError(f"rank {rank} could not upload its shard of step {step}: {e}")
-        self.ranks.agree(upload_err, "io")
-        self.ranks.on_rank0(lambda: self._commit_rank0(name, fields, staging, everyone, t0), "io")
-        if rank != 0:
-            shutil.rmtree(staging, ignore_errors=True)  # a node-local staging copy; rank 0's is the committed one
+                commit_err = e
+        self.ranks.agree(commit_err, "io")  # save() returns once every node's local commit is done
+        if leader and rank != 0:
+            prune_node(self.recorder, {*kept, name})
 
-    def _commit_rank0(self, name: str, fields: dict[str, Any], staging: Path, everyone: list[Any], t0: float) -> None:
+    def _manifest(self, fields: dict[str, Any], everyone: list[Any]) -> Manifest:
         files = tuple(sorted((f for entries, _ in everyone for f in entries), key=lambda f: f.name))
-        manifest = Manifest(
+        return Manifest(
             run_id=self.recorder.run_id,
             files=files,
             library_version=__version__,
@@ -152,17 +159,22 @@ class ShardedWriter:
             world_size=self.ranks.world_size,
             **fields,
         )
-        self.recorder.commit(staging, name, manifest, t0)
 
 
-def _absent_ranks(staging: Path, everyone: list[Any], failed: Any) -> list[int]:
-    if failed is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise failed
-    return [
-        rank for rank, (entries, _) in enumerate(everyone)
-        if any(not (staging / f.name).is_file() or (staging / f.name).stat().st_size != f.size for f in entries)
-    ]  # fmt: skip
+def kept_names(recorder: RunRecorder) -> set[str]:
+    """Rank 0's answer to "which checkpoints does the run keep": recorded, or committed and queued."""
+    recorded = {path.rpartition("/")[2] for path in recorder.index}
+    return recorded | {p.name for p in recorder.outbox.pending(recorder.run_id)}
+
+
+def prune_node(recorder: RunRecorder, kept: set[str]) -> None:
+    """Another node's leader drops its copies of checkpoints the run no longer keeps (retention, dead saves);
+    what its own outbox still has to upload stays."""
+    queued = {p.name for p in recorder.outbox.pending(recorder.run_id)}
+    gone = recorder.local.prune(recorder.run_id, kept | queued)
+    if gone:
+        log.info("removed %d local copies the run no longer keeps from %s: %s", len(gone), recorder.local.root,
+                 ", ".join(gone))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ loading

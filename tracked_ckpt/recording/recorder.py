@@ -151,6 +151,7 @@ class RunRecorder:
         held: Collection[str] | None = None,
         record: bool = True,
         since: float | None = None,
+        wait: bool = True,
     ) -> Path:
         """Commit a staged checkpoint locally (queued first), then wait for its record; returns the local copy.
 
@@ -159,13 +160,15 @@ class RunRecorder:
         every file of the checkpoint. ``held``: those ``staging`` holds (None: all it holds; the manifest's others
         are another node's, and the record waits until they are in the store). ``record=False``: this node's share
         only, uploaded and never recorded from here. ``t0``: when the save began (logged); ``since``: when its
-        staging began (the commit cost), default now. The wait for the record is bounded by ``publish_timeout``.
+        staging began (the commit cost), default now. The wait for the record is bounded by ``publish_timeout``;
+        ``wait=False`` does not wait (a checkpoint spread over several nodes is recorded once they have all uploaded).
         """
         since = time.perf_counter() if since is None else since
         latest = self.ledger.latest_step()
         folder = self.writer.commit(staging, name, manifest, held=held, record=record, since=since)
+        timeout = self.publish_timeout if wait else 0.0  # wait=False: recorded in the background (many nodes)
         recorded = wait_for_record(self.publisher, self.outbox, manifest.step, manifest.seq, folder,
-                                   self.publish_timeout)  # fmt: skip
+                                   timeout)  # fmt: skip
         self._saved(manifest, name, recorded, latest, t0, record)
         return folder
 
