@@ -83,6 +83,7 @@ class Story:
     first: Launch | None = None
     second: Launch | None = None
     single: Launch | None = None
+    earlier: list[Launch] = field(default_factory=list)  # every launch before the relaunch on fresh nodes
     rank0: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # phase -> what went wrong
     seen: dict[str, Any] = field(default_factory=dict)  # what each phase measured
@@ -120,7 +121,8 @@ def server_outage(story: Story, job: Launch) -> None:
     story.seen["outage_blocked"] = [e["blocked"] for e in during]
     story.seen["up_blocked"] = [e["blocked"] for e in job.of("save", rank=0) if e["step"] <= t_down]
     story.seen["outage_steps"] = [e["step"] for e in during]
-    assert not save_errors(job), save_errors(job)
+    errors = save_errors(job)
+    assert not errors, errors
     assert during, "no save returned during the outage"
     story.seen["outage_drain_s"] = drained(story, nodes, saved_steps(job), 60)
 
@@ -135,7 +137,8 @@ def node_cut_off(story: Story, job: Launch) -> None:
     back = time.monotonic()
     steps = [s for s in saved_steps(job) if s > before]
     story.seen["cut_steps"] = steps
-    assert not save_errors(job), save_errors(job)
+    errors = save_errors(job)
+    assert not errors, errors
     assert steps, "no save returned while the node was cut off"
     wait_until(lambda: cut.pending(story.run_id) == 0, 60, step=0.2)
     story.seen["cut_drain_s"] = time.monotonic() - back
@@ -144,7 +147,12 @@ def node_cut_off(story: Story, job: Launch) -> None:
 
 
 def kill_after_a_recorded_save(story: Story, job: Launch) -> None:
-    last = job.of("save", rank=0)[-1]["step"]
+    if all(p.poll() is not None for p in job.procs):  # an earlier phase ended the job: start it again to kill it
+        story.seen["kill_relaunched"] = True
+        job = story.first = launch(story.first_nodes, *JOB, env={"MLFLOW_RUN_ID": story.run_id})
+        story.earlier.append(job)
+        job.wait_for(lambda e: e["event"] == "loaded" and e["rank"] == 0, LEASE_S + 120, "loaded")
+    last = job.of("save", rank=0)[-1]["step"] if job.of("save", rank=0) else 0
     job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] > last, 60, "one more save")
     drained(story, story.first_nodes, saved_steps(job), 30)
     for i in range(len(job.procs)):
@@ -167,8 +175,8 @@ def sigterm_every_agent(story: Story, job: Launch) -> None:
     job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] > start, 60, "a save after resume")
     job.signal_agents(signal.SIGTERM)
     story.seen["agent_rcs"] = job.wait(90)
-    story.seen["rank_exits"] = [line.strip() for i in range(len(job.procs))
-                                for line in job.output(i).splitlines() if "exitcode" in line]  # fmt: skip
+    said = [line.strip() for i in range(len(job.procs)) for line in job.output(i).splitlines()]
+    story.seen["rank_exits"] = [line for line in said if "exitcode" in line or "Signal" in line]
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +185,7 @@ def story(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     s = Story(mlflow_server, make_nodes(tmp / "first", mlflow_server, ["node-a", "node-b"]))
     print(f"distinct host names via unshare --uts: {uts_namespaces()}")
     s.first = first = launch(s.first_nodes, *JOB, "--experiment", f"nodes-{tmp.name}")
+    s.earlier.append(first)
     try:
         with s.phase("start"):
             s.rank0 = first.rank0_node()
@@ -199,7 +208,7 @@ def story(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
                                   "--run-id", s.run_id)  # fmt: skip
         yield s
     finally:
-        for j in (s.first, s.second):
+        for j in [*s.earlier, s.second]:
             if j is not None:
                 j.kill_all()
         for n in s.first_nodes + s.fresh_nodes:
@@ -239,7 +248,8 @@ def test_d_sigkill_and_relaunch_on_fresh_nodes_resumes_with_equal_state_in_time(
     assert story.first is not None
     loaded = story.seen["loaded"]
     assert loaded[0]["step"] == story.seen["latest_at_kill"] > 0, story.seen
-    assert loaded[0]["hash"] == hashes(story.first)[loaded[0]["step"]]  # full model + optimizer state
+    saved = {k: v for j in story.earlier for k, v in hashes(j).items()}
+    assert loaded[0]["hash"] == saved[loaded[0]["step"]]  # full model + optimizer state, as at that save
     assert story.seen["resume_s"] <= LEASE_S + 30, story.seen
     hosts = {e["host"] for e in story.second.of("start")} if story.second else set()
     assert not uts_namespaces() or hosts == {"node-c", "node-d"}
@@ -248,7 +258,8 @@ def test_d_sigkill_and_relaunch_on_fresh_nodes_resumes_with_equal_state_in_time(
 def test_e_each_node_downloads_its_share_on_resume(story: Story) -> None:
     story.check("relaunch")
     assert story.second is not None
-    manifest = next(r.manifest for r in catalog(story.url, story.run_id).scan() if r.manifest.step == story.seen["latest_at_kill"])
+    at_kill = story.seen["latest_at_kill"]
+    manifest = next(r.manifest for r in catalog(story.url, story.run_id).scan() if r.manifest.step == at_kill)
     for e in story.seen["loaded"].values():
         mine = share(manifest, [e["rank"]])
         print(f"node {e['node']} (rank {e['rank']}) downloaded {e['down']} B for a share of {mine} B: "
@@ -261,9 +272,10 @@ def test_e_each_node_downloads_its_share_on_resume(story: Story) -> None:
 
 def test_f_a_plain_process_resumes_a_two_node_checkpoint_at_world_size_1(story: Story) -> None:
     story.check("single")
-    assert story.single is not None and story.single.procs[0].returncode == 0, story.single.tail() if story.single else ""
+    assert story.single is not None
+    assert story.single.procs[0].returncode == 0, story.single.tail()
     loaded = story.single.of("loaded")[0]
-    known = {**hashes(story.first), **hashes(story.second)} if story.first and story.second else {}
+    known = {k: v for j in [*story.earlier, story.second] if j is not None for k, v in hashes(j).items()}
     assert loaded["step"] > 0 and loaded["hash"] == known[loaded["step"]], (loaded, known)
 
 
@@ -271,15 +283,17 @@ def test_g_sigterm_to_every_agent_writes_one_final_checkpoint_on_every_node(stor
     story.check("relaunch")
     story.check("sigterm")
     assert story.second is not None
-    print("agents exited", story.seen["agent_rcs"], "ranks:", story.seen["rank_exits"])
     finals = {e["rank"]: e for e in story.second.of("save")}  # each rank's last save event
+    print("agents exited", story.seen["agent_rcs"], "; the final save raised", {r: e["error"] for r, e in
+          finals.items()}, "; agents said", story.seen["rank_exits"])  # fmt: skip
     assert set(finals) == {0, 1} and len({e["step"] for e in finals.values()}) == 1, finals
     final = finals[0]["step"]
     name = f"step-{final:08d}"
     for n in story.fresh_nodes:  # committed on every node's disk, and recorded or queued
         assert (n.save_dir / story.run_id / name / "MANIFEST.json").exists(), (n.host, sorted(n.save_dir.rglob("*")))
     assert final in recorded_steps(story.url, story.run_id) or any(
-        p.step == final for n in story.fresh_nodes for p in _pending(n, story.run_id))
+        p.step == final for n in story.fresh_nodes for p in _pending(n, story.run_id)
+    )
     assert all(rc != 0 for rc in story.seen["agent_rcs"]), story.seen  # the job was stopped, not finished
 
 
@@ -287,3 +301,63 @@ def _pending(node: Node, run_id: str) -> list[Any]:
     from tracked_ckpt.outbox import Outbox
 
     return Outbox(node.save_dir).pending(run_id)
+
+
+# ------------------------------------------------------------------------------- long variants (--run-slow)
+
+
+@pytest.mark.slow
+def test_b_a_hung_server_costs_the_first_save_its_budget_then_nothing(mlflow_server: str, tmp_path: Path) -> None:
+    nodes = make_nodes(tmp_path, mlflow_server, ["node-a", "node-b"])
+    job = launch(nodes, *JOB, "--experiment", f"nodes-hang-{tmp_path.name}")
+    try:
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 4, 180, "two saves")
+        up = max(e["blocked"] for e in job.of("save", rank=0))
+        last = job.of("save", rank=0)[-1]["step"]
+        for n in nodes:
+            n.proxy.set_mode("hang")
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= last + 6, 3 * PUBLISH_S + 90,
+                     "three saves while the server hangs")  # fmt: skip
+        for n in nodes:
+            n.proxy.set_mode("pass")
+        back = time.monotonic()
+        assert not save_errors(job), save_errors(job)
+        during = [e["blocked"] for e in job.of("save", rank=0) if e["step"] > last]
+        print(f"save blocked with the server up: <= {up:.2f} s; while it hangs: {during}")
+        assert during[0] <= PUBLISH_S + 3, during  # the first save of the outage: at most its budget
+        assert max(during[1:]) <= up + 1.5, (up, during)  # later ones: their local commit
+        run_id = job.of("start", rank=0)[0]["run_id"]
+        wait_until(lambda: all(n.pending(run_id) == 0 for n in nodes), 10 + (time.monotonic() - back), step=0.2)
+        assert time.monotonic() - back <= 10
+    finally:
+        job.kill_all()
+        for n in nodes:
+            n.proxy.close()
+
+
+@pytest.mark.slow
+def test_e_two_ranks_per_node_fetch_once_per_node_and_a_same_node_relaunch_fetches_nothing(
+    mlflow_server: str, tmp_path: Path
+) -> None:
+    args = ("--width", "512", "--steps", "2", "--save-every", "2", "--lease-timeout", "5")
+    first = make_nodes(tmp_path / "first", mlflow_server, ["node-a", "node-b"])
+    fresh = make_nodes(tmp_path / "fresh", mlflow_server, ["node-c", "node-d"])
+    try:
+        job = launch(first, *args, "--experiment", f"nodes-4-{tmp_path.name}", nproc=2)
+        assert job.wait(240) == [0, 0], job.tail()
+        run_id = job.of("start", rank=0)[0]["run_id"]
+        manifest = catalog(mlflow_server, run_id).scan()[-1].manifest
+        for attempt in ("fresh nodes", "same nodes"):
+            for n in fresh:
+                n.proxy.up = n.proxy.down = 0
+            again = launch(fresh, *args, nproc=2, env={"MLFLOW_RUN_ID": run_id})
+            assert again.wait(240) == [0, 0], again.tail()
+            for i, n in enumerate(fresh):
+                ranks = sorted(e["rank"] for e in again.of("start") if e["node"] == i)
+                mine = share(manifest, ranks)
+                print(f"{attempt}: {n.host} (ranks {ranks}) downloaded {n.downloaded()} B, share {mine} B")
+                assert len(ranks) == 2
+                assert n.downloaded() <= (1.1 if attempt == "fresh nodes" else 0.05) * mine, (attempt, ranks)
+    finally:
+        for n in first + fresh:
+            n.proxy.close()
