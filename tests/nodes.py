@@ -246,3 +246,34 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.1)
             raise AssertionError(f"not within {timeout} s")
         time.sleep(step)
     return time.monotonic() - t0
+
+
+class Server:
+    """A real `mlflow server` on a fixed port that a test can SIGKILL and start again (same store, same URL)."""
+
+    def __init__(self, workdir: Path) -> None:
+        from conftest import free_port
+
+        self.workdir, self.port = workdir, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        from conftest import wait_healthy
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+               "--backend-store-uri", f"sqlite:///{self.workdir / 'server.db'}",
+               "--artifacts-destination", str(self.workdir / "artifacts"), "--workers", "1"]  # fmt: skip
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with open(self.workdir / "server.log", "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)  # fmt: skip
+        wait_healthy(self.url, self.proc, self.workdir / "server.log")
+
+    def kill(self) -> None:
+        """SIGKILL the server and its workers (its own process group), as a crash does."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()

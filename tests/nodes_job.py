@@ -3,6 +3,7 @@
 Under torchrun it trains a sharded model; started as a plain process (no ``RANK``) it is the world-size-1 resume
 of the same model. What it saw is printed as one ``NODES {json}`` line per event, for the harness to read live:
 
+- ``open_failed``: the error ``CheckpointManager(...)`` raised and the seconds it took to raise it;
 - ``start``: rank, world size, host name, resolved save_dir, run ID (after the manager opened the run);
 - ``loaded``: the step resumed from (0: none), seconds from process start, hash of the full model + optimizer state;
 - ``save``: step, seconds ``save()`` blocked, the hash of the full state at that save (``--hash-saves``), or the
@@ -105,9 +106,14 @@ def main() -> None:
                 fully_shard(layer)
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    mgr = CheckpointManager(a.save_dir, experiment=a.experiment, run_id=a.run_id, monitor="loss", mode="min",
-                            save_policy=EveryNSteps(a.save_every), publish_timeout=a.publish_timeout,
-                            lease_timeout=a.lease_timeout, save_on_sigterm=a.sigterm)  # fmt: skip
+    t_open = time.monotonic()
+    try:
+        mgr = CheckpointManager(a.save_dir, experiment=a.experiment, run_id=a.run_id, monitor="loss", mode="min",
+                                save_policy=EveryNSteps(a.save_every), publish_timeout=a.publish_timeout,
+                                lease_timeout=a.lease_timeout, save_on_sigterm=a.sigterm)  # fmt: skip
+    except Exception as e:  # e.g. RunLockedError: said with the seconds it took, then re-raised
+        say("open_failed", rank=rank, seconds=time.monotonic() - t_open, error=f"{type(e).__name__}: {e}")
+        raise
     say("start", rank=rank, world=world, host=socket.gethostname(), save_dir=str(mgr.save_dir), run_id=mgr.run_id,
         pid=os.getpid())  # fmt: skip
     meta = mgr.load(model, opt)

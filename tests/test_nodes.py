@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
-from nodes import Launch, Node, launch, make_nodes, run_single, uts_namespaces, wait_until
+from nodes import Launch, Node, Server, launch, make_nodes, run_single, uts_namespaces, wait_until
 
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.manifest import Manifest
@@ -93,8 +93,10 @@ class Story:
         try:
             yield
         except Exception as e:
-            tails = "\n".join(j.tail(25) for j in (self.first, self.second) if j is not None)
-            self.failed[name] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=3)}\n{tails}"
+            jobs = [j for j in (self.first, self.second) if j is not None]
+            refused = [f"node {e['node']} rank {e['rank']}: {e['error']}" for j in jobs for e in j.of("open_failed")]
+            tails = "\n".join(j.tail(25) for j in jobs)
+            self.failed[name] = f"{type(e).__name__}: {e}\n{refused}\n{traceback.format_exc(limit=3)}\n{tails}"
 
     def check(self, name: str) -> None:
         """Fail the calling test with the phase's own failure, if it had one."""
@@ -200,12 +202,15 @@ def story(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         with s.phase("relaunch"):
             relaunch_on_fresh_nodes(s, tmp)
         if s.second is not None:
+            with s.phase("refused"):
+                s.seen["other_job"] = run_single(tmp / "other", mlflow_server, "--width", "512", "--steps", "0",
+                                                 "--run-id", s.run_id)  # fmt: skip
             with s.phase("sigterm"):
                 sigterm_every_agent(s, s.second)
             s.second.kill_all()
         with s.phase("single"):
             s.single = run_single(tmp / "single", mlflow_server, "--width", "512", "--steps", "0",
-                                  "--run-id", s.run_id)  # fmt: skip
+                                  "--lease-timeout", str(LEASE_S), "--run-id", s.run_id)  # fmt: skip
         yield s
     finally:
         for j in [*s.earlier, s.second]:
@@ -253,6 +258,16 @@ def test_d_sigkill_and_relaunch_on_fresh_nodes_resumes_with_equal_state_in_time(
     assert story.seen["resume_s"] <= LEASE_S + 30, story.seen
     hosts = {e["host"] for e in story.second.of("start")} if story.second else set()
     assert not uts_namespaces() or hosts == {"node-c", "node-d"}
+
+
+def test_d_a_different_live_job_on_the_run_is_refused_at_once(story: Story) -> None:
+    story.check("relaunch")
+    story.check("refused")
+    other: Launch = story.seen["other_job"]  # a plain process on another host, while the relaunched job is alive
+    failed = other.of("open_failed")
+    assert other.procs[0].returncode != 0 and failed, other.tail()
+    assert failed[0]["error"].startswith("RunLockedError"), failed
+    assert failed[0]["seconds"] <= LEASE_S / 4 + 5, failed  # at once: within one heartbeat interval, not a lease
 
 
 def test_e_each_node_downloads_its_share_on_resume(story: Story) -> None:
@@ -360,4 +375,32 @@ def test_e_two_ranks_per_node_fetch_once_per_node_and_a_same_node_relaunch_fetch
                 assert n.downloaded() <= (1.1 if attempt == "fresh nodes" else 0.05) * mine, (attempt, ranks)
     finally:
         for n in first + fresh:
+            n.proxy.close()
+
+
+@pytest.mark.slow
+def test_a_the_server_process_sigkilled_and_started_again_20_s_later(tmp_path: Path) -> None:
+    server = Server(tmp_path / "server")
+    server.start()
+    nodes = make_nodes(tmp_path, server.url, ["node-a", "node-b"])
+    job = launch(nodes, *JOB, "--experiment", "nodes-server-kill")
+    try:
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 4, 180, "two saves")
+        run_id = job.of("start", rank=0)[0]["run_id"]
+        server.kill()
+        time.sleep(OUTAGE_S)
+        server.start()  # ~30-60 s here: the outage lasts until it answers
+        back = time.monotonic()
+        steps = saved_steps(job)
+        wait_until(lambda: all(n.pending(run_id) == 0 for n in nodes) and set(steps) <= set(
+            recorded_steps(server.url, run_id)), 60, step=0.2)  # fmt: skip
+        drained_s = time.monotonic() - back
+        errors = save_errors(job)
+        assert not errors, errors
+        print(f"saves while the server was gone: {[s for s in steps if s > 4]}; recorded {drained_s:.1f} s after")
+        assert drained_s <= 10
+    finally:
+        job.kill_all()
+        server.kill()
+        for n in nodes:
             n.proxy.close()
