@@ -6,8 +6,9 @@ of the same model. What it saw is printed as one ``NODES {json}`` line per event
 - ``open_failed``: the error ``CheckpointManager(...)`` raised and the seconds it took to raise it;
 - ``start``: rank, world size, host name, resolved save_dir, run ID (after the manager opened the run);
 - ``loaded``: the step resumed from (0: none), seconds from process start, hash of the full model + optimizer state;
-- ``save``: step, seconds ``save()`` blocked, the hash of the full state at that save (``--hash-saves``), or the
-  error ``save()`` raised (the job then re-raises it: a loop written as the docs show dies there);
+- ``saving``: step and the hash of the full state about to be saved (``--hash-saves``), before ``save()``;
+- ``save``: step, seconds ``save()`` blocked, the same hash, and the error ``save()`` raised, or None (the job then
+  re-raises it: a loop written as the docs show dies there);
 - ``end``: last step, hash of the full state, the entries left in this rank's node outbox.
 
 The run: ``--run-id`` or ``MLFLOW_RUN_ID`` (what a scheduler relaunch passes); the server: ``MLFLOW_TRACKING_URI``
@@ -130,6 +131,7 @@ def main() -> None:
         time.sleep(a.step_sleep)
         if mgr.should_save(step):
             saved_hash = state_hash(model, opt, rank) if a.hash_saves else None
+            say("saving", rank=rank, step=step, hash=saved_hash)  # before save(): a kill may come before it returns
             t0 = time.monotonic()
             try:
                 mgr.save(model, opt, {"step": step, "loss": float(loss.detach())})

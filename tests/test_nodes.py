@@ -64,7 +64,7 @@ def save_errors(job: Launch) -> list[str]:
 
 def hashes(job: Launch) -> dict[int, str]:
     """The full-state hash at each save, as rank 0 printed it (rank 0 holds the gathered full state)."""
-    return {e["step"]: e["hash"] for e in job.of("save", rank=0)}
+    return {e["step"]: e["hash"] for e in job.of("saving", rank=0)}
 
 
 def share(manifest: Manifest, ranks: list[int]) -> int:
@@ -142,9 +142,8 @@ def node_cut_off(story: Story, job: Launch) -> None:
     errors = save_errors(job)
     assert not errors, errors
     assert steps, "no save returned while the node was cut off"
-    wait_until(lambda: cut.pending(story.run_id) == 0, 60, step=0.2)
+    drained(story, story.first_nodes, saved_steps(job), 60)  # its outbox (and rank 0's) empty, every step recorded
     story.seen["cut_drain_s"] = time.monotonic() - back
-    drained(story, story.first_nodes, saved_steps(job), 60)
     story.seen["cut_uploaded"] = cut.proxy.up - up_before
 
 
