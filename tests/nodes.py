@@ -7,8 +7,9 @@ downloads and refuses, hangs or passes on demand. The agents rendezvous with ``-
 127.0.0.1, as ``torchrun --nnodes=2`` does across machines; gloo is pinned to loopback because the host names
 given here resolve nowhere.
 
-Where ``unshare --uts`` is not allowed (no CAP_SYS_ADMIN, e.g. an unprivileged container), the nodes keep the
-machine's host name and differ by working directory only; ``UTS`` says which, and the tests print it.
+Where ``unshare --uts`` is not allowed (no CAP_SYS_ADMIN, e.g. an unprivileged container), a user namespace is
+tried (``unshare --user --map-root-user --uts``); where neither is, the nodes keep the machine's host name and
+differ by working directory only; ``uts_namespaces()`` says which, and the tests print it.
 
 Workers run in their own sessions (torchrun starts them so), so killing a node kills the agent and every process
 below it by PID, as a node's preemption does.
@@ -38,14 +39,23 @@ Event = dict[str, Any]
 
 
 @cache
+def unshare_prefix() -> tuple[str, ...] | None:
+    """How this process may give a child its own host name: ``unshare --uts`` as root, else inside a user
+    namespace (unprivileged, where the kernel allows them); None where neither works."""
+    for prefix in (("unshare", "--uts"), ("unshare", "--user", "--map-root-user", "--uts")):
+        try:
+            p = subprocess.run([*prefix, "sh", "-c", "hostname tracked-ckpt-probe && hostname"],
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if p.returncode == 0 and p.stdout.strip() == "tracked-ckpt-probe":
+            return prefix
+    return None
+
+
 def uts_namespaces() -> bool:
-    """Whether this process may give a child its own host name (root, or a user namespace that allows it)."""
-    try:
-        p = subprocess.run(["unshare", "--uts", "sh", "-c", "hostname tracked-ckpt-probe && hostname"],
-                           capture_output=True, text=True, timeout=10)  # fmt: skip
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return p.returncode == 0 and p.stdout.strip() == "tracked-ckpt-probe"
+    """Whether the nodes get distinct host names here."""
+    return unshare_prefix() is not None
 
 
 @dataclass
@@ -201,8 +211,9 @@ def launch(
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={len(nodes)}", f"--nproc-per-node={nproc}",
                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--local-addr=127.0.0.1",
                "--max-restarts=0", str(job), *job_args]  # fmt: skip
-        if uts_namespaces():
-            cmd = ["unshare", "--uts", "sh", "-c", f'hostname {node.host} && exec "$@"', "sh", *cmd]
+        prefix = unshare_prefix()
+        if prefix is not None:
+            cmd = [*prefix, "sh", "-c", f'hostname {node.host} && exec "$@"', "sh", *cmd]
         full_env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1",
                     "GLOO_SOCKET_IFNAME": "lo", "MLFLOW_TRACKING_URI": node.proxy.url, **(env or {})}  # fmt: skip
         for name in ("MAX_RETRIES", "TIMEOUT", "BACKOFF_FACTOR"):
