@@ -96,7 +96,7 @@ class PermanentStoreError(StoreError):
 
 
 PROBE_INTERVALS = (1.0, 2.0, 4.0)  # seconds between probes during an outage (then the last, repeated)
-WAIT_INTERVALS = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between passes while an entry is Waiting (then the last)
+WAIT_INTERVALS = (0.2, 0.5, 1.0)  # seconds between passes while an entry waits for other nodes (then the last)
 
 
 class Publisher:

@@ -171,6 +171,7 @@ def prune_node(recorder: RunRecorder, kept: set[str]) -> None:
     """Another node's leader drops its copies of checkpoints the run no longer keeps (retention, dead saves);
     what its own outbox still has to upload stays."""
     queued = {p.name for p in recorder.outbox.pending(recorder.run_id)}
+    recorder.publishing.dropped.update(queued - kept)  # its publisher skips them (and removes their copies)
     gone = recorder.local.prune(recorder.run_id, kept | queued)
     if gone:
         log.info("removed %d local copies the run no longer keeps from %s: %s", len(gone), recorder.local.root,
