@@ -5,7 +5,7 @@ fixture plays the whole story once, because each launch costs ~30-50 s on 2 busy
 saw; each test then asserts its part of it from the outside (the job's printed events, each node's disk, each
 proxy's byte counts, the run in MLflow):
 
-1. two nodes train (FSDP2, gloo), a checkpoint every 2 steps; both proxies refuse for 20 s (the server gone, as
+1. two nodes train (FSDP2, gloo), a checkpoint every 6 steps; both proxies refuse for 20 s (the server gone, as
    the clients see it), then pass; then the node without rank 0 is cut off for 8 s, then reconnected;
 2. every node is SIGKILLed right after a save is recorded;
 3. the job is relaunched at once on two fresh nodes (new directories, new host names; MLFLOW_RUN_ID, as a
