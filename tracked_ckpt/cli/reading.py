@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import EXIT_CODES_HELP, EXIT_CORRUPT
-from .group import FORMAT, REF_HELP, _common, _mode_options, _reads, cli
+from .group import FORMAT, REF_HELP, _common, _mode_options, _reads, cli, open_run, store_factory
 from .output import (
     _checkpoints_table,
     _emit_frame,
@@ -228,26 +228,20 @@ def _uri_of(catalog: RunCatalog, r: Resolved) -> str:
 
 
 def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> tuple[RunCatalog, Resolved]:
-    from .. import maintenance
+    from ..resolver import resolve
 
-    parsed = _parse(ref)
-    if parsed is None:  # models:/...: MLflow's model APIs name the run and the folder
-        from ..lifecycle import resolve_source
-        from ..store.reading import read_client
-
-        return resolve_source(read_client(tracking_uri), ref)
-    catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
-    return catalog, maintenance.resolve(catalog, parsed, metric, mode)
+    _parse(ref)  # exit 2 for a malformed one, before asking MLflow
+    return resolve(ref, tracking_uri=tracking_uri, store_factory=store_factory(), metric=metric, mode=mode)
 
 
 def _parse(ref: str) -> Any:
-    """A run reference (maintenance.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
-    from .. import maintenance
+    """A run reference (refs.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
     from ..errors import ConfigError
-    from ..refs import is_model_uri, parse_model
+    from ..refs import Ref, parse_any
 
     try:
-        return None if is_model_uri(ref) and parse_model(ref) else maintenance.parse(ref)
+        parsed = parse_any(ref)
+        return parsed if isinstance(parsed, Ref) else None
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="REF") from None
 
@@ -325,13 +319,10 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
     from ..progress import human_bytes
 
     parsed = _parse(ref)
-    if parsed is None:
+    if parsed is None or parsed.explicit:
         verdicts = [maintenance.verify_one(*_resolve(ref, metric, mode, tracking_uri))]
-    elif parsed.explicit:
-        catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
-        verdicts = [maintenance.verify_one(catalog, maintenance.resolve(catalog, parsed, metric, mode))]
     else:
-        verdicts = maintenance.verify_run(maintenance.open_catalog(parsed.run_id, tracking_uri))
+        verdicts = maintenance.verify_run(open_run(parsed.run_id, tracking_uri))
     for v in verdicts:
         what = f"step {v.step}: {v.files} files, {human_bytes(v.size)}" if v.step is not None else ""
         click.echo(f"{v.status.upper():<11} {v.path}  {what}".rstrip())

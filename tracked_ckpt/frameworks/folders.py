@@ -26,10 +26,10 @@ from ..local import foreign_files
 from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
 from ..progress import human_bytes
 from ..refs import Which, ref_for
+from ..resolver import open_catalog
 from ..runtags import monitor_of
 from ..state import split_metadata
-from ..store.reading import read_client, reading
-from ..store.run_store import RunStore
+from ..store.reading import reading
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager
@@ -154,7 +154,7 @@ def fetch_checkpoint(
     """``fetch_folder``, and the checkpoint's manifest (step, epoch, metrics, metadata)."""
     dest = Path(dest)
     with reading():
-        catalog = RunCatalog(RunStore(read_client(tracking_uri), run_id))
+        catalog = open_catalog(run_id, tracking_uri)
         if which == "latest":
             candidates: Iterator[Resolved] = (
                 r for r in catalog.candidates_latest_first() if format is None or r.manifest.format == format
