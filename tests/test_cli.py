@@ -38,6 +38,7 @@ from tracked_ckpt.maintenance import open_catalog, parse, plan_prune
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest, hash_file
 from tracked_ckpt.policies import KeepLast
 from tracked_ckpt.progress import Progress
+from tracked_ckpt.resolver import resolve
 from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_PRUNED
 from tracked_ckpt.store.run_store import RunStore
 
@@ -249,7 +250,9 @@ def test_best_of_a_loss_min_run_is_the_same_for_load_cli_and_manager(tmp_path: P
     assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best")["step"] == 20
     code, out, err = invoke("show", f"{run_id}@best", "--format", "json")
     assert code == 0 and json.loads(out)["step"] == 20, err
+    assert resolve(f"{run_id}@best")[1].manifest.step == 20  # the one resolver every path above goes through
     with CheckpointManager(tmp_path / "ckpt", resume="must", **kwargs) as mgr:  # type: ignore[arg-type]
+        assert mgr.get_best_checkpoint() == f"runs:/{run_id}/checkpoints/step-00000020"
         assert mgr.load(fresh, fresh_opt, which="best")["step"] == 20
     # An explicit metric still wins over the run's monitor (the loss's worst, by max).
     assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best", metric="loss", mode="max")["step"] == 10

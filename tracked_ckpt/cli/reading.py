@@ -60,20 +60,19 @@ def ls_cmd(
       tracked-ckpt ls RUN_ID --format csv > checkpoints.csv
     """
     from ..errors import CheckpointNotFoundError
-    from ..store.reading import read_client
     from ..views import checkpoints_of, tracked_runs
 
-    client = read_client(tracking_uri)
+    tracking = _tracking(tracking_uri)
     mode_ = mode if mode is None else _check_mode(mode)
     if run_id is not None:
-        df = checkpoints_of(client, [run_id], metric, mode_)
+        df = checkpoints_of(tracking.client, [run_id], metric, mode_, store_factory())
         if df.empty:
-            raise CheckpointNotFoundError(f"run {run_id} at {_redacted(client)} has no committed checkpoint")
+            raise CheckpointNotFoundError(f"run {run_id} at {tracking.server} has no committed checkpoint")
     else:
-        runs = tracked_runs(client, _experiment_ids(client, experiment))
-        df = checkpoints_of(client, [r.info.run_id for r in runs], metric, mode_)
+        runs = tracked_runs(tracking, _experiment_ids(tracking, experiment))
+        df = checkpoints_of(tracking.client, [r.info.run_id for r in runs], metric, mode_, store_factory())
     if df.empty:
-        click.echo(f"no committed checkpoints {_searched(client, experiment)}", err=True)
+        click.echo(f"no committed checkpoints {_searched(tracking, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
     elif not df.empty:
@@ -106,41 +105,42 @@ def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | N
       tracked-ckpt runs --tree
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
-    from ..store.reading import read_client
     from ..views import runs_frame, tracked_runs
 
-    client = read_client(tracking_uri)
-    df = runs_frame(tracked_runs(client, _experiment_ids(client, experiment)))
+    tracking = _tracking(tracking_uri)
+    df = runs_frame(tracked_runs(tracking, _experiment_ids(tracking, experiment)))
     if df.empty:
-        click.echo(f"no runs with tracked_ckpt checkpoints {_searched(client, experiment)}", err=True)
+        click.echo(f"no runs with tracked_ckpt checkpoints {_searched(tracking, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
     elif not df.empty:
         click.echo(_runs_table(_tree_order(df) if tree else df, tree=tree))
 
 
-def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+def _tracking(tracking_uri: str | None) -> Any:
+    """The tracking server's store of this invocation (an existing store only), through the store seam."""
+    from ..resolver import server_store
+    from ..store.reading import read_client
+
+    return server_store(read_client(tracking_uri), store_factory())
+
+
+def _experiment_ids(tracking: Any, experiment: str | None) -> list[str]:
     """The experiment named, else every active one (never created: reads look things up)."""
     from ..runs import existing_experiment_ids
 
-    return existing_experiment_ids(client, _redacted(client), experiment, every=True)
+    return existing_experiment_ids(tracking, tracking.server, experiment, every=True)
 
 
-def _searched(client: Any, experiment: str | None) -> str:
+def _searched(tracking: Any, experiment: str | None) -> str:
     where = f"experiment {experiment!r}" if experiment else "any experiment"
-    return f"in {where} at {_redacted(client)}"
+    return f"in {where} at {tracking.server}"
 
 
 def _check_mode(mode: str) -> Any:
     from ..policies import check_mode
 
     return check_mode(mode)
-
-
-def _redacted(client: Any) -> str:
-    from ..store.run_store import redact
-
-    return redact(str(client.tracking_uri))
 
 
 # ------------------------------------------------------------------------------------------------- show
