@@ -17,10 +17,10 @@ from .data import data_parts
 from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
 from .refs import Which
-from .resolver import StoreFactory, locate, open_catalog, select
+from .resolver import locate, open_catalog, select
 from .state import Stateful, TrainingState
 from .store.reading import read_client, reading
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
 from .progress import human_bytes
 from .refs import ref_for
-from .resolver import StoreFactory, resolve
+from .resolver import resolve
 from .state import STATE_FILE
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from .evals import TAG_EVALS, eval_keys, last_scored_step, record_eval
 from .manifest import MANIFEST_NAME, Manifest
 from .progress import human_bytes
 from .refs import parse, ref_for
-from .resolver import StoreFactory, open_catalog
+from .resolver import open_catalog
 from .runtags import TAG_LATEST, TAG_LATEST_STEP
 from .state import Stateful, TrainingState
 from .store import http as _http
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 

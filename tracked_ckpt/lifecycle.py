@@ -35,7 +35,7 @@ from .errors import ConfigError, TrackedCkptError
 from .models import FLAVOR, MODEL_TAG_CHECKPOINT, MODEL_TAG_DIGEST, MODEL_TAG_STEP, CheckpointModels, model_tags
 from .models import checkpoint_digest as manifest_digest
 from .refs import parse_any, ref_for
-from .resolver import StoreFactory, resolve, server_store
+from .resolver import resolve, server_store
 from .runtags import (
     TAG_COUNT,
     TAG_FORK_ORIGINS,
@@ -46,7 +46,7 @@ from .runtags import (
     monitor_of,
     promoted_paths,
 )
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 from .store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)

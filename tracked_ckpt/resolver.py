@@ -9,8 +9,6 @@ a test's subclass of ``RunStore`` sees every call a command makes, the registry 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
@@ -18,10 +16,8 @@ from .errors import CheckpointNotFoundError, StoreError
 from .models import MODEL_TAG_CHECKPOINT
 from .refs import ModelRef, Ref, Which, parse_any, parse_ref
 from .store.reading import read_client
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 from .store.tracking import TrackingStore, not_found
-
-StoreFactory = Callable[..., RunStore]  # (client, run_id, *, connect=True) -> RunStore
 
 
 def open_catalog(

@@ -32,7 +32,7 @@ from .errors import StoreError
 from .evals import eval_metrics, with_scores
 from .policies import Mode, best_of
 from .refs import ref_for
-from .resolver import StoreFactory, open_catalog, server_store
+from .resolver import open_catalog, server_store
 from .runs import existing_experiment_ids
 from .runtags import (
     METRIC_BLOCKED_S,
@@ -51,7 +51,7 @@ from .runtags import (
     monitor_of,
 )
 from .store.reading import read_client, reading
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 from .store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +36,7 @@ from . import http as _http
 from . import transfer
 from .tracking import TrackingStore, describe_mlflow_error, redact
 
-__all__ = ["Entry", "Fetched", "RunStore", "describe_mlflow_error", "redact"]
+__all__ = ["Entry", "Fetched", "RunStore", "StoreFactory", "describe_mlflow_error", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +240,9 @@ class RunStore(TrackingStore):
         quiet = contextlib.redirect_stdout(io.StringIO()) if "@" in str(self.client.tracking_uri) else None
         with quiet or contextlib.nullcontext():
             self._call(lambda: self.client.set_terminated(self.run_id, status=status), f"mark run {status}")
+
+
+StoreFactory = Callable[..., RunStore]  # (client, run_id, *, connect=True) -> RunStore: the seam's type
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
