@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import pty
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -61,6 +59,7 @@ EVERY_COMMAND = [
     ["--help"],
     ["--version"],
 ]
+pytestmark = pytest.mark.usefixtures("restore_logging")  # in-process invocations configure logging
 ISO_UTC_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -97,19 +96,6 @@ def run5(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A run with checkpoints at steps 10..50 (rewards in REWARDS), left unchanged by every test."""
     experiment = f"cli-{uuid.uuid4().hex[:8]}"
     return make_run(tmp_path_factory.mktemp("run5"), experiment), experiment
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """In-process invocations configure logging like the real command; undo it for the other test modules."""
-    root, ours = logging.getLogger(), logging.getLogger("tracked_ckpt")
-    saved = (list(root.handlers), root.level, ours.level, os.environ.get("MLFLOW_LOGGING_LEVEL"))
-    yield
-    root.handlers[:], root.level, ours.level = saved[0], saved[1], saved[2]
-    if saved[3] is None:
-        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
-    else:
-        os.environ["MLFLOW_LOGGING_LEVEL"] = saved[3]
 
 
 # --------------------------------------------------------------------------------------------------- help

@@ -7,10 +7,7 @@ subclassing the real RunStore (no mocks).
 
 from __future__ import annotations
 
-import logging
-import os
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from tracked_ckpt.errors import CheckpointNotFoundError
 from tracked_ckpt.resolver import open_catalog, resolve
 
 EXPERIMENT = f"resolver-{uuid.uuid4().hex[:8]}"
+pytestmark = pytest.mark.usefixtures("restore_logging")  # the CLI commands run in-process
 LOSSES = {10: 0.9, 20: 0.2, 30: 0.5}  # by loss, min: the best is step 20; the latest is step 30
 
 
@@ -41,18 +39,6 @@ def loss_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     name = f"resolver-{uuid.uuid4().hex[:8]}"
     tracked_ckpt.promote(f"{run_id}@best", name, alias="prod")
     return run_id, name
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """In-process CLI invocations configure logging like the real command; undo it for the other test modules."""
-    root, ours = logging.getLogger(), logging.getLogger("tracked_ckpt")
-    saved = (list(root.handlers), root.level, ours.level, os.environ.get("MLFLOW_LOGGING_LEVEL"))
-    yield
-    root.handlers[:], root.level, ours.level = saved[0], saved[1], saved[2]
-    os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
-    if saved[3] is not None:
-        os.environ["MLFLOW_LOGGING_LEVEL"] = saved[3]
 
 
 def test_every_form_of_a_reference_names_the_same_checkpoint(loss_run: tuple[str, str]) -> None:
