@@ -46,8 +46,9 @@ def load(
     "best" is by the run's own monitor (the ``monitor``/``mode`` it was saved with) unless ``metric``/``mode``
     name another.
 
-    ``run_id`` may also be a registered model version made by ``promote``: ``"models:/NAME@ALIAS"`` or
-    ``"models:/NAME/VERSION"`` (its checkpoint is loaded, verified like any other; ``which`` is ignored).
+    ``run_id`` may also be any checkpoint reference (refs.py): ``"RUN@best"``, ``"runs:/RUN/checkpoints/NAME"``, a
+    checkpoint's logged model ``"models:/<model_id>"`` or a version made by ``promote``, ``"models:/NAME@ALIAS"`` /
+    ``"models:/NAME/VERSION"`` (loaded, verified like any other); ``which`` applies to a bare run ID only.
 
     ``data`` restores the data position saved with ``save(..., data=)`` (this process: world size 1, docs/data.md).
     ``store_factory``: the storage seam, as ``CheckpointManager`` takes it (a subclass of ``RunStore``).
