@@ -43,6 +43,8 @@ MODEL_ID = "m-" + "0123456789abcdef" * 2
 )
 def test_every_form_of_the_grammar_parses(text: str, expected: Ref | ModelRef) -> None:
     assert parse_any(text) == expected
+    if isinstance(expected, ModelRef):
+        assert expected.uri == text  # and is written back as it was read
 
 
 @pytest.mark.parametrize(

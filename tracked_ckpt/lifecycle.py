@@ -34,7 +34,7 @@ from .catalog import Resolved
 from .errors import ConfigError, TrackedCkptError
 from .models import FLAVOR, MODEL_TAG_CHECKPOINT, MODEL_TAG_DIGEST, MODEL_TAG_STEP, CheckpointModels, model_tags
 from .models import checkpoint_digest as manifest_digest
-from .refs import parse_any, ref_for
+from .refs import ModelRef, parse_any, ref_for
 from .resolver import resolve, server_store
 from .runtags import (
     TAG_COUNT,
@@ -139,7 +139,7 @@ class Promoted:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+        return ModelRef(name=self.name, alias=self.alias, version=self.version).uri
 
 
 def promote(
@@ -210,7 +210,7 @@ def _version_source(registry: TrackingStore, model_id: str) -> str:
 
     uri = str(registry.client.tracking_uri)
     if uri.startswith(("http://", "https://")) or uri == mlflow.get_tracking_uri():
-        return f"models:/{model_id}"
+        return ModelRef(model_id=model_id).uri
     log.info("registering %s by its artifact location: MLFLOW_TRACKING_URI names another store than %s",
              model_id, registry.server)  # fmt: skip
     return str(registry.logged_model(model_id).artifact_location)

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError, StoreError
 from .manifest import Manifest
-from .refs import parse_ref, ref_for
+from .refs import ModelRef, parse_ref, ref_for
 from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class CheckpointModels:
         flavor = {
             "checkpoint": ref_for(self.store.run_id, path), "step": m.step, "digest": checkpoint_digest(m),
             "format": m.format, "world_size": m.world_size, "library_version": m.library_version,
-            "load": f"tracked_ckpt.load('models:/{lm.model_id}', model)",
+            "load": f"tracked_ckpt.load('{ModelRef(model_id=lm.model_id).uri}', model)",
         }  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
             mlmodel = Model(artifact_path=model_name(path), run_id=self.store.run_id, flavors={FLAVOR: flavor},

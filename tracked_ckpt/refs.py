@@ -53,6 +53,13 @@ class ModelRef:
     alias: str | None = None
     version: str | None = None
 
+    @property
+    def uri(self) -> str:
+        """The ``models:/`` text naming it (``parse_model``'s inverse)."""
+        if self.model_id is not None:
+            return f"{MODELS}{self.model_id}"
+        return f"{MODELS}{self.name}@{self.alias}" if self.alias else f"{MODELS}{self.name}/{self.version}"
+
 
 def parse_model(uri: str) -> ModelRef:
     """Parse ``models:/<model_id>``, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
