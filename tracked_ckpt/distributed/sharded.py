@@ -46,6 +46,7 @@ from ..local import STAGING
 from ..manifest import FileEntry, Manifest, hash_file, write_file
 from ..recording import RunRecorder
 from ..refs import ref_for
+from ..session import RunSession
 from ..state import TrainingState
 from .node_copy import node_view
 from .ranks import TorchRun, portable
@@ -159,6 +160,20 @@ class ShardedWriter:
             world_size=self.ranks.world_size,
             **fields,
         )
+
+
+def join_ranks(ranks: TorchRun, session: RunSession, run_id: str, node: list[int], save_rng: bool) -> ShardedWriter:
+    """After rank 0 opened the run: the other ranks join it, each node's leader cleans its save_dir (a dead save's
+    staging, copies the run no longer keeps) and starts its publisher; returns this rank's sharded writer."""
+    leader = node[0] == ranks.rank
+    if not ranks.is_rank0:
+        session.join(run_id, shares=leader)
+        if leader:  # another node's leader: what a dead save left here is garbage
+            session.local.sweep_staging(max_age_s=0)
+    kept = ranks.on_rank0(lambda: kept_names(session.recorder))
+    if leader and not ranks.is_rank0:
+        prune_node(session.recorder, kept)  # copies retention dropped while this node was away
+    return ShardedWriter(ranks, session.local.root, session.recorder, node, save_rng)
 
 
 def kept_names(recorder: RunRecorder) -> set[str]:
