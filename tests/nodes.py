@@ -71,11 +71,12 @@ class Node:
     def save_dir(self) -> Path:
         return self.workdir / self.save_dir_name
 
-    def pending(self, run_id: str) -> int:
-        """Entries left in this node's outbox, read from its disk (as `tracked-ckpt sync` would)."""
+    def pending(self, run_id: str, up_to: int | None = None) -> int:
+        """Entries left in this node's outbox (of steps <= ``up_to``), read from its disk (as `tracked-ckpt sync`
+        would)."""
         from tracked_ckpt.outbox import Outbox
 
-        return len(Outbox(self.save_dir).pending(run_id))
+        return sum(1 for p in Outbox(self.save_dir).pending(run_id) if up_to is None or p.step <= up_to)
 
     def downloaded(self) -> int:
         return self.proxy.down
