@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| save blocked, server up (s) | {show(fmt['up'])} | |")
     print(f"| 1st save of the outage (s) | {show(fmt['first'])} | <= publish_timeout |")
     print(f"| later saves of the outage ÷ server up | {show(ratio, 'x')} | <= 1.1x |")
-    print(f"| server back -> every node's outbox empty (s) | {show(fmt['drain'])} | <= 10 s |")
+    print(f"| server back -> the outage's backlog recorded from every node (s) | {show(fmt['drain'])} | <= 10 s |")
 
 
 if __name__ == "__main__":
