@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from ._faults import fault_point
 from .catalog import Resolved, info_of
 from .errors import SaveError, StoreError
+from .formats import format_of
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .models import CheckpointModels, optional
@@ -116,8 +117,9 @@ def publish_pending(rec: Recording, p: Pending) -> None:
     ours = p.seq in rec._mine  # else queued by an earlier process, which may have made its model already
     models = rec.models
     model = models.submit(lambda: models.begin(path, manifest, ours=ours)) if models is not None else None
+    fmt = format_of(manifest)
     for f in manifest.files:
-        if not (folder / f.name).is_file() and manifest.format == "dcp" and rec.store.exists(f"{path}/{f.name}"):
+        if not (folder / f.name).is_file() and fmt.sharded and rec.store.exists(f"{path}/{f.name}"):
             continue  # a shard that its own rank uploaded (a node-local save_dir on another node)
         sub = f.name.rpartition("/")[0]  # a foreign folder's nested file goes into the same subfolder
         rec.store.upload(folder / f.name, f"{path}/{sub}" if sub else path)

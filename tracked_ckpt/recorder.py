@@ -30,6 +30,7 @@ from . import publishing, recovery
 from ._faults import fault_point
 from .catalog import Resolved, RunCatalog, info_of, name_step
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, SaveError, StoreError
+from .formats import format_of
 from .local import LocalDir
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, Manifest
 from .models import CheckpointModels
@@ -234,7 +235,7 @@ class RunRecorder:
         return max(self.index.values(), key=lambda c: c.seq).step if self.index else None
 
     def _saved(self, m: Manifest, name: str, recorded: bool, latest: int | None, t0: float) -> None:
-        ranks = f", {m.world_size} ranks" if m.format == "dcp" else ""
+        ranks = f", {m.world_size} ranks" if format_of(m).sharded else ""
         queued = "" if recorded else "; queued for MLflow (see outbox)"
         ref = ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}")
         log.info("saved step %d to %s (%s%s) in %.2f s%s", m.step, ref, human_bytes(m.size), ranks,

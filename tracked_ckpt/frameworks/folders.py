@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..catalog import Resolved, RunCatalog
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, SaveError, StoreError
+from ..formats import format_of
 from ..local import foreign_files
 from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
 from ..progress import human_bytes
@@ -181,7 +182,7 @@ def fetch_checkpoint(
 
 def _fetch_one(catalog: RunCatalog, r: Resolved, dest: Path) -> Path:
     m = r.manifest
-    if m.format not in FOREIGN_FORMATS:
+    if format_of(m).own:
         raise CheckpointNotFoundError(
             f"{ref_for(catalog.run_id, r.path)} is a tracked_ckpt {m.format!r} checkpoint, not a library's folder; "
             "restore it with tracked_ckpt.load(run_id, model, optimizer)"
