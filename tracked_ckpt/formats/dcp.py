@@ -1,4 +1,8 @@
-"""DCP (torch.distributed.checkpoint) folders: the state dict saved under torchrun, restored without running code.
+"""The DCP format ("dcp"): the torch.distributed.checkpoint folder saved under torchrun, restored without running code.
+
+Each rank writes its shard with ``dcp.save``, then ``stage_rank`` (its RNG, its data position, the hashes of its
+files); rank 0 gathers every rank's entries into one manifest (``DCP_FOLDER.describe``). ``DCP_FOLDER`` restores
+it at any world size, collectively under torchrun or in one process, and reads the model's tensors alone.
 
 Stock DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with ``weights_only=False``:
 a planted ``.metadata`` runs code inside ``dcp.load``. Here ``.metadata`` goes through an Unpickler that
