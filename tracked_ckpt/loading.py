@@ -17,7 +17,7 @@ from typing import Any
 
 from .catalog import Resolved, RunCatalog
 from .errors import CheckpointCorruptError, CheckpointNotFoundError
-from .formats import format_of
+from .formats import Job, format_of
 from .progress import human_bytes
 from .refs import ref_for
 from .state import TrainingState
@@ -44,7 +44,7 @@ def load_resolved(
     only = fmt.restore_files(r.manifest, where, weights_only)  # raises, before any download, if it cannot restore
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
         folder = catalog.fetch_verified(r, Path(tmp), cache_dir, only)
-        fmt.restore(folder, r.manifest, state, where, only=only, world_size=world_size)
+        fmt.restore(folder, r.manifest, state, where, only, Job(world_size))
     log.info(
         "restored step %d from %s (%s) in %.2f s",
         r.manifest.step,

@@ -16,12 +16,26 @@ loading, the catalog and the recorder: it reads a folder that they fetched and v
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import CheckpointCorruptError
 from ..manifest import FOREIGN_FORMATS, FileEntry, Manifest
 from ..state import TrainingState
+
+
+@dataclass(frozen=True)
+class Job:
+    """The job a restore runs in: its world size (a data position fits one), this rank, and the group of a
+    collective restore under torchrun (None: this process restores alone, whatever the saved world size)."""
+
+    world_size: int = 1
+    rank: int = 0
+    group: Any = None
+
+
+ONE = Job()  # one process
 
 
 class Format(Protocol):
@@ -42,22 +56,9 @@ class Format(Protocol):
         ...
 
     def restore(
-        self,
-        folder: Path,
-        m: Manifest,
-        state: TrainingState,
-        where: str,
-        *,
-        only: set[str] | None = None,
-        world_size: int = 1,
-        group: Any = None,
-        rank: int = 0,
+        self, folder: Path, m: Manifest, state: TrainingState, where: str, only: set[str] | None = None, job: Job = ONE
     ) -> None:
-        """Restore the verified ``folder`` (the files ``only``, else all) into ``state``, RNG last.
-
-        ``world_size``: the loading job's (a data position fits one world size); ``group``/``rank``: a collective
-        restore under torchrun, where the format has one.
-        """
+        """Restore the verified ``folder`` (the files ``only``, else all) into ``state``, RNG last."""
         ...
 
     def weight_files(self, m: Manifest) -> set[str] | None:
@@ -98,4 +99,4 @@ def format_named(name: str) -> Format:
     )
 
 
-__all__ = ["Format", "format_named", "format_of"]
+__all__ = ["ONE", "Format", "Job", "format_named", "format_of"]

@@ -41,6 +41,7 @@ from ..errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkp
 from ..manifest import FileEntry, Manifest, hash_file, write_file
 from ..safe_load import unsafe_pickle_error
 from ..state import TrainingState, cuda_rng_states, host_rng_json, restore
+from . import ONE, Job
 from ._base import FormatBase
 
 log = logging.getLogger(__name__)
@@ -307,19 +308,10 @@ class DcpFolder(FormatBase):
         return None  # the model's tensors lie in every rank's shard
 
     def restore(
-        self,
-        folder: Path,
-        m: Manifest,
-        state: TrainingState,
-        where: str,
-        *,
-        only: set[str] | None = None,
-        world_size: int = 1,
-        group: Any = None,
-        rank: int = 0,
+        self, folder: Path, m: Manifest, state: TrainingState, where: str, only: set[str] | None = None, job: Job = ONE
     ) -> None:
-        """Collective when ``group`` is given (every rank of it calls this); its world size is the group's."""
-        load_dcp_folder(folder, m, state, where, group, rank)
+        """Collective when ``job.group`` is given (every rank of it calls this); its world size is the group's."""
+        load_dcp_folder(folder, m, state, where, job.group, job.rank)
 
     def model_weights(self, folder: Path, m: Manifest, where: str) -> dict[str, Any]:
         return dict(model_weights(folder, m, where))

@@ -14,6 +14,7 @@ from typing import Any
 from ..errors import CheckpointMismatchError
 from ..manifest import FileEntry, Manifest, fsync_dir, hash_file
 from ..state import TrainingState
+from . import ONE, Job
 from ._base import FormatBase
 
 
@@ -53,16 +54,7 @@ class LibraryFolder(FormatBase):
         raise self._not_ours(m, where)
 
     def restore(
-        self,
-        folder: Path,
-        m: Manifest,
-        state: TrainingState,
-        where: str,
-        *,
-        only: set[str] | None = None,
-        world_size: int = 1,
-        group: Any = None,
-        rank: int = 0,
+        self, folder: Path, m: Manifest, state: TrainingState, where: str, only: set[str] | None = None, job: Job = ONE
     ) -> None:
         raise self._not_ours(m, where)
 

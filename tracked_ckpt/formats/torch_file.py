@@ -28,6 +28,7 @@ from ..errors import CheckpointCorruptError
 from ..manifest import FileEntry, HashingWriter, Manifest, write_file
 from ..safe_load import torch_load_safe
 from ..state import MODEL_FILE, RNG_FILE, STATE_FILE, TrainingState, check_fits, restore, split_files
+from . import ONE, Job
 from ._base import FormatBase
 
 
@@ -74,23 +75,14 @@ class TorchFile(FormatBase):
         return self.weight_files(m) if weights_only else None
 
     def restore(
-        self,
-        folder: Path,
-        m: Manifest,
-        state: TrainingState,
-        where: str,
-        *,
-        only: set[str] | None = None,
-        world_size: int = 1,
-        group: Any = None,
-        rank: int = 0,
+        self, folder: Path, m: Manifest, state: TrainingState, where: str, only: set[str] | None = None, job: Job = ONE
     ) -> None:
         """Every rank of a torchrun job restores the whole of it (one process saved it)."""
         names = {f.name for f in m.files}
         payload = read_payload(folder, only or names, where)
         rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names and not only else {}
         saved_positions = [name for name in state.positions() if name in payload]
-        check_world_size(m.world_size, world_size, saved_positions, where)  # a torchrun job, one state.pt
+        check_world_size(m.world_size, job.world_size, saved_positions, where)  # a torchrun job, one state.pt
         check_fits(payload, state, where)
         restore(payload, rng_json, state)
 
