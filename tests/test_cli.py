@@ -511,7 +511,8 @@ def test_every_help_example_runs_as_printed_after_the_demo(tmp_path: Path) -> No
         if not run_id:
             run_id = re.search(r"new run ([0-9a-f]{32})", p.stdout).group(1)  # type: ignore[union-attr]
             # the demo's log lines, as `python -m tracked_ckpt.demo` shows them, sizes for humans
-            assert re.search(r"INFO tracked_ckpt.recorder: saved step 5 to \S+ \(\d+\.\d kB\)", p.stderr), p.stderr
+            saved = r"INFO tracked_ckpt.recording.recorder: saved step 5 to \S+ \(\d+\.\d kB\)"
+            assert re.search(saved, p.stderr), p.stderr
     assert (tmp_path / "best" / "state.pt").is_file() and (tmp_path / "checkpoints.csv").stat().st_size > 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,10 +18,12 @@ from mlflow.tracking import MlflowClient
 
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.errors import RunLockedError
-from tracked_ckpt.store.lease import TAG_LEASE
+from tracked_ckpt.store.lease import JOB_ENV, TAG_LEASE
 
 HOLDER = """
-import sys, time
+import socket, sys, time
+if len(sys.argv) > 4:  # stands in for another node: the lease names this host, so its pid cannot be checked here
+    socket.gethostname = lambda: sys.argv[4]
 from tracked_ckpt import CheckpointManager
 mgr = CheckpointManager(sys.argv[1], experiment=sys.argv[2], lease_timeout=float(sys.argv[3]))
 print(mgr.run_id, flush=True)
@@ -27,8 +31,8 @@ time.sleep(120)
 """
 
 
-def spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}"}
+def spawn(code: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'tests'}{os.pathsep}{ROOT}", **(env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)  # fmt: skip
 
@@ -55,15 +59,62 @@ def test_second_writer_fails_fast_naming_the_holder(tmp_path: Path, experiment: 
     assert TAG_LEASE not in MlflowClient().get_run(run_id).data.tags  # released on close
 
 
-def test_expired_lease_of_another_host_is_taken_over(tmp_path: Path, experiment: str) -> None:
+def test_expired_lease_of_another_host_is_taken_over_at_once(tmp_path: Path, experiment: str) -> None:
     client = MlflowClient()
     run = client.create_run(client.create_experiment(experiment))
     stale = {"host": "some-other-node", "pid": 1, "token": "x", "heartbeat": time.time() - 10}
     client.set_tag(run.info.run_id, TAG_LEASE, json.dumps(stale))
-    with pytest.raises(RunLockedError, match="some-other-node pid 1 .*heartbeat 1\\d s ago"):
-        CheckpointManager(tmp_path / "a", run_id=run.info.run_id, lease_timeout=60)
+    t0 = time.monotonic()
     with CheckpointManager(tmp_path / "a", run_id=run.info.run_id, lease_timeout=5) as mgr:  # 10 s > 5 s: expired
         assert mgr.run_id == run.info.run_id
+    assert time.monotonic() - t0 < 10
+
+
+def start_holder(tmp_path: Path, experiment: str, host: str, env: dict[str, str] | None = None) -> tuple[
+    subprocess.Popen[str], str
+]:  # fmt: skip
+    holder = spawn(HOLDER, str(tmp_path / host), experiment, "6", host, env=env)  # beats every 1.5 s
+    run_id = holder.stdout.readline().strip()  # type: ignore[union-attr]
+    assert run_id, holder.stderr.read()  # type: ignore[union-attr]
+    return holder, run_id
+
+
+def test_a_relaunch_on_another_host_waits_out_a_killed_jobs_lease(
+    tmp_path: Path, experiment: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder, run_id = start_holder(tmp_path, experiment, "node-a")
+    try:
+        t0 = time.monotonic()  # a live holder on another host: refused at its next heartbeat
+        with pytest.raises(RunLockedError, match=rf"host node-a pid {holder.pid} .*its heartbeat advanced"):
+            CheckpointManager(tmp_path / "b", run_id=run_id, lease_timeout=6)
+        assert time.monotonic() - t0 < 6  # within its interval (1.5 s) and a poll, before its lease could expire
+    finally:
+        holder.kill()
+        holder.wait()
+    killed = time.monotonic()
+    with caplog.at_level(logging.INFO, logger="tracked_ckpt.store.lease"), CheckpointManager(
+        tmp_path / "c", run_id=run_id, lease_timeout=6
+    ) as mgr:  # fmt: skip
+        waited = time.monotonic() - killed
+        mgr.save(make_training()[0], metadata={"step": 1})
+    assert 2 < waited < 6 + 30, waited  # it waited, and resumed within lease_timeout + 30 s: no human needed
+    assert re.search(r"waiting up to \d s for its lease to expire", caplog.text), caplog.text
+    assert "no heartbeat for 6 s" in caplog.text
+
+
+def test_a_relaunch_of_the_same_job_takes_over_at_once(
+    tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    holder, run_id = start_holder(tmp_path, experiment, "node-a", env={JOB_ENV: "job-1"})
+    holder.kill()
+    holder.wait()
+    monkeypatch.setenv(JOB_ENV, "job-1")  # the scheduler's relaunch names the job alike
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="tracked_ckpt.store.lease"), CheckpointManager(
+        tmp_path / "b", run_id=run_id, lease_timeout=6
+    ):  # fmt: skip
+        assert time.monotonic() - t0 < 6  # less than the lease it would otherwise wait out
+    assert "earlier incarnation of this job (user:job-1)" in caplog.text
 
 
 def test_heartbeat_keeps_a_live_lease_fresh(tmp_path: Path, experiment: str) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tracked_ckpt.errors import StoreError
-from tracked_ckpt.outbox import Outbox, Pending, PermanentStoreError, Publisher
+from tracked_ckpt.outbox import WAIT_INTERVALS, Outbox, Pending, PermanentStoreError, Publisher, Waiting
 
 
 def entry(seq: int, run_id: str = "run1") -> Pending:
@@ -25,6 +25,7 @@ class Server:
         self.recorded: list[int] = []
         self.probes = 0
         self.gate: threading.Event | None = None  # when set: a probe waits for it
+        self.waiting_for: set[int] = set()  # seqs whose files other nodes have not uploaded yet
 
     def publish(self, p: Pending) -> None:
         if self.refusing:
@@ -33,6 +34,8 @@ class Server:
             raise e
         if self.down:
             raise StoreError("connection refused")
+        if p.seq in self.waiting_for:
+            raise Waiting("1 file from another node is not in the store yet")
         self.recorded.append(p.seq)
 
     def probe(self) -> None:
@@ -106,3 +109,25 @@ def test_drained_gives_up_after_one_failed_probe_not_the_whole_budget(tmp_path: 
     assert pub.drained(timeout=60) is False
     assert time.monotonic() - t0 < 5
     t.join()
+
+
+def test_a_waiting_entry_is_retried_on_a_growing_back_off_without_an_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = Server()
+    box, pub = publisher(tmp_path, server)
+    box.add(entry(1))
+    box.add(entry(2))
+    server.waiting_for = {1}
+    assert pub._interval() is None  # nothing to retry: the thread waits for a kick
+    for expected in (*WAIT_INTERVALS, WAIT_INTERVALS[-1]):
+        assert not pub.drain_once() and not pub.in_outage
+        assert pub._interval() == expected
+    assert server.recorded == [] and [p.seq for p in box.pending()] == [1, 2]  # in order: 2 waits behind 1
+    assert pub.wait_for(1, timeout=0) is False
+    pub.note_timeout(10, timeout=30)  # a save gave up waiting: the warning says what for, once
+    pub.note_timeout(20, timeout=30)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "has not got every file of checkpoint step 10 yet (1 file from another" in warned[0]
+    server.waiting_for = set()
+    assert pub.drain_once() and server.recorded == [1, 2] and pub._interval() is None and not pub.in_outage

@@ -81,7 +81,7 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     """
     from .local import LocalDir
     from .outbox import Outbox
-    from .recorder import RunRecorder
+    from .recording import RunRecorder
     from .runtags import monitor_of
     from .store.lease import DirLock, Lease
 

@@ -21,22 +21,24 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._faults import fault_point
-from .errors import CheckpointCorruptError, SaveError
+from .errors import CheckpointCorruptError, ConfigError, SaveError
 from .formats import foreign, torch_file
 from .manifest import (
+    FOREIGN_FORMATS,
     MANIFEST_NAME,
     Manifest,
     check_relpath,
     fsync_dir,
     write_file,
 )
+from .outbox import Outbox, Pending
 
 POINTER_NAME = "tracked_ckpt.json"
 STAGING = ".staging"
@@ -79,33 +81,24 @@ class LocalDir:
                 if now - d.stat().st_mtime > max_age_s:
                     shutil.rmtree(d, ignore_errors=True)
 
-    def write(
-        self,
-        run_id: str,
-        name: str,
-        payload: Mapping[str, Any],
-        rng_json: Mapping[str, Any],
-        fields: Mapping[str, Any],
-        before_commit: Callable[[], None] | None = None,
+    def stage(
+        self, run_id: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any], fields: Mapping[str, Any]
     ) -> tuple[Path, Manifest]:
-        """Serialize into staging, commit locally, return (folder, manifest). Cleans up on any failure.
+        """Serialize a training state into a new staging folder, durably; return it and its manifest.
 
-        ``before_commit`` runs after everything is durable in staging and before the rename that commits
-        it: the manager queues the upload there, so no committed checkpoint is ever missing from the outbox.
+        Nothing is committed yet (``commit`` does that); the staging folder is removed on any failure.
         """
         staging = self.root / STAGING / uuid.uuid4().hex
-        final = self.folder(run_id, name)
         try:
             staging.mkdir(parents=True)
             manifest = torch_file.TORCH_FILE.describe(run_id, torch_file.stage(staging, payload, rng_json), fields)
-            self.commit(staging, final, manifest, before_commit)
         except OSError as e:
             shutil.rmtree(staging, ignore_errors=True)
-            raise _save_error(e, fields.get("step"), self.root, payload) from e
+            raise _save_error(e, fields.get("step"), self.root, payload_bytes(payload)) from e
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return final, manifest
+        return staging, manifest
 
     def link_foreign(self, found: list[tuple[str, Path]], src: Path) -> tuple[Path, list[str]]:
         """Hard-link (else copy) each (name, file) of ``found`` into a new staging folder; returns it and the names.
@@ -120,45 +113,66 @@ class LocalDir:
                 _link_or_copy(path, staging / rel)
         return staging, [rel for rel, _ in found]
 
-    def commit_foreign(
-        self,
-        run_id: str,
-        name: str,
-        staging: Path,
-        names: list[str],
-        fields: Mapping[str, Any],
-        fmt: str,
-        before_commit: Callable[[], None] | None = None,
-    ) -> tuple[Path, Manifest]:
-        """fsync and hash the files ``link_foreign`` staged, write the manifest, commit them as ``name``."""
-        final = self.folder(run_id, name)
+    def stage_foreign(
+        self, run_id: str, staging: Path, names: list[str], fields: Mapping[str, Any], fmt: str
+    ) -> Manifest:
+        """fsync and hash the files ``link_foreign`` staged; their manifest. Removes ``staging`` on failure."""
         what = f"could not commit the {fmt} checkpoint of step {fields.get('step')} in {self.root}"
         with _removed_on_failure(staging, lambda e: SaveError(f"{what}: {e}")):
-            manifest = foreign.LibraryFolder(fmt).describe(run_id, foreign.stage(staging, names), fields)
-            self.commit(staging, final, manifest, before_commit)
-        return final, manifest
+            return foreign.LibraryFolder(fmt).describe(run_id, foreign.stage(staging, names), fields)
 
-    def commit(
-        self, staging: Path, final: Path, manifest: Manifest, before_commit: Callable[[], None] | None = None
-    ) -> None:
+    def commit(self, staging: Path, final: Path, manifest: Manifest, queue: tuple[Outbox, Pending]) -> None:
         """Write the manifest into ``staging`` (the commit marker, last), queue, then rename it to ``final``.
 
-        Every other file in ``staging`` must be durable already. Shared by single-process and sharded saves.
+        Every other file in ``staging`` must be durable already. The outbox entry is added once everything is
+        durable and before the rename that commits, so no committed checkpoint is ever missing from the outbox.
+        Removes ``staging`` on failure (an OSError becomes a SaveError naming the step).
         """
-        fault_point("manifest")
-        write_file(staging / MANIFEST_NAME, manifest.to_json().encode())
-        fsync_dir(staging)
-        if before_commit is not None:
-            before_commit()
-        fault_point("rename")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # a leftover of a crashed save under the same name: never the committed one
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        fsync_dir(final.parent)
+        try:
+            fault_point("manifest")
+            write_file(staging / MANIFEST_NAME, manifest.to_json().encode())
+            fsync_dir(staging)
+            outbox, entry = queue
+            outbox.add(entry)
+            fault_point("outbox")
+            fault_point("rename")
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():  # a leftover of a crashed save under the same name: never the committed one
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _save_error(e, manifest.step, self.root, manifest.size) from e
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
 
     def remove(self, run_id: str, name: str) -> None:
         shutil.rmtree(self.folder(run_id, name), ignore_errors=True)
+
+    def prune(self, run_id: str, keep: Collection[str]) -> list[str]:
+        """Remove this run's checkpoint folders not named in ``keep`` (another node's copies that retention dropped
+        or that were never committed); returns their names."""
+        root = self.root / run_id
+        gone = sorted(d.name for d in root.iterdir() if d.is_dir() and d.name not in keep) if root.is_dir() else []
+        for name in gone:
+            self.remove(run_id, name)
+        return gone
+
+
+def checked_foreign(src: Path, files: list[tuple[str, Path]] | None, fmt: str) -> list[tuple[str, Path]]:
+    """The (name, file) pairs of a library's checkpoint ``src`` to record (``files``, default every file under it)."""
+    if fmt not in FOREIGN_FORMATS:
+        raise ConfigError(f"format={fmt!r}: pass one of {', '.join(map(repr, FOREIGN_FORMATS))}")
+    if files is None:
+        return foreign_files(src)
+    for rel, _ in files:
+        try:
+            check_relpath(rel, "file name")
+        except CheckpointCorruptError as e:
+            raise SaveError(f"checkpoint {src}: {e}; rename that file to record it") from e
+    return files
 
 
 def foreign_files(src: Path) -> list[tuple[str, Path]]:
@@ -225,12 +239,12 @@ def payload_bytes(payload: Mapping[str, Any]) -> int:
     return total
 
 
-def _save_error(e: OSError, step: Any, root: Path, payload: Mapping[str, Any]) -> SaveError:
+def _save_error(e: OSError, step: Any, root: Path, size: int) -> SaveError:
     if e.errno == errno.ENOSPC:
         free = shutil.disk_usage(root).free if root.exists() else 0
         return SaveError(
             f"disk full while saving the checkpoint of step {step} under {root}: it needs about "
-            f"{payload_bytes(payload) / 1e6:.1f} MB, {free / 1e6:.1f} MB are free. Earlier checkpoints are "
+            f"{size / 1e6:.1f} MB, {free / 1e6:.1f} MB are free. Earlier checkpoints are "
             "untouched; free space (or lower retention's keep counts) and save again"
         )
     return SaveError(f"could not write the checkpoint of step {step} under {root}: {e}")

@@ -15,7 +15,7 @@ Example — a script that resumes where it stopped, every time it is launched::
                 mgr.save(model, optimizer, {"step": step, "epoch": epoch, "reward": reward})
 
 Which run, and what happens when its server is unreachable: session.py and runs.py. What a save records, and
-how: recorder.py.
+how: recording/.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -32,14 +34,16 @@ from mlflow.tracking import MlflowClient
 
 from .catalog import Resolved, RunCatalog
 from .data import data_parts
-from .errors import CheckpointNotFoundError, ConfigError
+from .distributed.ranks import current as current_ranks
+from .distributed.ranks import node_of
+from .errors import CheckpointNotFoundError, ConfigError, StoreError
 from .loading import first_that_loads, load_resolved
-from .local import LocalDir
+from .local import LocalDir, checked_foreign
 from .manifest import ARTIFACT_PREFIX
 from .outbox import Outbox
 from .policies import CheckpointInfo, RetentionPolicy, SavePolicy, check_mode
 from .preemption import EXIT_STATUS, SigtermFlag
-from .recorder import RunRecorder
+from .recording import RunRecorder
 from .refs import Which, ref_for
 from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession, StoreFactory
@@ -49,6 +53,7 @@ from .store.lease import DirLock
 from .store.run_store import RunStore, redact
 
 T = TypeVar("T")
+K = TypeVar("K")
 log = logging.getLogger(__name__)
 
 Resume = Literal["auto", "never", "must"]
@@ -90,15 +95,6 @@ class CheckpointManager:
             page's models, ``models:/<model_id>``), with no copy of its weights (models.py); False: none.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> CheckpointManager:
-        # Under torchrun (torch.distributed initialized) the same API saves sharded DCP checkpoints.
-        # Importing torch.distributed.checkpoint costs ~2 s: only when a process group is really up.
-        if cls is CheckpointManager and _distributed_active():
-            from .distributed.sharded import manager_class
-
-            cls = manager_class()
-        return super().__new__(cls)
-
     def __init__(
         self,
         save_dir: str | os.PathLike[str] = "./checkpoints",
@@ -136,23 +132,47 @@ class CheckpointManager:
         self._closed = False
         self._started = time.time()
         self._last_save_time: float | None = None
+        self._ranks = current_ranks()  # SingleProcess, or TorchRun under torchrun (distributed/ranks.py)
+        self._lock = threading.Lock()  # the plan and the save context, read by the training thread, set by the saver
         self._saver = BackgroundSaver() if async_save else None
         self._recording = BackgroundSaver("tracked_ckpt-record")  # a library's folders (frameworks.record_folder)
         self._buffers = StagingBuffers()
         self._pending: CheckpointInfo | None = None  # the async save in flight, until it is recorded
         self._sigterm = SigtermFlag()
-        self._dir_lock = DirLock(self.save_dir)
         self._session = RunSession(self.client, self.local, self.options)
+        self._sharded: Any = None  # under torchrun: the ShardedWriter (distributed/sharded.py)
+        # A node: the ranks sharing this save_dir on this host. Its lowest rank holds the save_dir (lock, outbox).
+        self._node = node_of(self._ranks, self.save_dir)
+        self._dir_lock = DirLock(self.save_dir) if self._node[0] == self._ranks.rank else None
+        # Rank 0 alone decides which run and holds it (lease, status, records); the others join its run.
         try:
-            self._session.open(run_id, experiment, run_name, fork_from, fork_metrics)
-            self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
+            opened = self._ranks.on_rank0(lambda: self._open(run_id, experiment, run_name, fork_from, fork_metrics))
+            if not self._ranks.is_rank0:
+                self._session.join(opened, shares=self._dir_lock is not None)
+                if self._dir_lock is not None:  # another node's leader: what a dead save left here is garbage
+                    self.local.sweep_staging(max_age_s=0)
+            if self._ranks.distributed:
+                from .distributed.sharded import ShardedWriter, kept_names, prune_node
+
+                kept = self._ranks.on_rank0(lambda: kept_names(self.recorder))
+                if self._dir_lock is not None and not self._ranks.is_rank0:
+                    prune_node(self.recorder, kept)  # copies retention dropped while this node was away
+
+                self._sharded = ShardedWriter(self._ranks, self.save_dir, self.recorder, self._node,  # type: ignore[arg-type]
+                                              self.options.save_rng)  # fmt: skip
             if save_on_sigterm:
                 self._sigterm.install()
             atexit.register(self._close_at_exit)
-            log.info("run %s (%s) at %s, save_dir %s", self.run_id, self._session.how, self._server, self.save_dir)
         except BaseException:
             self._abandon()  # e.g. resume="must" with no checkpoint: leave no lock, lease or thread behind
             raise
+
+    def _open(self, run_id: str | None, experiment: str | None, run_name: str | None, fork_from: str | None,
+              fork_metrics: bool) -> str:  # fmt: skip
+        self._session.open(run_id, experiment, run_name, fork_from, fork_metrics)
+        self.local.sweep_staging(max_age_s=0)  # we hold the save_dir lock: any staging folder is a dead save's
+        log.info("run %s (%s) at %s, save_dir %s", self.run_id, self._session.how, self._server, self.save_dir)
+        return self.run_id
 
     @property
     def run_id(self) -> str:
@@ -181,11 +201,18 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------ saving
 
     def should_save(self, step: int, metrics: Mapping[str, float] | None = None) -> bool:
-        """Ask the save policy (default: always True) whether to save at ``step``; True after SIGTERM."""
-        if self.options.save_policy is None or self._sigterm.raised:
+        """Ask the save policy (default: always True) whether to save at ``step``; True after SIGTERM.
+
+        Under torchrun, rank 0's answer on every rank (a time-based policy would otherwise disagree).
+        """
+        if self.options.save_policy is None or self._preempted():
             return True
-        # An async save in flight counts as saved.
-        ctx = self.recorder.save_context(step, metrics, self._pending, self._last_save_time or self._started)
+        return self._ranks.on_rank0(lambda: self._should_save(step, metrics))
+
+    def _should_save(self, step: int, metrics: Mapping[str, float] | None) -> bool:
+        assert self.options.save_policy is not None
+        with self._lock:  # an async save in flight counts as saved
+            ctx = self.recorder.save_context(step, metrics, self._pending, self._last_save_time or self._started)
         return self.options.save_policy.should_save(ctx)
 
     def save(
@@ -205,35 +232,57 @@ class CheckpointManager:
         ``metadata`` numbers (epoch, step/steps, reward, loss, samples, tokens, ...) become MLflow metrics at the
         step; other JSON-able values go in the manifest and come back from ``load()``. ``data`` (or a torchdata
         ``StatefulDataLoader``/HF ``IterableDataset`` in ``extra``) is the data position, saved per rank (data.py).
+        Under torchrun every rank calls it; each writes its shard (distributed/sharded.py).
         """
         meta, state = self._begin_save(model, optimizer, metadata, scheduler, scaler, extra, data)
         t0 = time.perf_counter()
-        name, fields = self.recorder.plan(meta, step)
-        step, seq = fields["step"], fields["seq"]
-        payload, rng_json = gather(state, rng=self.options.save_rng)
-        path = f"{ARTIFACT_PREFIX}/{name}"
-        if self._saver is None:
-            self._commit(name, payload, rng_json, fields, t0)
-            self.recorder.note_late_cost(step, METRIC_BLOCKED_S, time.perf_counter() - t0)
+        name, fields, token = self._ranks.on_rank0(lambda: self._plan(meta, step))
+        step, seq, path = fields["step"], fields["seq"], f"{ARTIFACT_PREFIX}/{name}"
+        background = self._saver is not None
+        rest = self._stage(name, token, fields, state, background, t0)
+        if not background:
+            rest()
+            self._last_save_time = time.time()
+            if self._ranks.is_rank0:
+                self.recorder.note_late_cost(step, METRIC_BLOCKED_S, time.perf_counter() - t0)
+            self._exit_if_preempted(step)
             return ref_for(self.run_id, path)
-        payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
-        self._pending = CheckpointInfo(path, step, seq, time.time(), meta.metrics)
-        self._last_save_time = time.time()
-        log.debug("step %d copied to host memory in %.3f s; saving it in the background", step,
-                  time.perf_counter() - t0)  # fmt: skip
+        assert self._saver is not None
+        with self._lock:
+            self._pending = CheckpointInfo(path, step, seq, time.time(), meta.metrics)
+            self._last_save_time = time.time()
+        log.debug("step %d staged in %.3f s; saving it in the background", step, time.perf_counter() - t0)
 
         def job() -> None:
             try:
-                self._commit(name, payload, rng_json, fields, t0)
+                rest()
+                self._last_save_time = time.time()
             finally:
-                self._pending = None  # recorded in the index by now, or failed (wait() reports it)
+                with self._lock:
+                    self._pending = None  # recorded in the index by now, or failed (wait() reports it)
 
-        self.recorder.note_cost(seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
+        if self._ranks.is_rank0:
+            self.recorder.note_cost(seq, METRIC_BLOCKED_S, time.perf_counter() - t0)
         self._saver.submit(step, job)
-        if self._sigterm.raised:  # SIGTERM: finish this save, then exit as a synchronous save does
-            self.wait()
-            self._exit_after_preemption(step)
+        self._exit_if_preempted(step)  # SIGTERM: finish this save, then exit as a synchronous save does
         return ref_for(self.run_id, path)
+
+    def _plan(self, meta: Metadata, step: int | None) -> tuple[str, dict[str, Any], str]:
+        """Rank 0's decision: the checkpoint's folder name, its fields and the staging folder every rank writes."""
+        with self._lock:
+            name, fields = self.recorder.plan(meta, step)
+        return name, fields, uuid.uuid4().hex
+
+    def _stage(self, name: str, token: str, fields: dict[str, Any], state: TrainingState, background: bool,
+               t0: float) -> Callable[[], None]:  # fmt: skip
+        """Take what the save needs from the training state now; return the rest (written, committed, recorded)."""
+        if self._sharded is not None:
+            stage: Callable[[], None] = self._sharded.stage(name, token, fields, state, background, t0)
+            return stage
+        payload, rng_json = gather(state, rng=self.options.save_rng)
+        if background:
+            payload = self._buffers.copy(payload)  # the state as of this call, while training goes on
+        return lambda: self._commit_state(name, payload, rng_json, fields, t0)
 
     def _begin_save(
         self, model: Stateful | None, optimizer: Stateful | None, metadata: Mapping[str, Any] | None,
@@ -249,13 +298,12 @@ class CheckpointManager:
         self.wait()
         return meta, state
 
-    def _commit(self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any],
-                fields: Mapping[str, Any], t0: float) -> None:  # fmt: skip
-        """Commit locally and record: what ``async_save`` runs on the worker thread."""
-        self.recorder.commit(name, payload, rng_json, fields, t0)
-        self._last_save_time = time.time()
-        if self._sigterm.raised and self._saver is None:  # async: save() exits on the training thread instead
-            self._exit_after_preemption(fields["step"])
+    def _commit_state(self, name: str, payload: Mapping[str, Any], rng_json: Mapping[str, Any],
+                      fields: Mapping[str, Any], t0: float) -> None:  # fmt: skip
+        """Stage a single-process state (model.pt, state.pt), then the one commit."""
+        t1 = time.perf_counter()
+        staging, manifest = self.local.stage(self.run_id, payload, rng_json, fields)
+        self.recorder.commit(staging, name, manifest, t0, since=t1)
 
     # ----------------------------------------------------------------------------------------- loading
 
@@ -308,17 +356,28 @@ class CheckpointManager:
             rec.resumed_from = r.path
         return metadata
 
-    # Hooks that the sharded manager (distributed.py) overrides: who decides, and how one checkpoint is restored.
-
     def _decide(self, fn: Callable[[], T]) -> T:
-        return fn()  # under torchrun: rank 0 decides, every rank gets the answer
+        return self._ranks.on_rank0(fn)  # under torchrun: rank 0 decides, every rank gets the answer
 
     def _latest_candidates(self) -> Iterator[Resolved]:
-        return self.recorder.latest_first()
+        """Rank 0's candidates, one at a time, on every rank (a corrupt one makes all ranks move to the next)."""
+        candidates: Iterator[Resolved] = self.recorder.latest_first() if self._ranks.is_rank0 else iter(())
+        if not self._ranks.distributed:
+            yield from candidates
+            return
+        while (r := self._ranks.on_rank0(lambda: next(candidates, None))) is not None:
+            yield r
 
     def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
         catalog = self.recorder.catalog_of(run_id)
-        return load_resolved(catalog, r, state, self.recorder.cache_for(catalog, r))
+        cache = self.recorder.cache_for(catalog, r)
+        if self._ranks.distributed:
+            from .distributed.sharded import load_on_ranks
+
+            node_folder = self.local.folder(run_id, r.path.rpartition("/")[2])
+            load_on_ranks(self._ranks, catalog, r, state, cache, node_folder)  # type: ignore[arg-type]
+            return dict(r.manifest.metadata)
+        return load_resolved(catalog, r, state, cache)
 
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
@@ -340,6 +399,62 @@ class CheckpointManager:
         o, client = self.options, self.client if self.store.connected else None
         return checkpoints_frame(self.run_id, self.recorder.committed(), o.monitor, o.mode, client)
 
+    # ------------------------------------------------------------ a library's own checkpoints (frameworks/)
+
+    def record_folder(
+        self, folder: str | os.PathLike[str], metadata: Mapping[str, Any] | None = None, *, format: str = "folder",
+        step: int | None = None, files: list[tuple[str, Path]] | None = None,
+    ) -> str:  # fmt: skip
+        """Record ``folder``, a checkpoint another library wrote (``format``), in this run; returns its reference.
+
+        ``files``: the (name, path) pairs to record (default: every file under ``folder``); ``metadata`` as for
+        ``save()``. Returns once the files are hard-linked into ``save_dir`` (the library may rotate them away);
+        the commit and the record follow on the recording thread: ``wait()`` waits for them and raises their error.
+        """
+        src = Path(folder)
+        found = checked_foreign(src, files, format)
+        self._check_open()
+        self.wait()  # the save in flight (an async save of the manager's own, or the previous folder): one at a time
+        t0 = time.perf_counter()
+        name, fields = self.recorder.plan(split_metadata(metadata), step)
+        staging, names = self.local.link_foreign(found, src)
+
+        def commit() -> None:
+            t1 = time.perf_counter()
+            manifest = self.local.stage_foreign(self.run_id, staging, names, fields, format)
+            self.recorder.commit(staging, name, manifest, t0, since=t1)
+
+        self._recording.submit(fields["step"], commit)
+        self._last_save_time = time.time()
+        return ref_for(self.run_id, f"{ARTIFACT_PREFIX}/{name}")
+
+    def delete_removed(self, recorded: dict[K, str], removed: Callable[[K], bool]) -> None:
+        """Delete from the run each recorded checkpoint whose source the library removed (``removed(key)``).
+
+        ``recorded`` maps the library's name for a checkpoint to its path; entries deleted are dropped from it. Runs
+        on the recording thread behind the save in flight, without waiting; with MLflow unreachable a deletion
+        waits for the next call (a warning): the training loop never fails on it.
+        """
+
+        def delete() -> None:
+            for key, path in list(recorded.items()):
+                if not removed(key):
+                    continue
+                try:
+                    self.recorder.delete(path)
+                except StoreError as e:
+                    log.warning("run %s: could not delete %s, which the library removed (%s); retrying after the "
+                                "next save", self.run_id, path, e)  # fmt: skip
+                    continue
+                recorded.pop(key, None)
+
+        self._recording.submit(-1, delete, wait=False)
+
+    def committed(self) -> list[Resolved]:
+        """Every committed checkpoint of this run (recorded, or queued while MLflow is out), in commit order."""
+        self.wait()
+        return self.recorder.committed()
+
     # --------------------------------------------------------------------------------------- lifecycle
 
     def wait(self) -> None:
@@ -351,10 +466,17 @@ class CheckpointManager:
             self._saver.wait()
         self._recording.wait()
 
+    @property
+    def saving(self) -> bool:
+        """True while a background save is being written or recorded."""
+        return self._saver is not None and self._saver.busy
+
     def sync(self, timeout: float | None = None) -> bool:
         """Wait until every checkpoint queued in the outbox is recorded in MLflow; False after ``timeout``."""
         self.wait()
-        return self.recorder.drain(self.options.publish_timeout if timeout is None else timeout)
+        limit = self.options.publish_timeout if timeout is None else timeout
+        mine = self.recorder.drain(limit) if self._dir_lock is not None else True  # each node drains its own outbox
+        return all(self._ranks.gather(mine))
 
     def close(self, status: str = "FINISHED") -> None:
         """Finish the save in flight, mark the run ended (unless it is the user's own ``mlflow.start_run()``).
@@ -368,6 +490,16 @@ class CheckpointManager:
         failure = failure or self._recording.close()
         self._buffers.clear()
         atexit.unregister(self._close_at_exit)
+        if self._session.decides:
+            self._finish_run("FAILED" if failure is not None else status)
+        elif self._dir_lock is not None:  # another node's leader: its share of the checkpoints uploads from here
+            self._finish_shares()
+        if self._dir_lock is not None:
+            self._dir_lock.release()
+        if failure is not None:
+            raise failure
+
+    def _finish_run(self, status: str) -> None:
         drained = self.recorder.drain(self.options.publish_timeout)
         if drained:
             self.recorder.flush_late_costs()
@@ -375,17 +507,22 @@ class CheckpointManager:
             log.warning("MLflow at %s did not record every checkpoint in time: they stay queued in %s and are "
                         "uploaded by the next process on this run or `tracked-ckpt sync %s`",
                         self._server, self.outbox.dir, self.save_dir)  # fmt: skip
-        self._session.finish("FAILED" if failure is not None else status, drained)
-        self._dir_lock.release()
-        if failure is not None:
-            raise failure
+        self._session.finish(status, drained)
+
+    def _finish_shares(self) -> None:
+        if not self.recorder.drain(self.options.publish_timeout):
+            log.warning("MLflow at %s did not get every file of this node in time: they stay queued in %s and are "
+                        "uploaded by the next process on this save_dir or `tracked-ckpt sync %s`",
+                        self._server, self.outbox.dir, self.save_dir)  # fmt: skip
+        self.recorder.stop()
 
     def _abandon(self) -> None:
         """Undo a half-finished __init__."""
         session: RunSession | None = vars(self).get("_session")
         if session is not None:
             session.abandon()
-        self._dir_lock.discard()  # a save_dir made for this manager and left empty goes too
+        if self._dir_lock is not None:
+            self._dir_lock.discard()  # a save_dir made for this manager and left empty goes too
 
     def _close_at_exit(self) -> None:
         try:
@@ -400,10 +537,18 @@ class CheckpointManager:
         """True once SIGTERM arrived (with ``save_on_sigterm=True``)."""
         return self._sigterm.raised
 
-    def _exit_after_preemption(self, step: int) -> None:
-        log.warning("final checkpoint of step %d saved after SIGTERM; exiting with status %d", step, EXIT_STATUS)
-        self.close("KILLED")
-        raise SystemExit(EXIT_STATUS)
+    def _preempted(self) -> bool:
+        """True once SIGTERM reached this process, or (under torchrun) any rank: torchrun signals each rank
+        at a slightly different instant, and the ranks must agree to save one final checkpoint together."""
+        return self._sigterm.installed and self._ranks.any(self._sigterm.raised)
+
+    def _exit_if_preempted(self, step: int) -> None:
+        """After a save: if SIGTERM arrived (anywhere), finish the save in flight, close, exit with status 143."""
+        if self._preempted():
+            self.wait()  # an async save in flight is the final checkpoint
+            log.warning("final checkpoint of step %d saved after SIGTERM; exiting with status %d", step, EXIT_STATUS)
+            self.close("KILLED")
+            raise SystemExit(EXIT_STATUS)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -417,10 +562,4 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager(run_id={self.run_id!r}, save_dir={str(self.save_dir)!r}, server={self._server!r})"
-
-
-def _distributed_active() -> bool:
-    import torch.distributed as dist
-
-    return bool(dist.is_available() and dist.is_initialized())
 

@@ -43,6 +43,7 @@ class Pending:
     name: str  # folder name: save_dir/<run_id>/<name> and artifact path checkpoints/<name>
     step: int
     timestamp_ms: int  # fixed at commit, so that a replayed log_batch is stored once
+    upload_only: bool = False  # another node's share of a checkpoint: its files only, rank 0's node records it
 
 
 class Outbox:
@@ -86,18 +87,24 @@ class NotReady(Exception):
     """The entry's local commit is still in progress: end this pass; the committing save kicks the next one."""
 
 
+class Waiting(NotReady):
+    """The entry waits for files that other nodes upload: end this pass and retry it after a short back-off."""
+
+
 class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
 
 PROBE_INTERVALS = (1.0, 2.0, 4.0)  # seconds between probes during an outage (then the last, repeated)
+WAIT_INTERVALS = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between passes while an entry is Waiting (then the last)
 
 
 class Publisher:
     """Drains the outbox in order on one daemon thread; callers wait for it with a time budget.
 
-    ``drain_once()`` is the whole of one pass (probe if in an outage, then publish what is queued): tests call it
-    inline, without the thread (``start=False``), to make outage scenarios deterministic.
+    ``drain_once()`` is the whole of one pass (probe if in an outage, then publish what is queued) and
+    ``run_once()`` the thread's loop body (wait out the back-off, then a pass): tests call them inline, without the
+    thread (``start=False``), with their own ``clock`` and ``wait``, to make outage scenarios deterministic.
     """
 
     def __init__(
@@ -110,6 +117,8 @@ class Publisher:
         probe: Callable[[], None] | None = None,
         on_connect: Callable[[], None] | None = None,
         start: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[threading.Condition, float | None], object] = threading.Condition.wait,
     ) -> None:
         self.outbox = outbox
         self.run_id = run_id
@@ -117,6 +126,7 @@ class Publisher:
         self._probe = probe
         self._on_connect = on_connect  # run once, before the first publish, when the server first answers
         self._server = server
+        self._clock, self._wait = clock, wait  # the back-off's clock and its wait (on the condition, so kicks wake it)
         self._cond = threading.Condition()
         self._wake = False
         self._stopped = False
@@ -126,6 +136,8 @@ class Publisher:
         self._probes_failed = 0  # consecutive failed probes of the current outage
         self._passes = 0  # completed drain_once() passes
         self._passes_failed = 0  # consecutive passes that ended in a transient failure
+        self._waits = 0  # consecutive passes that ended Waiting (for other nodes' files)
+        self._waiting_on: str | None = None  # what the entry at the head of the queue waits for, if it does
         self._refusal: PermanentStoreError | None = None  # the last refusal, until a save reports it
         self._warned = False  # one warning per outage
         self._current: tuple[int, float] | None = None  # (step, since) of the checkpoint being published now
@@ -175,11 +187,13 @@ class Publisher:
         """A save gave up waiting: the server hangs, or an upload is slow; later saves do not wait until it answers."""
         with self._cond:
             self._in_outage = True
-            current = self._current
-        if current is None:
+            current, waiting = self._current, self._waiting_on
+        if waiting is not None:
+            self._warn(f"has not got every file of checkpoint step {step} yet ({waiting})", step)
+        elif current is None:
             self._warn(f"did not answer within {timeout:.0f} s", step)
         else:  # nothing tells a large upload that is still moving from a server that stopped answering
-            self._warn(f"has been recording checkpoint step {current[0]} for {time.monotonic() - current[1]:.0f} s "
+            self._warn(f"has been recording checkpoint step {current[0]} for {self._clock() - current[1]:.0f} s "
                        "(a large upload still running, or a server that does not answer)", step)  # fmt: skip
 
     def _warn(self, what: str, step: int | None) -> None:
@@ -218,23 +232,35 @@ class Publisher:
             self._cond.notify_all()
 
     def _run(self) -> None:
-        while True:
+        while self.run_once():
+            pass
+
+    def run_once(self) -> bool:
+        """The thread's loop body: wait for a kick or the back-off, then one pass; False once stopped."""
+        with self._cond:
+            if not self._wake and not self._stopped:
+                # Back off on failed probes and on failed passes alike (a probe can answer while uploads fail).
+                self._wait(self._cond, self._interval())
+            if self._stopped:
+                return False
+            self._wake = False
+        try:
+            self.drain_once()
+        except Exception:  # never let the thread die: entries stay queued for the next pass or process
+            log.exception("the publisher of run %s failed a pass; its queue stays in %s", self.run_id,
+                          self.outbox.dir)  # fmt: skip
             with self._cond:
-                if not self._wake and not self._stopped:
-                    # Back off on failed probes and on failed passes alike (a probe can answer while uploads fail).
-                    tries = max(self._probes_failed, self._passes_failed)
-                    interval = PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
-                    self._cond.wait(interval if self._in_outage else None)
-                if self._stopped:
-                    return
-                self._wake = False
-            try:
-                self.drain_once()
-            except Exception:  # never let the thread die: entries stay queued for the next pass or process
-                log.exception("the publisher of run %s failed a pass; its queue stays in %s", self.run_id,
-                              self.outbox.dir)  # fmt: skip
-                with self._cond:
-                    self._in_outage = True
+                self._in_outage = True
+        return True
+
+    def _interval(self) -> float | None:
+        """Seconds until the next pass without a kick: None waits for one (nothing to retry)."""
+        if self._in_outage:
+            tries = max(self._probes_failed, self._passes_failed)
+            return PROBE_INTERVALS[min(tries, len(PROBE_INTERVALS) - 1)]
+        if self._waits:
+            return WAIT_INTERVALS[min(self._waits - 1, len(WAIT_INTERVALS) - 1)]
+        return None
 
     def drain_once(self) -> bool:
         """One pass: probe during an outage, connect once, publish the queue in order. True when it is empty."""
@@ -280,9 +306,15 @@ class Publisher:
             if self._stopped:
                 return False
             with self._cond:
-                self._current = (p.step, time.monotonic())
+                self._current = (p.step, self._clock())
             try:
                 self._publish(p)
+            except Waiting as e:
+                with self._cond:
+                    self._waits += 1
+                    self._waiting_on = str(e)
+                log.debug("checkpoint step %d waits: %s", p.step, e)
+                return False
             except NotReady:
                 return False
             except StoreError as e:
@@ -303,7 +335,8 @@ class Publisher:
                             self._server, p.step)  # fmt: skip
             with self._cond:
                 self._in_outage, self._probes_failed, self._warned, self._refusal = False, 0, False, None
-                self._passes_failed = 0
+                self._passes_failed = self._waits = 0
+                self._waiting_on = None
                 self._done.add(p.seq)
                 self._cond.notify_all()
         if self._in_outage:  # nothing was queued, but the probe answered: the outage is over

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from .errors import CheckpointNotFoundError, ConfigError, StoreError
 from .local import LocalDir
 from .policies import Mode, RetentionPolicy, SavePolicy, check_mode
-from .recorder import RunRecorder
+from .recording import RunRecorder
 from .runs import FoundRun, find_run, known_locally
 from .runtags import NOTE_MARK, TAG_MONITOR, TAG_NOTE, fork_note, monitor_value, run_note
 from .store.lease import Lease
@@ -105,6 +105,21 @@ class RunSession:
                 f"resume='must' but run {self.run_id} ({self.how}) has no committed checkpoint at {self.server} (nor "
                 f"in {self.local.root}); check run_id / save_dir, or use resume='auto' to start from scratch"
             )
+
+    def join(self, run_id: str, shares: bool = False) -> None:
+        """Attach to the run that rank 0 opened (torchrun's other ranks): they never decide nor record, so no lease
+        and no status; the store connects on first use. ``shares``: this rank leads another node, whose publisher
+        uploads that node's share of each checkpoint from its own outbox; else the recorder does not publish."""
+        self.owns_status, self.how = False, "joined rank 0's run"
+        self.store = self.options.store_factory(self.client, run_id, connect=False)
+        o = self.options
+        self.recorder = RunRecorder(self.store, self.local, monitor=o.monitor, mode=o.mode, retention=None,
+                                    publish_timeout=o.publish_timeout, start=shares, logged_models=False)  # fmt: skip
+
+    @property
+    def decides(self) -> bool:
+        """True for the session that holds the run (lease, status, publisher); False for a rank that joined it."""
+        return "lease" in vars(self)
 
     def _attach(self, run_id: str | None, experiment: str | None, run_name: str | None) -> None:
         try:

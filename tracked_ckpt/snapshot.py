@@ -168,6 +168,11 @@ class BackgroundSaver:
             self._idle.clear()
         self._queue.put(_Job(step, run))
 
+    @property
+    def busy(self) -> bool:
+        """True while a submitted job has not finished."""
+        return not self._idle.is_set()
+
     def wait(self) -> None:
         """Block until no save is in flight; raise (once) the SaveError of a save that failed."""
         self._idle.wait()

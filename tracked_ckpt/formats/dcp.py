@@ -41,8 +41,7 @@ from ..errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkp
 from ..manifest import FileEntry, Manifest, hash_file, write_file
 from ..safe_load import unsafe_pickle_error
 from ..state import TrainingState, cuda_rng_states, host_rng_json, restore
-from . import ONE, Job
-from ._base import FormatBase
+from ._base import ONE, FormatBase, Job
 
 log = logging.getLogger(__name__)
 

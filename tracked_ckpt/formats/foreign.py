@@ -14,8 +14,7 @@ from typing import Any
 from ..errors import CheckpointMismatchError
 from ..manifest import FileEntry, Manifest, fsync_dir, hash_file
 from ..state import TrainingState
-from . import ONE, Job
-from ._base import FormatBase
+from ._base import ONE, FormatBase, Job
 
 
 def stage(staging: Path, names: list[str]) -> tuple[FileEntry, ...]:

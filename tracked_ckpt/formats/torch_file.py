@@ -28,8 +28,7 @@ from ..errors import CheckpointCorruptError
 from ..manifest import FileEntry, HashingWriter, Manifest, write_file
 from ..safe_load import torch_load_safe
 from ..state import MODEL_FILE, RNG_FILE, STATE_FILE, TrainingState, check_fits, restore, split_files
-from . import ONE, Job
-from ._base import FormatBase
+from ._base import ONE, FormatBase, Job
 
 
 def stage(staging: Path, payload: Mapping[str, Any], rng_json: Mapping[str, Any]) -> list[FileEntry]:

@@ -1,12 +1,13 @@
 """Record a checkpoint folder another library wrote, and fetch one back verified: what every adapter shares.
 
-A recorded folder goes through the same pipeline as a tracked_ckpt save (recorder.py): its files are hard-linked
-into ``save_dir`` staging (on the training thread: the library may rotate the folder away as soon as
-``record_folder`` returns), then, on the manager's recording thread, fsynced and hashed, the manifest (``format``
-naming the library, step, epoch, metrics, and ``source``, the folder's own name) is written last, then the
-outbox, the rename, and the publisher uploads the files and the manifest to ``checkpoints/step-N/`` of the run.
-A crash before that local commit leaves only a staging folder, swept and never resolved. Fetching resolves
-latest / best / a step in MLflow, verifies every file (size and BLAKE3) and copies the folder to ``dest/<source>``.
+A recorded folder goes through the same pipeline as a tracked_ckpt save (``CheckpointManager.record_folder``, then
+recording/): its files are hard-linked into ``save_dir`` staging (on the training thread: the library may rotate
+the folder away as soon as ``record_folder`` returns), then, on the manager's recording thread, fsynced and hashed,
+the manifest (``format`` naming the library, step, epoch, metrics, and ``source``, the folder's own name) is
+written last, then the outbox, the rename, and the publisher uploads the files and the manifest to
+``checkpoints/step-N/`` of the run. A crash before that local commit leaves only a staging folder, swept and never
+resolved. Fetching resolves latest / best / a step in MLflow, verifies every file (size and BLAKE3) and copies the
+folder to ``dest/<source>``.
 """
 
 from __future__ import annotations
@@ -21,14 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..catalog import Resolved, RunCatalog
-from ..errors import CheckpointCorruptError, CheckpointNotFoundError, ConfigError, SaveError, StoreError
+from ..errors import CheckpointCorruptError, CheckpointNotFoundError
 from ..formats import format_of
-from ..local import foreign_files
-from ..manifest import ARTIFACT_PREFIX, FOREIGN_FORMATS, Manifest, check_relpath, verify_file
+from ..manifest import Manifest, verify_file
 from ..progress import human_bytes
 from ..refs import Which, ref_for
 from ..runtags import monitor_of
-from ..state import split_metadata
 from ..store.reading import read_client, reading
 from ..store.run_store import RunStore
 
@@ -57,7 +56,7 @@ def record_folder(
     their SaveError, as the next ``record_folder`` and ``mgr.close()`` do).
     """
     src = Path(folder)
-    return record_files(mgr, src, src.name, foreign_files(src), metadata, format=format, step=step)
+    return mgr.record_folder(src, {**(metadata or {}), SOURCE_KEY: src.name}, format=format, step=step)
 
 
 def record_files(
@@ -71,52 +70,19 @@ def record_files(
     step: int | None = None,
 ) -> str:
     """``record_folder`` of the (name, file) pairs ``found`` of ``src``, recorded under the source name ``source``."""
-    if format not in FOREIGN_FORMATS:
-        raise ConfigError(f"format={format!r}: pass one of {', '.join(map(repr, FOREIGN_FORMATS))}")
-    for rel, _ in found:
-        try:
-            check_relpath(rel, "file name")
-        except CheckpointCorruptError as e:
-            raise SaveError(f"checkpoint {src}: {e}; rename that file to record it") from e
-    mgr._check_open()
-    mgr.wait()  # the save in flight (an async save of the manager's own, or the previous folder): one at a time
-    meta = split_metadata({**(metadata or {}), SOURCE_KEY: source})
-    t0 = time.perf_counter()
-    name, fields = mgr.recorder.plan(meta, step)
-    staged = mgr.local.link_foreign(found, src)
-    mgr._recording.submit(fields["step"], lambda: mgr.recorder.commit_foreign(staged, name, fields, format, t0))
-    mgr._last_save_time = time.time()
-    return ref_for(mgr.run_id, f"{ARTIFACT_PREFIX}/{name}")
+    return mgr.record_folder(src, {**(metadata or {}), SOURCE_KEY: source}, format=format, step=step, files=found)
 
 
 def delete_removed(mgr: CheckpointManager, sources: dict[K, str], removed: Callable[[K], bool]) -> None:
-    """Delete from the run each recorded checkpoint whose source the library removed (``removed(key)``).
-
-    ``sources`` maps the library's name for a checkpoint to its recorded path; entries deleted are dropped. Runs on
-    the recording thread, behind the save in flight (``mgr.wait()`` waits for it). With MLflow unreachable, a
-    deletion waits for the next call (a warning): the training loop never fails on it.
-    """
-
-    def delete() -> None:
-        for key, path in list(sources.items()):
-            if not removed(key):
-                continue
-            try:
-                mgr.recorder.delete(path)
-            except StoreError as e:
-                log.warning("run %s: could not delete %s, which the library removed (%s); retrying after the next "
-                            "save", mgr.run_id, path, e)  # fmt: skip
-                continue
-            sources.pop(key, None)
-
-    mgr._recording.submit(-1, delete, wait=False)
+    """Delete from the run each recorded checkpoint whose source the library removed (``mgr.delete_removed``)."""
+    mgr.delete_removed(sources, removed)
 
 
 def recorded_sources(mgr: CheckpointManager, format: str) -> dict[str, str]:
     """{source name: checkpoint path} of the run's committed checkpoints of ``format`` (one scan)."""
     return {
         str(r.manifest.metadata.get(SOURCE_KEY)): r.path
-        for r in mgr.recorder.committed()
+        for r in mgr.committed()
         if r.manifest.format == format and SOURCE_KEY in r.manifest.metadata
     }
 

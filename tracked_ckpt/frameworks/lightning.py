@@ -117,7 +117,7 @@ class TrackedCheckpoints(Callback):
         """{file name: checkpoint path} of the run's Lightning checkpoints (one scan, on the first removal)."""
         if self._earlier is None and self.manager is not None:
             self.manager.wait()  # the saves in flight are in the index too
-            found = self.manager.recorder.committed()  # commit order: a name written twice maps to its newest
+            found = self.manager.committed()  # commit order: a name written twice maps to its newest
             self._earlier = {r.manifest.files[0].name: r.path for r in found
                              if r.manifest.format == FORMAT and len(r.manifest.files) == 1}  # fmt: skip
             self._earlier = {n: p for n, p in self._earlier.items() if p not in self._sources.values()}

@@ -249,6 +249,18 @@ class RunStore:
             raise StoreError(f"download of {path} produced a symlink; refusing to follow it")
         return Fetched(result, None)
 
+    def read_range(self, path: str, offset: int, length: int) -> bytes | None:
+        """Bytes [offset, offset + length) of artifact ``path``, or None where only whole files can be fetched."""
+        check_relpath(path, "artifact path")
+        root = self.local_dir
+        if root is not None:
+            with self.fetch(path, root).path.open("rb") as f:  # in place, symlinks refused by fetch
+                f.seek(offset)
+                return f.read(length)
+        result: bytes | None = self._call(lambda: transfer.read_range(self.repo, path, offset, length),
+                                          f"read {length} bytes of {path}")  # fmt: skip
+        return result
+
     def delete(self, path: str) -> None:
         """Delete one checkpoint folder; only ``checkpoints/<name>`` is accepted (delete_artifacts trusts paths)."""
         check_checkpoint_path(path)

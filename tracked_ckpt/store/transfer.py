@@ -123,6 +123,27 @@ def download_proxied(artifact_uri: str, path: str, dst: Path, parallel: bool = T
     return _fetch(get, dst, path, PARTS if parallel else 1)
 
 
+def read_range(repo: Any, path: str, offset: int, length: int) -> bytes | None:
+    """Bytes [offset, offset + length) of artifact ``path`` through a tracking server's artifact endpoint; None
+    where the store offers no ranged read here (the caller downloads the whole file instead)."""
+    if not is_http(repo) or length <= 0:
+        return None if length > 0 else b""
+    creds = _mlflow("mlflow.utils.credentials").get_default_host_creds(repo.artifact_uri)
+    resp = _mlflow("mlflow.utils.rest_utils").http_request(
+        creds, "/" + path, "GET", stream=True, extra_headers={"Range": f"bytes={offset}-{offset + length - 1}"}
+    )
+    try:
+        _check_status(resp, path)
+        if resp.status_code != 206:
+            return None  # the server ignores Range: the whole file would come; let the caller fetch it once
+        data = bytes(resp.content)
+    finally:
+        resp.close()
+    if len(data) != length:
+        raise OSError(f"ranged read of {path} returned {len(data)} bytes, asked {length} at offset {offset}")
+    return data
+
+
 class _Unreachable(OSError):
     """The first request to a presigned URL could not connect: nothing was written yet."""
 
