@@ -6,6 +6,7 @@ CLI in a subprocess on 127.0.0.1, stopped by its PID.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -238,3 +239,16 @@ def checkpoint_steps(run_id: str) -> list[int]:
 def printed_run_id(stdout: str) -> str:
     """The run ID a job printed on its ``RUN_ID <id>`` line."""
     return next(line.split()[1] for line in stdout.splitlines() if line.startswith("RUN_ID "))
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """In-process CLI invocations (CliRunner) configure logging like the real command; undo it afterwards."""
+    root, ours = logging.getLogger(), logging.getLogger("tracked_ckpt")
+    saved = (list(root.handlers), root.level, ours.level, os.environ.get("MLFLOW_LOGGING_LEVEL"))
+    yield
+    root.handlers[:], root.level, ours.level = saved[0], saved[1], saved[2]
+    if saved[3] is None:
+        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
+    else:
+        os.environ["MLFLOW_LOGGING_LEVEL"] = saved[3]

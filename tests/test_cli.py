@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import pty
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +36,7 @@ from tracked_ckpt.maintenance import open_catalog, parse, plan_prune
 from tracked_ckpt.manifest import MANIFEST_NAME, Manifest, hash_file
 from tracked_ckpt.policies import KeepLast
 from tracked_ckpt.progress import Progress
+from tracked_ckpt.resolver import resolve
 from tracked_ckpt.runtags import TAG_BEST, TAG_BYTES, TAG_COUNT, TAG_LATEST, TAG_PRUNED
 from tracked_ckpt.store.run_store import RunStore
 
@@ -60,6 +59,7 @@ EVERY_COMMAND = [
     ["--help"],
     ["--version"],
 ]
+pytestmark = pytest.mark.usefixtures("restore_logging")  # in-process invocations configure logging
 ISO_UTC_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 
@@ -96,19 +96,6 @@ def run5(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     """A run with checkpoints at steps 10..50 (rewards in REWARDS), left unchanged by every test."""
     experiment = f"cli-{uuid.uuid4().hex[:8]}"
     return make_run(tmp_path_factory.mktemp("run5"), experiment), experiment
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """In-process invocations configure logging like the real command; undo it for the other test modules."""
-    root, ours = logging.getLogger(), logging.getLogger("tracked_ckpt")
-    saved = (list(root.handlers), root.level, ours.level, os.environ.get("MLFLOW_LOGGING_LEVEL"))
-    yield
-    root.handlers[:], root.level, ours.level = saved[0], saved[1], saved[2]
-    if saved[3] is None:
-        os.environ.pop("MLFLOW_LOGGING_LEVEL", None)
-    else:
-        os.environ["MLFLOW_LOGGING_LEVEL"] = saved[3]
 
 
 # --------------------------------------------------------------------------------------------------- help
@@ -249,7 +236,9 @@ def test_best_of_a_loss_min_run_is_the_same_for_load_cli_and_manager(tmp_path: P
     assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best")["step"] == 20
     code, out, err = invoke("show", f"{run_id}@best", "--format", "json")
     assert code == 0 and json.loads(out)["step"] == 20, err
+    assert resolve(f"{run_id}@best")[1].manifest.step == 20  # the one resolver every path above goes through
     with CheckpointManager(tmp_path / "ckpt", resume="must", **kwargs) as mgr:  # type: ignore[arg-type]
+        assert mgr.get_best_checkpoint() == f"runs:/{run_id}/checkpoints/step-00000020"
         assert mgr.load(fresh, fresh_opt, which="best")["step"] == 20
     # An explicit metric still wins over the run's monitor (the loss's worst, by max).
     assert tracked_ckpt.load(run_id, fresh, fresh_opt, which="best", metric="loss", mode="max")["step"] == 10

@@ -27,10 +27,10 @@ store:          store                         # the storage seam: MLflow is call
 formats:        formats                       # a checkpoint folder's kinds: torch file, DCP, another library's
 records:        catalog evals local outbox models runs resolver    # one run's record, in save_dir and in MLflow
 run operations: lifecycle maintenance views   # fork and promote, delete and prune, the tables
-pipelines:      recording recorder publishing recovery loading     # write and publish; read and restore
+pipelines:      recording loading             # write and publish; read and restore
 session:        session
 distributed:    distributed                   # torchrun: ranks, sharded save and load
-manager:        manager
+manager:        restoring manager             # the facade and its load
 api:            api export following follow_cmd
 frameworks:     frameworks
 facade:         __init__

@@ -5,7 +5,7 @@ fixture plays the whole story once, because each launch costs ~30-50 s on 2 busy
 saw; each test then asserts its part of it from the outside (the job's printed events, each node's disk, each
 proxy's byte counts, the run in MLflow):
 
-1. two nodes train (FSDP2, gloo), a checkpoint every 2 steps; both proxies refuse for 20 s (the server gone, as
+1. two nodes train (FSDP2, gloo), a checkpoint every 6 steps; both proxies refuse for 20 s (the server gone, as
    the clients see it), then pass; then the node without rank 0 is cut off for 8 s, then reconnected;
 2. every node is SIGKILLed right after a save is recorded;
 3. the job is relaunched at once on two fresh nodes (new directories, new host names; MLFLOW_RUN_ID, as a
@@ -41,7 +41,7 @@ LEASE_S = 30.0
 PUBLISH_S = 10.0
 OUTAGE_S = 20.0
 CUT_S = 8.0
-JOB = ("--width", "512", "--save-every", "2", "--step-sleep", "0.3", "--hash-saves",
+JOB = ("--width", "512", "--save-every", "6", "--step-sleep", "0.3", "--hash-saves",
        "--publish-timeout", str(PUBLISH_S), "--lease-timeout", str(LEASE_S))  # fmt: skip
 
 
@@ -225,7 +225,7 @@ def test_a_server_outage_raises_nothing_loses_nothing_and_every_node_drains(stor
     assert story.first is not None
     up, down = story.seen["up_blocked"], story.seen["outage_blocked"]
     print(f"save blocked with the server up {up}, during the {OUTAGE_S:.0f} s outage {down}")
-    # Training went on through the outage (a save every ~1-2 s here), no save waiting longer than its budget.
+    # Training went on through the outage (a save every ~2-3 s here), no save waiting longer than its budget.
     assert len(down) >= 3 and max(down) <= PUBLISH_S + 3, (up, down)
     # Within 10 s of the server answering again, every node's outbox is empty and every save is recorded.
     assert story.seen["outage_drain_s"] <= 10, story.seen

@@ -39,8 +39,7 @@ from .policies import (
 )
 
 if TYPE_CHECKING:
-    from .api import load
-    from .evals import log_eval
+    from .api import load, log_eval
     from .export import export_model, warm_start
     from .following import follow
     from .lifecycle import promote
@@ -58,7 +57,7 @@ _LAZY = {
     "warm_start": ".export",
     "promote": ".lifecycle",
     "follow": ".following",
-    "log_eval": ".evals",
+    "log_eval": ".api",
     "RunStore": ".store.run_store",  # the storage seam (store_factory=): subclass it to inject faults or wrap calls
 }
 

@@ -1,6 +1,7 @@
-"""Module-level helpers for scripts and notebooks: restore from a run ID without a manager.
+"""Module-level helpers for scripts and notebooks, without a manager: restore from a run (``load``), score one of
+its checkpoints (``log_eval``), record what an outage left queued in a save_dir (``sync``).
 
-These only read the run: nothing is logged, no run is created or marked.
+None creates a run or marks one; each takes ``store_factory=``, the storage seam ``CheckpointManager`` takes.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from .catalog import RunCatalog
 from .data import data_parts
 from .errors import CheckpointNotFoundError, TrackedCkptError
 from .loading import load_latest_verified, load_resolved
 from .refs import Which
+from .resolver import locate, open_catalog, select
 from .state import Stateful, TrainingState
 from .store.reading import read_client, reading
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,19 @@ def load(
     mode: str | None = None,
     cache_dir: str | Path | None = None,
     data: Stateful | Mapping[str, Stateful] | None = None,
+    store_factory: StoreFactory = RunStore,
 ) -> dict[str, Any]:
     """Restore checkpoint ``which`` ("latest", "best", or a step) of run ``run_id``.
 
     "best" is by the run's own monitor (the ``monitor``/``mode`` it was saved with) unless ``metric``/``mode``
     name another.
 
-    ``run_id`` may also be a registered model version made by ``promote``: ``"models:/NAME@ALIAS"`` or
-    ``"models:/NAME/VERSION"`` (its checkpoint is loaded, verified like any other; ``which`` is ignored).
+    ``run_id`` may also be any checkpoint reference (refs.py): ``"RUN@best"``, ``"runs:/RUN/checkpoints/NAME"``, a
+    checkpoint's logged model ``"models:/<model_id>"`` or a version made by ``promote``, ``"models:/NAME@ALIAS"`` /
+    ``"models:/NAME/VERSION"`` (loaded, verified like any other); ``which`` applies to a bare run ID only.
 
     ``data`` restores the data position saved with ``save(..., data=)`` (this process: world size 1, docs/data.md).
+    ``store_factory``: the storage seam, as ``CheckpointManager`` takes it (a subclass of ``RunStore``).
 
     Returns the checkpoint's metadata. Raises CheckpointNotFoundError when the run has no such
     checkpoint, RunNotFoundError for an unknown run, CheckpointMismatchError when it does not fit,
@@ -57,22 +61,40 @@ def load(
         client = read_client(tracking_uri)
         state = TrainingState(model, optimizer, scheduler, scaler, dict(extra or {}), data_parts(data))
         cache = Path(cache_dir) if cache_dir is not None else None
-        if run_id.startswith("models:/"):
-            from .lifecycle import resolve_source
-
-            catalog, r = resolve_source(client, run_id)
-            return load_resolved(catalog, r, state, cache)
-        catalog = RunCatalog(RunStore(client, run_id))
-        if which == "latest":
+        catalog, ref = locate(run_id, client=client, store_factory=store_factory, which=which)
+        if ref.path is None and ref.which == "latest":  # past a checkpoint that fails verification, to an older one
             got = load_latest_verified(catalog, state, cache)
             if got is None:
-                raise CheckpointNotFoundError(f"run {run_id} has no committed checkpoint")
+                raise CheckpointNotFoundError(f"run {catalog.run_id} has no committed checkpoint")
             return got[1]
-        r = catalog.resolve(which, metric, mode)
-        return load_resolved(catalog, r, state, cache)
+        return load_resolved(catalog, select(catalog, ref, metric, mode), state, cache)
 
 
-def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: float = 300.0) -> dict[str, int]:
+def log_eval(
+    checkpoint: Any, metrics: Mapping[str, Any], *, tracking_uri: str | None = None,
+    store_factory: StoreFactory = RunStore,
+) -> None:  # fmt: skip
+    """Log ``metrics`` (e.g. ``{"eval/accuracy": 0.81}``) into the training run at the checkpoint's step.
+
+    ``checkpoint``: an item ``follow`` yielded, or a ``runs:/RUN_ID/checkpoints/NAME`` reference.
+    ``store_factory``: the storage seam, as ``CheckpointManager`` takes it.
+    """
+    if hasattr(checkpoint, "log_eval"):
+        checkpoint.log_eval(metrics)
+        return
+    from .evals import record_eval
+    from .refs import parse_ref, ref_for
+
+    run_id, path = parse_ref(str(checkpoint))
+    catalog = open_catalog(run_id, tracking_uri, store_factory=store_factory)
+    manifest = catalog.manifest(path)
+    record_eval(catalog.store, ref_for(run_id, path), manifest.step, metrics, catalog.store.tags_at_open)
+
+
+def sync(
+    save_dir: str | Path, *, tracking_uri: str | None = None, timeout: float = 300.0,
+    store_factory: StoreFactory = RunStore,
+) -> dict[str, int]:  # fmt: skip
     """Record in MLflow every checkpoint still queued in ``save_dir``'s outbox (after an outage).
 
     Returns {run_id: number still queued} — all zeros when everything was recorded. The tracking URI
@@ -96,7 +118,7 @@ def sync(save_dir: str | Path, *, tracking_uri: str | None = None, timeout: floa
     try:
         for run_id in queued:
             try:
-                store = RunStore(MlflowClient(tracking_uri=uri), run_id)
+                store = store_factory(MlflowClient(tracking_uri=uri), run_id)
                 lease = Lease(store, root)
                 lease.acquire(store.tags_at_open)
                 try:

@@ -84,6 +84,7 @@ class StoreError(TrackedCkptError, OSError):
     """The MLflow tracking server or artifact store refused or failed a request."""
 
     transient = True  # False when retrying cannot help (permission, authentication, validation)
+    error_code = ""  # MLflow's code (RESOURCE_DOES_NOT_EXIST, ...) when MLflow answered with one
 
 
 class RunLockedError(TrackedCkptError, RuntimeError):

@@ -76,25 +76,15 @@ def record_eval(
     model_id = logged_model_of(store, ref)
     now = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
     batch = [Metric(k, v, now, step, model_id=model_id, run_id=store.run_id) for k, v in values.items()]
-    store._call(
-        lambda: store.client.log_batch(store.run_id, metrics=batch, tags=new_tags, synchronous=True),
-        f"log eval metrics of step {step}",
-    )
+    store.log_batch(store.run_id, f"log eval metrics of step {step}", metrics=batch, tags=new_tags, synchronous=True)
     log.info("run %s: logged %s at step %d", store.run_id, ", ".join(f"{k}={v:g}" for k, v in values.items()), step)
 
 
 def logged_model_of(store: RunStore, ref: str) -> str | None:
     """The id of the LoggedModel that stands for checkpoint ``ref``, if the run's checkpoints have one."""
-    client = store.client
     try:
-        page = store._call(
-            lambda: client.search_logged_models(
-                [store.experiment_id],
-                filter_string=f"source_run_id = '{store.run_id}'",
-                max_results=1000,
-            ),
-            f"search the logged models of run {store.run_id}",
-        )
+        page = store.search_logged_models([store.experiment_id], f"source_run_id = '{store.run_id}'",
+                                          f"search the logged models of run {store.run_id}", max_results=1000)
     except StoreError as e:  # a store without LoggedModels (or an old server): the run metric is what counts
         if e.transient:
             raise
@@ -106,7 +96,7 @@ def logged_model_of(store: RunStore, ref: str) -> str | None:
 
 def metric_by_step(store: RunStore, key: str) -> dict[int, float]:
     """{step: value} of one run metric; the newest value of a step wins (a re-scored checkpoint)."""
-    history = store._call(lambda: store.client.get_metric_history(store.run_id, key), f"read metric {key}")
+    history = store.history(key)
     return {int(m.step): float(m.value) for m in sorted(history, key=lambda m: m.timestamp)}
 
 
@@ -128,21 +118,3 @@ def last_scored_step(store: RunStore, key: str) -> int | None:
     """The highest step at which ``key`` was logged (a restarted follower continues after it); None if never."""
     steps = metric_by_step(store, key)
     return max(steps) if steps else None
-
-
-def log_eval(checkpoint: Any, metrics: Mapping[str, Any], *, tracking_uri: str | None = None) -> None:
-    """Log ``metrics`` (e.g. ``{"eval/accuracy": 0.81}``) into the training run at the checkpoint's step.
-
-    ``checkpoint``: an item ``follow`` yielded, or a ``runs:/RUN_ID/checkpoints/NAME`` reference.
-    """
-    if hasattr(checkpoint, "log_eval"):
-        checkpoint.log_eval(metrics)
-        return
-    from .catalog import RunCatalog
-    from .refs import parse_ref, ref_for
-    from .store.reading import read_client
-
-    run_id, path = parse_ref(str(checkpoint))
-    store = RunStore(read_client(tracking_uri), run_id)
-    manifest = RunCatalog(store).manifest(path)
-    record_eval(store, ref_for(run_id, path), manifest.step, metrics, store.tags_at_open)

@@ -27,6 +27,8 @@ from .errors import CheckpointMismatchError, ConfigError
 from .formats import format_of
 from .progress import human_bytes
 from .refs import ref_for
+from .resolver import resolve
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,7 @@ def warm_start(
     key_map: KeyMap | None = None,
     strict: bool = False,
     tracking_uri: str | None = None,
+    store_factory: StoreFactory = RunStore,
 ) -> WarmStart:
     """Load only the model weights of checkpoint ``source`` into ``model``: no optimizer, scheduler or RNG.
 
@@ -121,12 +124,11 @@ def warm_start(
             returning the new key (None drops the key).
         strict: raise CheckpointMismatchError for missing/unexpected keys too (shape mismatches always raise).
     """
-    from .lifecycle import resolve_source
-    from .store.reading import read_client, reading
+    from .store.reading import reading
 
     t0 = time.perf_counter()
     with reading():
-        catalog, r = resolve_source(read_client(tracking_uri), source)
+        catalog, r = resolve(source, tracking_uri=tracking_uri, store_factory=store_factory)
         sd = model_state(catalog, r)
     ref = ref_for(catalog.run_id, r.path)
     where = f"checkpoint {ref} (step {r.manifest.step})"
@@ -143,7 +145,7 @@ def warm_start(
 
 def export_model(
     source: str, path: str | Path, *, format: Format = "safetensors", tracking_uri: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, store_factory: StoreFactory = RunStore,
 ) -> Path:  # fmt: skip
     """Write the model weights of checkpoint ``source`` to ``path``: one safetensors file, or a torch.save dict.
 
@@ -151,8 +153,8 @@ def export_model(
     ``__metadata__``; torch: the ``"tracked_ckpt"`` entry beside ``"model"``). Needs ``safetensors`` for that
     format (``pip install 'tracked-ckpt[export]'``).
     """
-    from .lifecycle import checkpoint_digest, resolve_source
-    from .store.reading import read_client, reading
+    from .lifecycle import checkpoint_digest
+    from .store.reading import reading
 
     if format not in ("safetensors", "torch"):
         raise ConfigError(f"format={format!r}: pass 'safetensors' or 'torch'")
@@ -162,7 +164,7 @@ def export_model(
     save_file = _safetensors_save() if format == "safetensors" else None
     t0 = time.perf_counter()
     with reading():
-        catalog, r = resolve_source(read_client(tracking_uri), source)
+        catalog, r = resolve(source, tracking_uri=tracking_uri, store_factory=store_factory)
         sd = model_state(catalog, r)
     source_info = {
         "tracked_ckpt.run_id": catalog.run_id,

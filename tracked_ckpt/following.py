@@ -40,10 +40,11 @@ from .evals import TAG_EVALS, eval_keys, last_scored_step, record_eval
 from .manifest import MANIFEST_NAME, Manifest
 from .progress import human_bytes
 from .refs import parse, ref_for
+from .resolver import open_catalog
 from .runtags import TAG_LATEST, TAG_LATEST_STEP
 from .state import Stateful, TrainingState
 from .store import http as _http
-from .store.run_store import RunStore
+from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def follow(
     poll_interval: float = 1.0,
     max_interval: float = 2.0,
     tracking_uri: str | None = None,
+    store_factory: StoreFactory = RunStore,
 ) -> Iterator[FollowedCheckpoint]:
     """The checkpoints of run ``run`` as they are committed, oldest unseen first; ends when the run does.
 
@@ -132,25 +134,25 @@ def follow(
             follower with the same ``cache_dir`` does not fetch again what is there.
         keep: fetched checkpoints kept in ``cache_dir``; older ones are removed.
         poll_interval, max_interval: seconds between polls; the wait grows by half while nothing is new.
+        store_factory: the storage seam, as ``CheckpointManager`` takes it.
     """
     if keep < 1:
         raise ConfigError(f"keep={keep}: keep at least 1 fetched checkpoint (the one being used)")
     if poll_interval <= 0 or max_interval < poll_interval:
         raise ConfigError(f"poll_interval={poll_interval}, max_interval={max_interval}: need 0 < poll <= max")
-    from .store.reading import read_client
-
     run_id = parse(run).run_id  # checked here, not at the first next(): bad arguments fail where they are passed
-    store = RunStore(read_client(tracking_uri), run_id, connect=False)  # a missing sqlite store is not created
+    # A missing sqlite store is not created; the run is read at the first poll (the server may not be up yet).
+    catalog = open_catalog(run_id, tracking_uri, store_factory=store_factory, connect=False)
     options = {"latest_only": latest_only, "resume": resume, "weights_only": weights_only, "keep": keep}
-    return _follow(store, cache_dir, options, until_step, timeout, poll_interval, max_interval)
+    return _follow(catalog, cache_dir, options, until_step, timeout, poll_interval, max_interval)
 
 
 def _follow(
-    store: RunStore, cache_dir: str | Path | None, options: dict[str, Any], *loop: Any
+    catalog: RunCatalog, cache_dir: str | Path | None, options: dict[str, Any], *loop: Any
 ) -> Iterator[FollowedCheckpoint]:
     root = Path(tempfile.mkdtemp(prefix="tracked_ckpt-follow-")) if cache_dir is None else Path(cache_dir)
     try:
-        yield from _Follower(store, root / store.run_id, **options).items(*loop)
+        yield from _Follower(catalog, root / catalog.run_id, **options).items(*loop)
     finally:
         if cache_dir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -158,10 +160,10 @@ def _follow(
 
 class _Follower:
     def __init__(
-        self, store: RunStore, cache: Path, *, latest_only: bool, resume: str | None, weights_only: bool, keep: int
+        self, catalog: RunCatalog, cache: Path, *, latest_only: bool, resume: str | None, weights_only: bool, keep: int
     ) -> None:
-        self.store = store
-        self.catalog = RunCatalog(store)
+        self.store = catalog.store
+        self.catalog = catalog
         self.cache = cache
         self.latest_only = latest_only
         self.resume = resume
@@ -219,7 +221,7 @@ class _Follower:
         return result
 
     def _poll(self) -> tuple[list[Resolved], str | None]:
-        run = self.store._call(lambda: self.store.client.get_run(self.store.run_id), f"get run {self.store.run_id}")
+        run = self.store.run()
         self.tags = dict(run.data.tags)
         status = str(run.info.status)
         ended = status if status in ENDED else None

@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Metric
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
-from .catalog import Resolved, RunCatalog
-from .errors import CheckpointNotFoundError, ConfigError, TrackedCkptError
+from .catalog import Resolved
+from .errors import ConfigError, TrackedCkptError
 from .models import FLAVOR, MODEL_TAG_CHECKPOINT, MODEL_TAG_DIGEST, MODEL_TAG_STEP, CheckpointModels, model_tags
 from .models import checkpoint_digest as manifest_digest
-from .refs import is_model_uri, parse, parse_model, parse_ref, ref_for
+from .refs import ModelRef, parse_any, ref_for
+from .resolver import resolve, server_store
 from .runtags import (
     TAG_COUNT,
     TAG_FORK_ORIGINS,
@@ -47,62 +46,12 @@ from .runtags import (
     monitor_of,
     promoted_paths,
 )
-from .store import http as _http
-from .store.run_store import RunStore, describe_mlflow_error, redact
+from .store.run_store import RunStore, StoreFactory
+from .store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FLAVOR", "MODEL_TAG_CHECKPOINT", "MODEL_TAG_DIGEST", "MODEL_TAG_STEP", "Fork", "Promoted", "promote"]
-
-
-# ------------------------------------------------------------------------------------------------ naming
-
-
-def resolve_source(client: MlflowClient, text: str) -> tuple[RunCatalog, Resolved]:
-    """The committed checkpoint named by ``runs:/RUN/checkpoints/NAME``, ``RUN[@latest|best|STEP]``,
-    ``models:/<model_id>`` (a checkpoint's LoggedModel) or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``."""
-    from .maintenance import resolve
-
-    if is_model_uri(text):
-        run_id, path = registered_checkpoint(client, text)
-        catalog = RunCatalog(RunStore(client, run_id))
-        return catalog, Resolved(path, catalog.manifest(path))
-    ref = parse(text)
-    catalog = RunCatalog(RunStore(client, ref.run_id))
-    return catalog, resolve(catalog, ref)
-
-
-def registered_checkpoint(client: MlflowClient, uri: str) -> tuple[str, str]:
-    """(run_id, checkpoint path) of a ``models:/`` reference: a checkpoint's LoggedModel or a promoted version."""
-    server = redact(str(client.tracking_uri))
-    ref = parse_model(uri)
-    try:
-        with _http.bounded():
-            if ref.model_id is not None:
-                lm = client.get_logged_model(ref.model_id)
-                what, tags = f"logged model {ref.model_id}", lm.tags
-            else:
-                if ref.alias is not None:
-                    mv = client.get_model_version_by_alias(str(ref.name), ref.alias)
-                else:
-                    mv = client.get_model_version(str(ref.name), str(ref.version))
-                what, tags = f"version {mv.version} of {mv.name!r}", mv.tags
-    except MlflowException as e:
-        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
-            hint = "`tracked-ckpt ls RUN` lists checkpoints" if ref.model_id else "`tracked-ckpt promote` registers one"
-            kind = "logged model" if ref.model_id else "model version"
-            raise CheckpointNotFoundError(
-                f"{uri!r} names no {kind} at {server} ({e.message}); it may have been deleted with its "
-                f"checkpoint; {hint}"
-            ) from None
-        raise describe_mlflow_error(e, f"look up {uri}", server) from e
-    checkpoint = (tags or {}).get(MODEL_TAG_CHECKPOINT)
-    if not checkpoint:
-        raise CheckpointNotFoundError(
-            f"{uri!r} ({what}) was not made by tracked_ckpt: it names no checkpoint (tag {MODEL_TAG_CHECKPOINT}); "
-            "load it with MLflow's own flavor loader instead"
-        )
-    return parse_ref(checkpoint)  # the path is checked: a tag is no reason to read outside checkpoints/
 
 
 # -------------------------------------------------------------------------------------------------- fork
@@ -119,8 +68,7 @@ class Fork:
         try:
             if not isinstance(self.source, str):
                 raise ConfigError(f"a {type(self.source).__name__}")
-            if not is_model_uri(self.source):
-                parse(self.source)
+            parse_any(self.source)
         except ConfigError:
             raise ConfigError(
                 f"fork_from={self.source!r}: pass a checkpoint reference, 'runs:/RUN/checkpoints/NAME', 'RUN@latest',"
@@ -140,11 +88,11 @@ class Fork:
                 "continue that run"
             )
         try:
-            catalog, r = resolve_source(store.client, self.source)
+            catalog, r = resolve(self.source, client=store.client, store_factory=type(store))
         except TrackedCkptError:
             if how == "new":  # no parent to start from: leave no empty run behind (soft-deleted, like the UI does)
                 with contextlib.suppress(Exception):
-                    store.client.delete_run(store.run_id)
+                    store.delete_run(store.run_id)
             raise
         ref = ref_for(catalog.run_id, r.path)
         # The parent's retention and prune keep this checkpoint from now on: the fork's tag must name a folder.
@@ -162,15 +110,11 @@ class Fork:
 
 def copy_history(parent: RunStore, child: RunStore, up_to_step: int) -> int:
     """Copy every metric point of ``parent`` at steps <= ``up_to_step`` into ``child`` (timestamps kept)."""
-    client = parent.client
-    run = parent._call(lambda: client.get_run(parent.run_id), f"get run {parent.run_id}")
     points: list[Metric] = []
-    for key in sorted(run.data.metrics):
-        history = parent._call(lambda k=key: client.get_metric_history(parent.run_id, k), f"read metric {key}")
-        points += [Metric(key, m.value, m.timestamp, m.step) for m in history if m.step <= up_to_step]
+    for key in sorted(parent.run().data.metrics):
+        points += [Metric(key, m.value, m.timestamp, m.step) for m in parent.history(key) if m.step <= up_to_step]
     for i in range(0, len(points), 1000):  # MLflow's log_batch limit
-        batch = points[i : i + 1000]
-        child._call(lambda b=batch: client.log_batch(child.run_id, metrics=b), "copy the parent's metric history")
+        child.log_batch(child.run_id, "copy the parent's metric history", metrics=points[i : i + 1000])
     return len(points)
 
 
@@ -195,23 +139,26 @@ class Promoted:
 
     @property
     def uri(self) -> str:
-        return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
+        return ModelRef(name=self.name, alias=self.alias, version=self.version).uri
 
 
-def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: str | None = None) -> Promoted:
+def promote(
+    source: str, name: str, *, alias: str | None = None, tracking_uri: str | None = None,
+    store_factory: StoreFactory = RunStore,
+) -> Promoted:  # fmt: skip
     """Register checkpoint ``source`` (``RUN@best``, ``runs:/...``) as a version of registered model ``name``.
 
     The checkpoint is verified first; the version's model is the checkpoint's own LoggedModel (made now if it
     has none). Promoting a checkpoint that is already a version of ``name`` registers nothing: it returns that
     version (``existing=True``), with ``alias`` moved to it. ``load(promoted.uri, model)`` loads it back.
+    ``store_factory``: the storage seam, as ``CheckpointManager`` takes it.
     """
     from .store.reading import read_client
 
     if not name or "/" in name or "@" in name:
         raise ConfigError(f"name={name!r}: pass a registered model name without '/' or '@'")
     client = read_client(tracking_uri)
-    server = redact(str(client.tracking_uri))
-    catalog, r = resolve_source(client, source)
+    catalog, r = resolve(source, client=client, store_factory=store_factory)
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
         catalog.fetch_verified(r, Path(tmp))  # never register what would not load
     ref = ref_for(catalog.run_id, r.path)
@@ -222,24 +169,18 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     models = CheckpointModels(catalog.store)
     model_id = models.ready_model(r.path) or models.record(r.path, r.manifest)
     models.pointer(model_id, r.path, r.manifest)  # the MLmodel the version pages read
-    try:
-        with _http.bounded():
-            mv = _existing_version(client, name, catalog.run_id, ref)
-            existing = mv is not None
-            if mv is None:
-                try:
-                    client.create_registered_model(name, description="Checkpoints registered by tracked_ckpt")
-                except MlflowException as e:
-                    if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                        raise
-                mv = client.create_model_version(name, source=_version_source(client, model_id), run_id=catalog.run_id,
-                                                 tags=tags, model_id=model_id,
-                                                 description=f"{ref} (step {step})")  # fmt: skip
-            if alias:
-                client.set_registered_model_alias(name, alias, mv.version)
-        models.note_version(model_id, name, str(mv.version))
-    except MlflowException as e:
-        raise describe_mlflow_error(e, f"register {ref} as model {name!r}", server) from e
+    registry = server_store(client, store_factory)
+    mv = _existing_version(registry, name, catalog.run_id, ref)
+    existing = mv is not None
+    if mv is None:
+        registry.ensure_registered_model(name, "Checkpoints registered by tracked_ckpt")
+        source = _version_source(registry, model_id)
+        mv = registry.create_model_version(name, f"register {ref} as model {name!r}", source=source,
+                                           run_id=catalog.run_id, tags=tags, model_id=model_id,
+                                           description=f"{ref} (step {step})")  # fmt: skip
+    if alias:
+        registry.set_alias(name, alias, str(mv.version))
+    models.note_version(model_id, name, str(mv.version))
     if existing:
         log.info("%s (step %d) is already version %s of model %r: nothing registered%s", ref, step, mv.version, name,
                  f"; alias @{alias} set on it" if alias else "")  # fmt: skip
@@ -249,15 +190,16 @@ def promote(source: str, name: str, *, alias: str | None = None, tracking_uri: s
     return Promoted(name, str(mv.version), alias, str(mv.model_id or model_id), catalog.run_id, step, ref, existing)
 
 
-def _existing_version(client: MlflowClient, name: str, run_id: str, ref: str) -> Any:
+def _existing_version(registry: TrackingStore, name: str, run_id: str, ref: str) -> Any:
     """The version of ``name`` that already registers checkpoint ``ref`` (the oldest), or None."""
     quoted = name.replace("'", "\\'")
-    found = client.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'")
+    found = registry.search_model_versions(f"name = '{quoted}' and run_id = '{run_id}'",
+                                           f"search the versions of model {name!r}")  # fmt: skip
     same = [mv for mv in found if (mv.tags or {}).get(MODEL_TAG_CHECKPOINT) == ref]
     return min(same, key=lambda mv: int(mv.version)) if same else None
 
 
-def _version_source(client: MlflowClient, model_id: str) -> str:
+def _version_source(registry: TrackingStore, model_id: str) -> str:
     """``models:/<model_id>`` (the UI links the version to its logged model) where the registry can resolve it.
 
     A registry store in this process (sqlite, a database) resolves a ``models:/`` source through MLflow's *global*
@@ -266,12 +208,12 @@ def _version_source(client: MlflowClient, model_id: str) -> str:
     """
     import mlflow
 
-    uri = str(client.tracking_uri)
+    uri = str(registry.client.tracking_uri)
     if uri.startswith(("http://", "https://")) or uri == mlflow.get_tracking_uri():
-        return f"models:/{model_id}"
+        return ModelRef(model_id=model_id).uri
     log.info("registering %s by its artifact location: MLFLOW_TRACKING_URI names another store than %s",
-             model_id, redact(uri))  # fmt: skip
-    return str(client.get_logged_model(model_id).artifact_location)
+             model_id, registry.server)  # fmt: skip
+    return str(registry.logged_model(model_id).artifact_location)
 
 
 def checkpoint_digest(r: Resolved) -> str:

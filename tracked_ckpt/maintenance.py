@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from . import resolver
 from .catalog import Resolved, RunCatalog, open_in_place
 from .errors import CheckpointCorruptError, CheckpointNotFoundError, StoreError
 from .manifest import ARTIFACT_PREFIX, MANIFEST_NAME, check_checkpoint_path, check_relpath, verify_file
 from .policies import CheckpointInfo, Mode, RetentionPolicy, best_of, plan_deletions
 from .progress import Progress, human_bytes, watch_file
-from .refs import Ref
 from .refs import parse as parse  # the CLI's REF argument: one grammar, in refs.py
 from .refs import ref_for as runs_uri
 from .runtags import (
@@ -39,26 +39,13 @@ from .runtags import (
     pruned_value,
     summary_tags,
 )
-from .store.reading import read_client
-from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 
 
-def open_catalog(run_id: str, tracking_uri: str | None = None) -> RunCatalog:
-    """The catalog of ``run_id``; RunNotFoundError for an unknown or deleted run, StoreError if unreachable.
-
-    StoreNotFoundError when the tracking store does not exist: maintenance never creates one.
-    """
-    return RunCatalog(RunStore(read_client(tracking_uri), run_id))
-
-
-def resolve(catalog: RunCatalog, ref: Ref, metric: str | None = None, mode: str | None = None) -> Resolved:
-    """The committed checkpoint ``ref`` names; CheckpointNotFoundError when there is none."""
-    if ref.path is not None:
-        return Resolved(ref.path, catalog.manifest(ref.path))
-    return catalog.resolve(ref.which, metric, mode)
+open_catalog = resolver.open_catalog  # the catalog of a run ID (the store seam honoured): one place, resolver.py
+resolve = resolver.select  # the committed checkpoint a parsed Ref names in a run's catalog
 
 
 def markers(catalog: RunCatalog, r: Resolved, metric: str | None = None, mode: str | None = None) -> list[str]:

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -36,8 +36,7 @@ from .catalog import Resolved, RunCatalog
 from .data import data_parts
 from .distributed.ranks import current as current_ranks
 from .distributed.ranks import node_of
-from .errors import CheckpointNotFoundError, ConfigError, StoreError
-from .loading import first_that_loads, load_resolved
+from .errors import ConfigError, StoreError
 from .local import LocalDir, checked_foreign
 from .manifest import ARTIFACT_PREFIX
 from .outbox import Outbox
@@ -45,6 +44,7 @@ from .policies import CheckpointInfo, RetentionPolicy, SavePolicy, check_mode
 from .preemption import EXIT_STATUS, SigtermFlag
 from .recording import RunRecorder
 from .refs import Which, ref_for
+from .restoring import Restorer
 from .runtags import METRIC_BLOCKED_S
 from .session import Options, RunSession, StoreFactory
 from .snapshot import BackgroundSaver, StagingBuffers
@@ -147,19 +147,11 @@ class CheckpointManager:
         # Rank 0 alone decides which run and holds it (lease, status, records); the others join its run.
         try:
             opened = self._ranks.on_rank0(lambda: self._open(run_id, experiment, run_name, fork_from, fork_metrics))
-            if not self._ranks.is_rank0:
-                self._session.join(opened, shares=self._dir_lock is not None)
-                if self._dir_lock is not None:  # another node's leader: what a dead save left here is garbage
-                    self.local.sweep_staging(max_age_s=0)
-            if self._ranks.distributed:
-                from .distributed.sharded import ShardedWriter, kept_names, prune_node
+            if self._ranks.distributed:  # the other ranks join rank 0's run; each node's leader its save_dir
+                from .distributed.sharded import join_ranks
 
-                kept = self._ranks.on_rank0(lambda: kept_names(self.recorder))
-                if self._dir_lock is not None and not self._ranks.is_rank0:
-                    prune_node(self.recorder, kept)  # copies retention dropped while this node was away
-
-                self._sharded = ShardedWriter(self._ranks, self.save_dir, self.recorder, self._node,  # type: ignore[arg-type]
-                                              self.options.save_rng)  # fmt: skip
+                self._sharded = join_ranks(self._ranks, self._session, opened, self._node,  # type: ignore[arg-type]
+                                           self.options.save_rng)  # fmt: skip
             if save_on_sigterm:
                 self._sigterm.install()
             atexit.register(self._close_at_exit)
@@ -334,50 +326,8 @@ class CheckpointManager:
         if skip_data and state.positions():
             log.info("skip_data: the data position (%s) is not restored", ", ".join(sorted(state.positions())))
             state = state.without_positions()
-        rec = self.recorder
-        if checkpoint_path is None and which == "latest":
-            got = first_that_loads(self._latest_candidates(), lambda r: self._load_one(self.run_id, r, state))
-            if got is None and (parent := self._decide(rec.fork_parent)) is not None:
-                got = parent[1], self._load_one(parent[0], parent[1], state)  # a fork's first launch
-                log.info("fork %s starts from its parent %s", self.run_id, ref_for(parent[0], parent[1].path))
-            if got is None:
-                if self.options.resume == "must":
-                    raise CheckpointNotFoundError(f"resume='must' but run {self.run_id} has no committed checkpoint")
-                log.info("no checkpoint in run %s yet: starting from scratch", self.run_id)
-                return {}
-            r, metadata = got
-        else:
-            if checkpoint_path is not None:
-                run_id, r = self._decide(lambda: rec.resolve_path(str(checkpoint_path)))
-            else:
-                run_id, r = self._decide(lambda: (self.run_id, rec.resolve(which)))
-            metadata = self._load_one(run_id, r, state)
-        if r.manifest.run_id == self.run_id:
-            rec.resumed_from = r.path
-        return metadata
-
-    def _decide(self, fn: Callable[[], T]) -> T:
-        return self._ranks.on_rank0(fn)  # under torchrun: rank 0 decides, every rank gets the answer
-
-    def _latest_candidates(self) -> Iterator[Resolved]:
-        """Rank 0's candidates, one at a time, on every rank (a corrupt one makes all ranks move to the next)."""
-        candidates: Iterator[Resolved] = self.recorder.latest_first() if self._ranks.is_rank0 else iter(())
-        if not self._ranks.distributed:
-            yield from candidates
-            return
-        while (r := self._ranks.on_rank0(lambda: next(candidates, None))) is not None:
-            yield r
-
-    def _load_one(self, run_id: str, r: Resolved, state: TrainingState) -> dict[str, Any]:
-        catalog = self.recorder.catalog_of(run_id)
-        cache = self.recorder.cache_for(catalog, r)
-        if self._ranks.distributed:
-            from .distributed.sharded import load_on_ranks
-
-            node_folder = self.local.folder(run_id, r.path.rpartition("/")[2])
-            load_on_ranks(self._ranks, catalog, r, state, cache, node_folder)  # type: ignore[arg-type]
-            return dict(r.manifest.metadata)
-        return load_resolved(catalog, r, state, cache)
+        restorer = Restorer(self._ranks, self.recorder, self.local, self.options.resume)
+        return restorer.load(state, None if checkpoint_path is None else str(checkpoint_path), which)
 
     def get_latest_checkpoint(self) -> str | None:
         """The ``runs:/`` reference of the latest committed checkpoint, or None."""
@@ -490,31 +440,11 @@ class CheckpointManager:
         failure = failure or self._recording.close()
         self._buffers.clear()
         atexit.unregister(self._close_at_exit)
-        if self._session.decides:
-            self._finish_run("FAILED" if failure is not None else status)
-        elif self._dir_lock is not None:  # another node's leader: its share of the checkpoints uploads from here
-            self._finish_shares()
+        self._session.close("FAILED" if failure is not None else status, leads_node=self._dir_lock is not None)
         if self._dir_lock is not None:
             self._dir_lock.release()
         if failure is not None:
             raise failure
-
-    def _finish_run(self, status: str) -> None:
-        drained = self.recorder.drain(self.options.publish_timeout)
-        if drained:
-            self.recorder.flush_late_costs()
-        if not drained:
-            log.warning("MLflow at %s did not record every checkpoint in time: they stay queued in %s and are "
-                        "uploaded by the next process on this run or `tracked-ckpt sync %s`",
-                        self._server, self.outbox.dir, self.save_dir)  # fmt: skip
-        self._session.finish(status, drained)
-
-    def _finish_shares(self) -> None:
-        if not self.recorder.drain(self.options.publish_timeout):
-            log.warning("MLflow at %s did not get every file of this node in time: they stay queued in %s and are "
-                        "uploaded by the next process on this save_dir or `tracked-ckpt sync %s`",
-                        self._server, self.outbox.dir, self.save_dir)  # fmt: skip
-        self.recorder.stop()
 
     def _abandon(self) -> None:
         """Undo a half-finished __init__."""

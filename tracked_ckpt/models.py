@@ -13,8 +13,8 @@ the weights: the model has no artifacts until ``promote`` registers it and write
 
 The publisher makes it as part of the record (an outage queues it with the rest). Retention and ``prune`` delete
 it with its checkpoint; ``reconcile`` (run by the next owner of the run, and ``tracked-ckpt models``) repairs a
-crash in between, removes a dead save's PENDING model and gives older checkpoints theirs. This module and
-store.py are the only places that talk to MLflow about a run's models.
+crash in between, removes a dead save's PENDING model and gives older checkpoints theirs. Every MLflow call goes
+through the run's store (store/tracking.py), so a test's store subclass sees them.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from .errors import ConfigError, StoreError
 from .manifest import Manifest
-from .refs import parse_ref, ref_for
+from .refs import ModelRef, parse_ref, ref_for
 from .store.run_store import RunStore
 
 log = logging.getLogger(__name__)
@@ -141,10 +141,9 @@ class CheckpointModels:
             return
         from mlflow.entities import LoggedModelOutput
 
-        client = self.store.client
         try:
-            self.store._call(lambda: client.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, step)]),
-                             f"link model {model_id} to step {step}")  # fmt: skip
+            self.store.log_outputs(self.store.run_id, [LoggedModelOutput(model_id, step)],
+                                   f"link model {model_id} to step {step}")  # fmt: skip
         except StoreError:
             self._read_links()  # MLflow allows one link per (run, model): a lost answer must not block the queue
             if model_id not in self._linked:
@@ -152,27 +151,23 @@ class CheckpointModels:
         self._linked.add(model_id)
 
     def _read_links(self) -> None:
-        run = self.store._call(lambda: self.store.client.get_run(self.store.run_id), "read the run's outputs")
+        run = self.store.run()
         self._linked |= {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
 
     def _create(self, path: str, m: Manifest) -> str:
-        client, run_id = self.store.client, self.store.run_id
+        run_id = self.store.run_id
         tags = model_tags(run_id, path, m)
         params = {"folder": path, "step": str(m.step), "format": m.format, "digest": tags[MODEL_TAG_DIGEST]}
-        name, experiment_id = model_name(path), self.store.experiment_id
-        lm = self.store._call(
-            lambda: client.create_logged_model(
-                experiment_id, name=name, source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE
-            ),
-            f"create the logged model of {path}",
-        )
+        lm = self.store.create_logged_model(
+            self.store.experiment_id, f"create the logged model of {path}",
+            name=model_name(path), source_run_id=run_id, tags=tags, params=params, model_type=MODEL_TYPE,
+        )  # fmt: skip
         self.ids[path] = [*self.ids.get(path, []), lm.model_id]
         return str(lm.model_id)
 
     def pointer(self, model_id: str, path: str, m: Manifest) -> None:
         """Give the model its one artifact, an MLmodel naming the checkpoint, unless it has it (promote needs it)."""
-        client = self.store.client
-        lm = self.store._call(lambda: client.get_logged_model(model_id), f"read model {model_id}")
+        lm = self.store.logged_model(model_id)
         repo = self._repo(lm)
         names = self.store._call(lambda: [f.path for f in repo.list_artifacts()], f"list model {model_id}")
         if "MLmodel" not in names:
@@ -183,13 +178,12 @@ class CheckpointModels:
         models" column), as MLflow's own ``register_model`` and its server do; a local store needs it done here."""
         import json
 
-        client = self.store.client
-        lm = self.store._call(lambda: client.get_logged_model(model_id), f"read model {model_id}")
+        lm = self.store.logged_model(model_id)
         versions = json.loads((lm.tags or {}).get("mlflow.modelVersions") or "[]")
         entry = {"name": name, "version": str(version)}
         if entry not in versions:
             tags = {"mlflow.modelVersions": json.dumps([*versions, entry])}
-            self.store._call(lambda: client.set_logged_model_tags(model_id, tags), f"tag model {model_id}")
+            self.store.set_logged_model_tags(model_id, tags)
 
     def _repo(self, lm: Any) -> Any:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -203,7 +197,7 @@ class CheckpointModels:
         flavor = {
             "checkpoint": ref_for(self.store.run_id, path), "step": m.step, "digest": checkpoint_digest(m),
             "format": m.format, "world_size": m.world_size, "library_version": m.library_version,
-            "load": f"tracked_ckpt.load('models:/{lm.model_id}', model)",
+            "load": f"tracked_ckpt.load('{ModelRef(model_id=lm.model_id).uri}', model)",
         }  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
             mlmodel = Model(artifact_path=model_name(path), run_id=self.store.run_id, flavors={FLAVOR: flavor},
@@ -213,8 +207,7 @@ class CheckpointModels:
 
     def ready(self, model_id: str) -> None:
         """READY: its checkpoint is committed in MLflow (the manifest uploaded) and its metrics are logged."""
-        client = self.store.client
-        self.store._call(lambda: client.finalize_logged_model(model_id, "READY"), f"finalize model {model_id}")
+        self.store.finalize_logged_model(model_id)
 
     def record(self, path: str, m: Manifest) -> str:
         """A READY model for an already committed checkpoint, its metrics on it (promote, reconcile)."""
@@ -226,8 +219,7 @@ class CheckpointModels:
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, m.step, model_id=model_id, run_id=self.store.run_id) for k, v in m.metrics.items()]
         if metrics:  # logged on the run as well, at the same step: the values it already has there
-            client = self.store.client
-            self.store._call(lambda: client.log_batch(self.store.run_id, metrics=metrics), f"log metrics of {path}")
+            self.store.log_batch(self.store.run_id, f"log metrics of {path}", metrics=metrics)
         self.ready(model_id)
         return model_id
 
@@ -235,13 +227,12 @@ class CheckpointModels:
 
     def search(self) -> list[Any]:
         """Every live LoggedModel of this run that tracked_ckpt made (any status), all pages."""
-        client, found, token = self.store.client, [], None
+        found: list[Any] = []
+        token = None
         experiments, run = [self.store.experiment_id], f"source_run_id = '{self.store.run_id}'"
         while True:
-            page = self.store._call(
-                lambda t=token: client.search_logged_models(experiments, run, max_results=1000, page_token=t),
-                f"search the logged models of run {self.store.run_id}",
-            )
+            page = self.store.search_logged_models(experiments, run, f"search the logged models of run "
+                                                   f"{self.store.run_id}", max_results=1000, page_token=token)
             found += [lm for lm in page if MODEL_TAG_CHECKPOINT in (lm.tags or {})]
             token = page.token
             if not token:
@@ -260,8 +251,8 @@ class CheckpointModels:
 
     def _registered(self) -> set[str]:
         """The ids of the run's models that a registered model version points at (one registry search)."""
-        client, run = self.store.client, f"run_id = '{self.store.run_id}'"
-        versions = self.store._call(lambda: client.search_model_versions(run), "search the run's model versions")
+        run = f"run_id = '{self.store.run_id}'"
+        versions = self.store.search_model_versions(run, "search the run's model versions")
         return {str(mv.model_id) for mv in versions if getattr(mv, "model_id", None)}
 
     def lookup(self, path: str) -> list[str]:
@@ -287,9 +278,8 @@ class CheckpointModels:
 
     def delete(self, path: str) -> None:
         """Delete the models of checkpoint ``path`` (after the checkpoint itself; ``reconcile`` repairs a crash)."""
-        client = self.store.client
         for model_id in self.lookup(path):
-            self.store._call(lambda i=model_id: client.delete_logged_model(i), f"delete model {model_id} of {path}")
+            self.store.delete_logged_model(model_id, f"delete model {model_id} of {path}")
         self.ids.pop(path, None)
 
     def reconcile(self, kept: Mapping[str, Manifest]) -> dict[str, int]:
@@ -308,11 +298,10 @@ class CheckpointModels:
                 first_ready.setdefault(str(_path_of(lm)), lm.model_id)
         doomed = [lm for lm in models
                   if lm.model_id not in registered and first_ready.get(_path_of(lm) or "") != lm.model_id]  # fmt: skip
-        client = self.store.client
         for lm in doomed:
             why = "its checkpoint is gone" if _path_of(lm) not in kept else "a duplicate or unfinished record"
             log.info("run %s: deleting logged model %s (%s): %s", self.store.run_id, lm.model_id, lm.name, why)
-            self.store._call(lambda i=lm.model_id: client.delete_logged_model(i), f"delete model {lm.model_id}")
+            self.store.delete_logged_model(lm.model_id, f"delete model {lm.model_id}")
         gone = {lm.model_id for lm in doomed}
         self.ids = {p: [i for i in ids if i not in gone] for p, ids in self.ids.items()}
         self.ids = {p: ids for p, ids in self.ids.items() if ids}

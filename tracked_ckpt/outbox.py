@@ -9,7 +9,7 @@ once.
 
 The publisher knows when the server is down. A call that fails (refused, 5xx, or no answer within its own
 budget, see ``_http``) starts an *outage*: from then on a save does not wait for MLflow at all, and the
-publisher probes the server with one short call every 1, 2, 4, 4, ... seconds; the first probe that answers
+publisher probes the server with one short call every 1, 2, 2, ... seconds; the first probe that answers
 ends the outage and the backlog is recorded in order. A save waits for its record at most
 ``publish_timeout`` seconds, and only while the server is believed up.
 """
@@ -95,8 +95,8 @@ class PermanentStoreError(StoreError):
     """A failure that retrying will not fix (permission, bad request): reported to the caller."""
 
 
-PROBE_INTERVALS = (1.0, 2.0, 4.0)  # seconds between probes during an outage (then the last, repeated)
-WAIT_INTERVALS = (0.2, 0.5, 1.0, 2.0, 4.0)  # seconds between passes while an entry is Waiting (then the last)
+PROBE_INTERVALS = (1.0, 2.0)  # seconds between probes during an outage (then the last, repeated): back within ~2 s
+WAIT_INTERVALS = (0.2, 0.2, 0.2, 0.5, 1.0)  # seconds between passes while an entry waits for other nodes (then 1 s)
 
 
 class Publisher:

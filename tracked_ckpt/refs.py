@@ -12,7 +12,8 @@
 
 ``parse`` reads the command-line forms (the first three); ``parse_path`` reads what ``CheckpointManager.load``
 accepts as ``checkpoint_path`` (the first and the last two); ``parse_model`` reads the ``models:/`` forms, which
-a client resolves to a run and a folder (lifecycle.resolve_source).
+MLflow's model APIs turn into a run and a folder; ``parse_any`` reads every form a user may pass for a checkpoint.
+This module only reads text: resolver.py opens the run and finds the checkpoint a reference names.
 """
 
 from __future__ import annotations
@@ -32,10 +33,15 @@ _RUNS_URI = re.compile(rf"^runs:/({_RUN_ID})/(.+?)/?$")
 _SELECTOR = re.compile(rf"^({_RUN_ID})(?:@(latest|best|-?\d+))?$")
 _MODEL_ID = re.compile(r"^m-[0-9a-f]{32}$")  # what MLflow 3 names a LoggedModel
 MODELS = "models:/"
+RUNS = "runs:/"
 
 
 def is_model_uri(text: str) -> bool:
     return text.startswith(MODELS)
+
+
+def is_runs_uri(text: str) -> bool:
+    return text.startswith(RUNS)
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,13 @@ class ModelRef:
     name: str | None = None
     alias: str | None = None
     version: str | None = None
+
+    @property
+    def uri(self) -> str:
+        """The ``models:/`` text naming it (``parse_model``'s inverse)."""
+        if self.model_id is not None:
+            return f"{MODELS}{self.model_id}"
+        return f"{MODELS}{self.name}@{self.alias}" if self.alias else f"{MODELS}{self.name}/{self.version}"
 
 
 def parse_model(uri: str) -> ModelRef:
@@ -66,7 +79,12 @@ def parse_model(uri: str) -> ModelRef:
 
 
 def ref_for(run_id: str, path: str) -> str:
-    return f"runs:/{run_id}/{path}"
+    return f"{RUNS}{run_id}/{path}"
+
+
+def run_of(ref: str) -> str:
+    """The run ID of a ``runs:/RUN_ID/...`` reference (not validated: for display)."""
+    return ref.removeprefix(RUNS).partition("/")[0]
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -92,7 +110,7 @@ class Ref:
 
 def parse(text: str) -> Ref:
     """Parse ``RUN_ID``, ``RUN_ID@latest|best|STEP`` or ``runs:/RUN_ID/checkpoints/NAME``."""
-    if text.startswith("runs:/"):
+    if is_runs_uri(text):
         run_id, path = parse_ref(text)
         return Ref(run_id, path=path)
     m = _SELECTOR.match(text)
@@ -108,9 +126,14 @@ def parse(text: str) -> Ref:
     return Ref(run_id, which=which)
 
 
+def parse_any(text: str) -> Ref | ModelRef:
+    """Any checkpoint reference a user may pass: ``models:/...`` (a ModelRef) or a run reference (``parse``)."""
+    return parse_model(text) if is_model_uri(text) else parse(text)
+
+
 def parse_path(ref: str, own_run_id: str) -> tuple[str, str]:
     """(run_id, artifact path) of a ``checkpoint_path``: ``runs:/...``, ``checkpoints/<name>`` or a local folder."""
-    if ref.startswith("runs:/"):
+    if is_runs_uri(ref):
         return parse_ref(ref)
     if ref.startswith(f"{ARTIFACT_PREFIX}/"):
         return own_run_id, check_checkpoint_path(ref)

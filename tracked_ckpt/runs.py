@@ -9,6 +9,8 @@ search by tag): a job can then resume from its ``save_dir``, but no new run can 
 
 Experiments are looked up here too: ``experiment_id`` (creating one if missing, for writers) and
 ``existing_experiment_ids`` (read-only, for the views and the CLI); ``ui_link`` is a run's page in the MLflow UI.
+Each takes an ``MlflowClient`` or a ``TrackingStore`` (store/tracking.py, a test's subclass): MLflow is asked through
+the store only.
 """
 
 from __future__ import annotations
@@ -20,18 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlflow.entities import Param
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .errors import ConfigError, ExperimentNotFoundError, StoreError
+from .errors import ConfigError, ExperimentNotFoundError, RunNotFoundError, StoreError
 from .runtags import TAG_SAVE_DIR, short_path
 from .store import http as _http
-from .store.run_store import describe_mlflow_error, redact
+from .store.tracking import TrackingStore, describe_mlflow_error
 
 if TYPE_CHECKING:  # local.py imports torch (~3 s): the CLI's reads import this module and need none
     from .local import LocalDir
 
 log = logging.getLogger(__name__)
+Tracking = MlflowClient | TrackingStore  # what these functions ask MLflow through
 
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow's word for what an experiment is for
 KIND_TRAINING = "custom_model_development"  # model training (the other: "genai_development")
@@ -44,8 +46,12 @@ class FoundRun:
     owns_status: bool  # False for the user's own mlflow.start_run(): the user ends it
 
 
+def _store(client: Tracking) -> TrackingStore:
+    return client if isinstance(client, TrackingStore) else TrackingStore(client)
+
+
 def find_run(
-    client: MlflowClient,
+    client: Tracking,
     server: str,
     local: LocalDir,
     *,
@@ -57,7 +63,7 @@ def find_run(
     """The run to write (see the module doc); StoreError (transient) when the server does not answer."""
     with _http.bounded():
         try:
-            return _find_run(client, server, local, run_id=run_id, experiment=experiment, run_name=run_name,
+            return _find_run(_store(client), server, local, run_id=run_id, experiment=experiment, run_name=run_name,
                              new_only=new_only)  # fmt: skip
         except OSError as e:  # requests' connection errors outside MlflowException
             if isinstance(e, StoreError):
@@ -66,7 +72,7 @@ def find_run(
 
 
 def known_locally(
-    client: MlflowClient, server: str, local: LocalDir, run_id: str | None, cause: StoreError
+    client: Tracking, server: str, local: LocalDir, run_id: str | None, cause: StoreError
 ) -> FoundRun:
     """The run named without asking the server (argument, MLFLOW_RUN_ID, active run, pointer), else StoreError."""
     named = _named(client, run_id)
@@ -84,18 +90,18 @@ def known_locally(
     raise err
 
 
-def _named(client: MlflowClient, run_id: str | None) -> FoundRun | None:
+def _named(client: Tracking, run_id: str | None) -> FoundRun | None:
     """The run named by the argument, MLFLOW_RUN_ID or the user's active mlflow.start_run(): no server needed."""
     if run_id is not None:
         return FoundRun(run_id, "run_id argument", True)
     if os.environ.get("MLFLOW_RUN_ID"):
         return FoundRun(os.environ["MLFLOW_RUN_ID"], "MLFLOW_RUN_ID", True)
-    active = _active_fluent_run_id(client.tracking_uri)
+    active = _active_fluent_run_id(_store(client).client.tracking_uri)
     return FoundRun(active, "active mlflow run", False) if active is not None else None
 
 
 def _find_run(
-    client: MlflowClient,
+    store: TrackingStore,
     server: str,
     local: LocalDir,
     *,
@@ -106,63 +112,53 @@ def _find_run(
 ) -> FoundRun:
     save_dir = local.root
     if not new_only:
-        named = _named(client, run_id)
+        named = _named(store, run_id)
         if named is not None:
             return named
         pointer = local.read_pointer()
-        if pointer is not None and pointer.get("tracking_uri") == server and _alive(client, pointer["run_id"], local):
-            _warn_if_other_experiment(client, experiment, pointer, save_dir)
+        if pointer is not None and pointer.get("tracking_uri") == server and _alive(store, pointer["run_id"], local):
+            _warn_if_other_experiment(store, experiment, pointer, save_dir)
             return FoundRun(pointer["run_id"], f"pointer in {save_dir}", True)
-        found = _search_by_save_dir(client, server, save_dir, experiment)
+        found = _search_by_save_dir(store, server, save_dir, experiment)
         if found is not None:
             return FoundRun(found, "run tagged with this save_dir", True)
-    exp_id = experiment_id(client, server, experiment)
-    try:
-        run = client.create_run(exp_id, tags={TAG_SAVE_DIR: short_path(str(save_dir))}, run_name=run_name)
-        # The full path as a param: the UI shows params whole, and a relaunch after `rm -r save_dir` searches it.
-        client.log_batch(run.info.run_id, params=[Param(TAG_SAVE_DIR, str(save_dir))])
-    except MlflowException as e:
-        raise describe_mlflow_error(e, f"create a run in experiment {exp_id}", server) from e
-    return FoundRun(run.info.run_id, "new", True)
+    exp_id = experiment_id(store, server, experiment)
+    # The full path as a param: the UI shows params whole, and a relaunch after `rm -r save_dir` searches it.
+    new_id = store.create_run(exp_id, {TAG_SAVE_DIR: short_path(str(save_dir))}, run_name,
+                              [Param(TAG_SAVE_DIR, str(save_dir))])  # fmt: skip
+    return FoundRun(new_id, "new", True)
 
 
-def experiment_id(client: MlflowClient, server: str, name: str | None) -> str:
+def experiment_id(client: Tracking, server: str, name: str | None) -> str:
     """The experiment's ID (created if missing); default: MLFLOW_EXPERIMENT_ID/NAME, else "Default"."""
     env_id, name = _default_experiment(name)
     if env_id is not None:
         return env_id
-    try:
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            # UIs that read this tag (MLflow 3.x before 3.17's toggle, Databricks) open the experiment in their
-            # training view, not the GenAI one. Only experiments created here get it: one the user made keeps
-            # whatever kind they gave it. (3.17 takes the view from the link: see ui_link.)
-            return str(client.create_experiment(name, tags={TAG_EXPERIMENT_KIND: KIND_TRAINING}))
-        if exp.lifecycle_stage == "deleted":
-            raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
-        return str(exp.experiment_id)
-    except MlflowException as e:
-        raise describe_mlflow_error(e, f"find or create experiment {name!r}", server) from e
+    store = _store(client)
+    exp = store.experiment_by_name(name)
+    if exp is None:
+        # UIs that read this tag (MLflow 3.x before 3.17's toggle, Databricks) open the experiment in their
+        # training view, not the GenAI one. Only experiments created here get it: one the user made keeps
+        # whatever kind they gave it. (3.17 takes the view from the link: see ui_link.)
+        return store.create_experiment(name, {TAG_EXPERIMENT_KIND: KIND_TRAINING})
+    if exp.lifecycle_stage == "deleted":
+        raise ConfigError(f"experiment {name!r} is deleted at {server}; restore it or pick another name")
+    return str(exp.experiment_id)
 
 
-def existing_experiment_ids(client: MlflowClient, server: str, name: str | None, *, every: bool = False) -> list[str]:
+def existing_experiment_ids(client: Tracking, server: str, name: str | None, *, every: bool = False) -> list[str]:
     """Read-only twin of ``experiment_id``: the ID of an existing experiment, never creating one.
 
     Without ``name``: the default of ``experiment_id``, or with ``every`` the IDs of every active experiment.
     Raises ExperimentNotFoundError for a missing or deleted experiment.
     """
+    store = _store(client)
     if name is None and every:
-        try:
-            return [str(e.experiment_id) for e in client.search_experiments()]
-        except MlflowException as e:
-            raise describe_mlflow_error(e, "list experiments", server) from e
+        return store.experiment_ids()
     env_id, name = _default_experiment(name)
     if env_id is not None:
         return [env_id]
-    try:
-        exp = client.get_experiment_by_name(name)
-    except MlflowException as e:
-        raise describe_mlflow_error(e, f"find experiment {name!r}", server) from e
+    exp = store.experiment_by_name(name)
     if exp is None or exp.lifecycle_stage != "active":
         raise ExperimentNotFoundError(
             f"experiment {name!r} does not exist at {server}; `tracked-ckpt runs` lists the tracked runs of "
@@ -189,14 +185,14 @@ def ui_link(base_url: str, experiment_id: str, run_id: str, page: str = "") -> s
 
 
 def _warn_if_other_experiment(
-    client: MlflowClient, experiment: str | None, pointer: dict[str, str], save_dir: Path
+    store: TrackingStore, experiment: str | None, pointer: dict[str, str], save_dir: Path
 ) -> None:
     """``experiment=`` cannot move a run: when save_dir's run lives in another experiment, say so (it resumes)."""
     if experiment is None or not pointer.get("experiment_id"):
         return
     try:
-        actual = client.get_experiment(pointer["experiment_id"]).name
-    except MlflowException:
+        actual = store.experiment_name(pointer["experiment_id"])
+    except StoreError:
         return  # only a warning: the run itself was found
     if actual != experiment:
         log.warning(
@@ -206,26 +202,21 @@ def _warn_if_other_experiment(
         )  # fmt: skip
 
 
-def _alive(client: MlflowClient, run_id: str, local: LocalDir) -> bool:
+def _alive(store: TrackingStore, run_id: str, local: LocalDir) -> bool:
     try:
-        return bool(client.get_run(run_id).info.lifecycle_stage == "active")
-    except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise describe_mlflow_error(e, f"get run {run_id}", redact(str(client.tracking_uri))) from e
+        return bool(store.get_run(run_id).info.lifecycle_stage == "active")
+    except RunNotFoundError:
         log.warning("the run %s named in %s no longer exists; looking further", run_id, local.root)
         return False
 
 
-def _search_by_save_dir(client: MlflowClient, server: str, save_dir: Path, experiment: str | None) -> str | None:
-    ids = [experiment_id(client, server, experiment)]
+def _search_by_save_dir(store: TrackingStore, server: str, save_dir: Path, experiment: str | None) -> str | None:
+    ids = [experiment_id(store, server, experiment)]
     quoted = str(save_dir).replace("'", "\\'")
     for kind in ("params", "tags"):  # tags: runs made before the full path moved to a param
-        try:
-            runs = client.search_runs(
-                ids, f"{kind}.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
-            )
-        except MlflowException as e:
-            raise describe_mlflow_error(e, "search runs", server) from e
+        runs = store.search_runs(
+            ids, f"{kind}.`{TAG_SAVE_DIR}` = '{quoted}'", order_by=["attributes.start_time DESC"], max_results=1
+        )
         if runs:
             return str(runs[0].info.run_id)
     return None

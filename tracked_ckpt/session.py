@@ -210,6 +210,24 @@ class RunSession:
             note = run_note(self.run_id, self.local.root.name, o.monitor, o.mode, fork_note(self.store.tags_at_open))
             self.store.set_tags({TAG_NOTE: note, TAG_MONITOR: monitor_value(o.monitor, o.mode)})
 
+    def close(self, status: str, leads_node: bool) -> None:
+        """At the manager's close: record what is queued (bounded by ``publish_timeout``), then, if this session
+        holds the run, mark it ended. ``leads_node``: another node's leader, whose outbox holds that node's files."""
+        if not self.decides and not leads_node:
+            return
+        drained = self.recorder.drain(self.options.publish_timeout)
+        if not drained:
+            what = "record every checkpoint" if self.decides else "get every file of this node"
+            log.warning("MLflow at %s did not %s in time: they stay queued in %s and are uploaded by the next "
+                        "process on this save_dir or `tracked-ckpt sync %s`", self.server, what,
+                        self.recorder.outbox.dir, self.local.root)  # fmt: skip
+        if not self.decides:
+            self.recorder.stop()
+            return
+        if drained:
+            self.recorder.flush_late_costs()
+        self.finish(status, drained)
+
     def finish(self, status: str, drained: bool) -> None:
         """Mark the run ended and release the lease; bounded, since the server may hang."""
         connected = self.recorder.attached

@@ -13,7 +13,8 @@ checkpoints (Int64), latest_step (Int64), best_step (Int64), monitor, best_value
 size_bytes (Int64), latest_ref, best_ref, forked_from (a fork's parent checkpoint, ``runs:/PARENT/checkpoints/NAME``;
 <NA> for a run that is not a fork), fork_step (Int64). It costs one ``search_runs`` call per experiment.
 
-Both only read: a tracking store that does not exist raises StoreNotFoundError instead of being created.
+Both only read: a tracking store that does not exist raises StoreNotFoundError instead of being created. Both take
+``store_factory=`` (the storage seam ``CheckpointManager`` takes): every MLflow call goes through its stores.
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from .catalog import Resolved, RunCatalog
+from .catalog import Resolved
 from .errors import StoreError
 from .evals import eval_metrics, with_scores
 from .policies import Mode, best_of
 from .refs import ref_for
+from .resolver import open_catalog, server_store
 from .runs import existing_experiment_ids
 from .runtags import (
     METRIC_BLOCKED_S,
@@ -50,7 +51,8 @@ from .runtags import (
     monitor_of,
 )
 from .store.reading import read_client, reading
-from .store.run_store import RunStore, describe_mlflow_error, redact
+from .store.run_store import RunStore, StoreFactory
+from .store.tracking import TrackingStore
 
 log = logging.getLogger(__name__)
 
@@ -92,16 +94,20 @@ RUN_COLUMNS = [
 
 
 def checkpoints_frame(
-    run_id: str, found: Sequence[Resolved], metric: str, mode: Mode, client: MlflowClient | None = None
+    run_id: str, found: Sequence[Resolved], metric: str, mode: Mode, client: RunStore | MlflowClient | None = None
 ) -> pd.DataFrame:
-    """One row per committed checkpoint of one run, in commit order; the cost columns when ``client`` answers."""
+    """One row per committed checkpoint of one run, in commit order; the cost columns when ``client`` answers.
+
+    ``client``: the run's store (or a client to make one); None: no server to ask (an outage).
+    """
     costs: dict[int, dict[str, float]] = {}
     models: dict[str, str] = {}
     if client is not None:
+        store = client if isinstance(client, RunStore) else RunStore(client, run_id, connect=False)
         try:
-            costs = save_costs(client, run_id)
-            models = model_ids(RunStore(client, run_id, connect=False))
-        except (MlflowException, OSError, StoreError) as e:  # an outage: the rest of the frame needs no server
+            costs = save_costs(store)
+            models = model_ids(store)
+        except (OSError, StoreError) as e:  # an outage: the rest of the frame needs no server
             log.debug("no cost metrics or models for run %s: %s", run_id, e)
     rows = _checkpoint_rows(run_id, found, metric, mode, costs)
     return _typed_checkpoints(pd.DataFrame([{**row, "model_id": models.get(row["path"])} for row in rows]))
@@ -114,11 +120,11 @@ def model_ids(store: RunStore) -> dict[str, str]:
     return CheckpointModels(store).ready_ids()
 
 
-def save_costs(client: MlflowClient, run_id: str) -> dict[int, dict[str, float]]:
+def save_costs(store: RunStore) -> dict[int, dict[str, float]]:
     """{step: {"blocked_s": .., "commit_s": .., "record_s": ..}} from the run's cost metrics (one call per metric)."""
     costs: dict[int, dict[str, float]] = {}
     for key, column in _COST_COLUMNS.items():
-        for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp):  # the newest wins
+        for m in sorted(store.history(key), key=lambda m: m.timestamp):  # the newest wins
             costs.setdefault(int(m.step), {})[column] = float(m.value)
     return costs
 
@@ -173,18 +179,15 @@ def _typed_checkpoints(df: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
-def tracked_runs(client: MlflowClient, experiment_ids: Sequence[str]) -> list[Any]:
+def tracked_runs(store: TrackingStore | MlflowClient, experiment_ids: Sequence[str]) -> list[Any]:
     """The runs of these experiments that have tracked_ckpt checkpoints, newest first (paged search_runs)."""
-    server = redact(str(client.tracking_uri))
+    tracking = store if isinstance(store, TrackingStore) else TrackingStore(store)
     runs: list[Any] = []
     token = None
     while True:
-        try:
-            page = client.search_runs(
-                list(experiment_ids), max_results=5000, order_by=["attributes.start_time DESC"], page_token=token
-            )
-        except MlflowException as e:
-            raise describe_mlflow_error(e, "search runs", server) from e
+        page = tracking.search_runs(
+            experiment_ids, max_results=5000, order_by=["attributes.start_time DESC"], page_token=token
+        )
         runs += [r for r in page if {TAG_COUNT, TAG_LATEST, TAG_FORKED_FROM} & r.data.tags.keys()]
         token = page.token
         if not token:
@@ -198,37 +201,43 @@ def list_checkpoints(
     tracking_uri: str | None = None,
     metric: str | None = None,
     mode: Mode | None = None,
+    store_factory: StoreFactory = RunStore,
 ) -> pd.DataFrame:
     """Committed checkpoints of one run, or of every tracked run in an experiment, as a DataFrame."""
     with reading():
         client = read_client(tracking_uri)
         if run_id is not None:
-            return checkpoints_of(client, [run_id], metric, mode)
-        ids = existing_experiment_ids(client, redact(str(client.tracking_uri)), experiment)
-        return checkpoints_of(client, [r.info.run_id for r in tracked_runs(client, ids)], metric, mode)
+            return checkpoints_of(client, [run_id], metric, mode, store_factory)
+        tracking = server_store(client, store_factory)
+        ids = existing_experiment_ids(tracking, tracking.server, experiment)
+        runs = [r.info.run_id for r in tracked_runs(tracking, ids)]
+        return checkpoints_of(client, runs, metric, mode, store_factory)
 
 
 def checkpoints_of(
-    client: MlflowClient, run_ids: Sequence[str], metric: str | None = None, mode: Mode | None = None
-) -> pd.DataFrame:
+    client: MlflowClient, run_ids: Sequence[str], metric: str | None = None, mode: Mode | None = None,
+    store_factory: StoreFactory = RunStore,
+) -> pd.DataFrame:  # fmt: skip
     """The ``list_checkpoints`` frame of these runs."""
     rows: list[dict[str, Any]] = []
     for rid in run_ids:
-        store = RunStore(client, rid)
+        catalog = open_catalog(rid, client=client, store_factory=store_factory)
+        store = catalog.store
         run_metric, run_mode = monitor_of(store.tags_at_open, metric, mode)
         scores = eval_metrics(store, store.tags_at_open)  # what evaluators logged at each step (log_eval)
-        found, models = RunCatalog(store).scan(), model_ids(store)
+        found, models = catalog.scan(), model_ids(store)
         rows += [{**row, "model_id": models.get(row["path"])}
-                 for row in _checkpoint_rows(rid, found, run_metric, run_mode, save_costs(client, rid), scores)]
+                 for row in _checkpoint_rows(rid, found, run_metric, run_mode, save_costs(store), scores)]
     return _typed_checkpoints(pd.DataFrame(rows))
 
 
-def list_runs(experiment: str | None = None, *, tracking_uri: str | None = None) -> pd.DataFrame:
+def list_runs(
+    experiment: str | None = None, *, tracking_uri: str | None = None, store_factory: StoreFactory = RunStore
+) -> pd.DataFrame:
     """One row per run with tracked_ckpt checkpoints in the experiment (from run tags: one query)."""
     with reading():
-        client = read_client(tracking_uri)
-        ids = existing_experiment_ids(client, redact(str(client.tracking_uri)), experiment)
-        return runs_frame(tracked_runs(client, ids))
+        tracking = server_store(read_client(tracking_uri), store_factory)
+        return runs_frame(tracked_runs(tracking, existing_experiment_ids(tracking, tracking.server, experiment)))
 
 
 def runs_frame(runs: Sequence[Any]) -> pd.DataFrame:

@@ -107,6 +107,21 @@ def _mode_options(f: F) -> F:
     )(f)
 
 
+def store_factory() -> Any:
+    """The storage seam of this invocation: ``cli.main(obj={"store_factory": ...})`` (a test's RunStore subclass)."""
+    from ..store.run_store import RunStore
+
+    obj = click.get_current_context().find_root().obj
+    return obj.get("store_factory", RunStore) if isinstance(obj, dict) else RunStore
+
+
+def open_run(run_id: str, tracking_uri: str | None) -> Any:
+    """The catalog of ``run_id`` through this invocation's store seam (resolver.open_catalog)."""
+    from ..resolver import open_catalog
+
+    return open_catalog(run_id, tracking_uri, store_factory=store_factory())
+
+
 FORMAT = click.option(
     "--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True
 )

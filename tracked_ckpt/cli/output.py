@@ -84,7 +84,9 @@ def _runs_table(df: pd.DataFrame, tree: bool = False) -> str:
 
 
 def _parent_run(ref: str) -> str:
-    return ref[len("runs:/") :].partition("/")[0]
+    from ..refs import run_of
+
+    return run_of(ref)
 
 
 def _tree_order(df: pd.DataFrame) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import EXIT_CODES_HELP, EXIT_CORRUPT
-from .group import FORMAT, REF_HELP, _common, _mode_options, _reads, cli
+from .group import FORMAT, REF_HELP, _common, _mode_options, _reads, cli, open_run, store_factory
 from .output import (
     _checkpoints_table,
     _emit_frame,
@@ -60,20 +60,19 @@ def ls_cmd(
       tracked-ckpt ls RUN_ID --format csv > checkpoints.csv
     """
     from ..errors import CheckpointNotFoundError
-    from ..store.reading import read_client
     from ..views import checkpoints_of, tracked_runs
 
-    client = read_client(tracking_uri)
+    tracking = _tracking(tracking_uri)
     mode_ = mode if mode is None else _check_mode(mode)
     if run_id is not None:
-        df = checkpoints_of(client, [run_id], metric, mode_)
+        df = checkpoints_of(tracking.client, [run_id], metric, mode_, store_factory())
         if df.empty:
-            raise CheckpointNotFoundError(f"run {run_id} at {_redacted(client)} has no committed checkpoint")
+            raise CheckpointNotFoundError(f"run {run_id} at {tracking.server} has no committed checkpoint")
     else:
-        runs = tracked_runs(client, _experiment_ids(client, experiment))
-        df = checkpoints_of(client, [r.info.run_id for r in runs], metric, mode_)
+        runs = tracked_runs(tracking, _experiment_ids(tracking, experiment))
+        df = checkpoints_of(tracking.client, [r.info.run_id for r in runs], metric, mode_, store_factory())
     if df.empty:
-        click.echo(f"no committed checkpoints {_searched(client, experiment)}", err=True)
+        click.echo(f"no committed checkpoints {_searched(tracking, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
     elif not df.empty:
@@ -106,41 +105,42 @@ def runs_cmd(experiment: str | None, tree: bool, fmt: str, tracking_uri: str | N
       tracked-ckpt runs --tree
       tracked-ckpt runs --experiment tracked-ckpt-demo --format json
     """
-    from ..store.reading import read_client
     from ..views import runs_frame, tracked_runs
 
-    client = read_client(tracking_uri)
-    df = runs_frame(tracked_runs(client, _experiment_ids(client, experiment)))
+    tracking = _tracking(tracking_uri)
+    df = runs_frame(tracked_runs(tracking, _experiment_ids(tracking, experiment)))
     if df.empty:
-        click.echo(f"no runs with tracked_ckpt checkpoints {_searched(client, experiment)}", err=True)
+        click.echo(f"no runs with tracked_ckpt checkpoints {_searched(tracking, experiment)}", err=True)
     if fmt != "table":
         _emit_frame(df, fmt)
     elif not df.empty:
         click.echo(_runs_table(_tree_order(df) if tree else df, tree=tree))
 
 
-def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+def _tracking(tracking_uri: str | None) -> Any:
+    """The tracking server's store of this invocation (an existing store only), through the store seam."""
+    from ..resolver import server_store
+    from ..store.reading import read_client
+
+    return server_store(read_client(tracking_uri), store_factory())
+
+
+def _experiment_ids(tracking: Any, experiment: str | None) -> list[str]:
     """The experiment named, else every active one (never created: reads look things up)."""
     from ..runs import existing_experiment_ids
 
-    return existing_experiment_ids(client, _redacted(client), experiment, every=True)
+    return existing_experiment_ids(tracking, tracking.server, experiment, every=True)
 
 
-def _searched(client: Any, experiment: str | None) -> str:
+def _searched(tracking: Any, experiment: str | None) -> str:
     where = f"experiment {experiment!r}" if experiment else "any experiment"
-    return f"in {where} at {_redacted(client)}"
+    return f"in {where} at {tracking.server}"
 
 
 def _check_mode(mode: str) -> Any:
     from ..policies import check_mode
 
     return check_mode(mode)
-
-
-def _redacted(client: Any) -> str:
-    from ..store.run_store import redact
-
-    return redact(str(client.tracking_uri))
 
 
 # ------------------------------------------------------------------------------------------------- show
@@ -228,26 +228,20 @@ def _uri_of(catalog: RunCatalog, r: Resolved) -> str:
 
 
 def _resolve(ref: str, metric: str | None, mode: str | None, tracking_uri: str | None) -> tuple[RunCatalog, Resolved]:
-    from .. import maintenance
+    from ..resolver import resolve
 
-    parsed = _parse(ref)
-    if parsed is None:  # models:/...: MLflow's model APIs name the run and the folder
-        from ..lifecycle import resolve_source
-        from ..store.reading import read_client
-
-        return resolve_source(read_client(tracking_uri), ref)
-    catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
-    return catalog, maintenance.resolve(catalog, parsed, metric, mode)
+    _parse(ref)  # exit 2 for a malformed one, before asking MLflow
+    return resolve(ref, tracking_uri=tracking_uri, store_factory=store_factory(), metric=metric, mode=mode)
 
 
 def _parse(ref: str) -> Any:
-    """A run reference (maintenance.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
-    from .. import maintenance
+    """A run reference (refs.Ref), or None for a well-formed ``models:/`` one; exit 2 for a bad one."""
     from ..errors import ConfigError
-    from ..refs import is_model_uri, parse_model
+    from ..refs import Ref, parse_any
 
     try:
-        return None if is_model_uri(ref) and parse_model(ref) else maintenance.parse(ref)
+        parsed = parse_any(ref)
+        return parsed if isinstance(parsed, Ref) else None
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="REF") from None
 
@@ -325,13 +319,10 @@ def verify_cmd(ref: str, metric: str | None, mode: str | None, tracking_uri: str
     from ..progress import human_bytes
 
     parsed = _parse(ref)
-    if parsed is None:
+    if parsed is None or parsed.explicit:
         verdicts = [maintenance.verify_one(*_resolve(ref, metric, mode, tracking_uri))]
-    elif parsed.explicit:
-        catalog = maintenance.open_catalog(parsed.run_id, tracking_uri)
-        verdicts = [maintenance.verify_one(catalog, maintenance.resolve(catalog, parsed, metric, mode))]
     else:
-        verdicts = maintenance.verify_run(maintenance.open_catalog(parsed.run_id, tracking_uri))
+        verdicts = maintenance.verify_run(open_run(parsed.run_id, tracking_uri))
     for v in verdicts:
         what = f"step {v.step}: {v.files} files, {human_bytes(v.size)}" if v.step is not None else ""
         click.echo(f"{v.status.upper():<11} {v.path}  {what}".rstrip())

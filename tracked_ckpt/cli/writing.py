@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from .errors import EXIT_CODES_HELP, EXIT_UNREACHABLE
-from .group import REF_HELP, _common, _mode_options, _reads, cli
+from .group import REF_HELP, _common, _mode_options, _reads, cli, open_run, store_factory
 from .output import _num, _table
 from .reading import _parse
 
@@ -53,7 +53,7 @@ def prune_cmd(
     parts: list[RetentionPolicy] = [KeepLast(keep_last)] if keep_last else []
     parts += [KeepBest(keep_best)] if keep_best else []
     policy = parts[0] if len(parts) == 1 else parts[0] | parts[1]  # type: ignore[operator]
-    catalog = maintenance.open_catalog(run_id, tracking_uri)
+    catalog = open_run(run_id, tracking_uri)
     plan = maintenance.plan_prune(catalog, policy, metric, mode)
     if not plan.keep and not plan.delete:
         from ..errors import CheckpointNotFoundError
@@ -106,7 +106,8 @@ def export_cmd(ref: str, out: Path, fmt: str, force: bool, tracking_uri: str | N
     _parse(ref)  # a bad reference is a usage error (exit 2), before anything is read
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to overwrite it or -o another file")
-    path = export_model(ref, out, format=fmt, tracking_uri=tracking_uri, overwrite=force)  # type: ignore[arg-type]
+    path = export_model(ref, out, format=fmt, tracking_uri=tracking_uri, overwrite=force,  # type: ignore[arg-type]
+                        store_factory=store_factory())
     click.echo(f"exported the model weights of {ref} to {path} ({fmt}, {human_bytes(path.stat().st_size)})")
 
 
@@ -131,7 +132,7 @@ def promote_cmd(ref: str, name: str, alias: str | None, tracking_uri: str | None
     from ..lifecycle import promote
 
     _parse(ref)
-    p = promote(ref, name, alias=alias, tracking_uri=tracking_uri)
+    p = promote(ref, name, alias=alias, tracking_uri=tracking_uri, store_factory=store_factory())
     with_alias = f", alias {alias!r}" if alias else ""
     if p.existing:
         click.echo(f"{p.checkpoint} (step {p.step}) is already {name!r} version {p.version}: nothing new registered"
@@ -158,11 +159,10 @@ def models_cmd(run_ids: tuple[str, ...], tracking_uri: str | None) -> None:
       tracked-ckpt models RUN_ID
       tracked-ckpt ls RUN_ID          # the model_id column
     """
-    from .. import maintenance
     from ..models import CheckpointModels
 
     for run_id in run_ids:
-        catalog = maintenance.open_catalog(run_id, tracking_uri)
+        catalog = open_run(run_id, tracking_uri)
         found = catalog.scan()
         done = CheckpointModels(catalog.store).reconcile({r.path: r.manifest for r in found})
         click.echo(f"run {run_id}: {len(found)} checkpoint(s) with their logged model; "

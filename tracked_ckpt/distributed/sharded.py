@@ -46,6 +46,7 @@ from ..local import STAGING
 from ..manifest import FileEntry, Manifest, hash_file, write_file
 from ..recording import RunRecorder
 from ..refs import ref_for
+from ..session import RunSession
 from ..state import TrainingState
 from .node_copy import node_view
 from .ranks import TorchRun, portable
@@ -161,6 +162,20 @@ class ShardedWriter:
         )
 
 
+def join_ranks(ranks: TorchRun, session: RunSession, run_id: str, node: list[int], save_rng: bool) -> ShardedWriter:
+    """After rank 0 opened the run: the other ranks join it, each node's leader cleans its save_dir (a dead save's
+    staging, copies the run no longer keeps) and starts its publisher; returns this rank's sharded writer."""
+    leader = node[0] == ranks.rank
+    if not ranks.is_rank0:
+        session.join(run_id, shares=leader)
+        if leader:  # another node's leader: what a dead save left here is garbage
+            session.local.sweep_staging(max_age_s=0)
+    kept = ranks.on_rank0(lambda: kept_names(session.recorder))
+    if leader and not ranks.is_rank0:
+        prune_node(session.recorder, kept)  # copies retention dropped while this node was away
+    return ShardedWriter(ranks, session.local.root, session.recorder, node, save_rng)
+
+
 def kept_names(recorder: RunRecorder) -> set[str]:
     """Rank 0's answer to "which checkpoints does the run keep": recorded, or committed and queued."""
     recorded = {path.rpartition("/")[2] for path in recorder.index}
@@ -171,6 +186,7 @@ def prune_node(recorder: RunRecorder, kept: set[str]) -> None:
     """Another node's leader drops its copies of checkpoints the run no longer keeps (retention, dead saves);
     what its own outbox still has to upload stays."""
     queued = {p.name for p in recorder.outbox.pending(recorder.run_id)}
+    recorder.publishing.dropped.update(queued - kept)  # its publisher skips them (and removes their copies)
     gone = recorder.local.prune(recorder.run_id, kept | queued)
     if gone:
         log.info("removed %d local copies the run no longer keeps from %s: %s", len(gone), recorder.local.root,

@@ -27,9 +27,9 @@ from ..formats import format_of
 from ..manifest import Manifest, verify_file
 from ..progress import human_bytes
 from ..refs import Which, ref_for
+from ..resolver import open_catalog
 from ..runtags import monitor_of
-from ..store.reading import read_client, reading
-from ..store.run_store import RunStore
+from ..store.reading import reading
 
 if TYPE_CHECKING:
     from ..manager import CheckpointManager
@@ -121,7 +121,7 @@ def fetch_checkpoint(
     """``fetch_folder``, and the checkpoint's manifest (step, epoch, metrics, metadata)."""
     dest = Path(dest)
     with reading():
-        catalog = RunCatalog(RunStore(read_client(tracking_uri), run_id))
+        catalog = open_catalog(run_id, tracking_uri)
         if which == "latest":
             candidates: Iterator[Resolved] = (
                 r for r in catalog.candidates_latest_first() if format is None or r.manifest.format == format

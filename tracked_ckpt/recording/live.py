@@ -107,8 +107,11 @@ class LiveRun:
             return None
 
     def catalog_of(self, run_id: str) -> RunCatalog:
-        """This run's catalog, or a read-only one of another run on the same server."""
-        return self.catalog if run_id == self.run_id else RunCatalog(RunStore(self.store.client, run_id))
+        """This run's catalog, or a read-only one of another run on the same server (through the same seam)."""
+        from ..resolver import open_catalog
+
+        return self.catalog if run_id == self.run_id else open_catalog(run_id, client=self.store.client,
+                                                                         store_factory=type(self.store))
 
     def fork_parent(self) -> tuple[str, Resolved] | None:
         """A fork without checkpoints of its own starts from its parent's (the run's fork tag names it)."""

@@ -61,6 +61,7 @@ class Publishing:
         self.store, self.local, self.ledger, self.retention, self.models = store, local, ledger, retention, models
         self._uploaded: set[int] = set()  # seqs whose own files are uploaded (a Waiting entry does not redo them)
         self._waiting: set[int] = set()  # seqs whose wait for other nodes' files was logged (once each)
+        self.dropped: set[str] = set()  # another node's shares that rank 0 no longer wants (skipped, deleted)
 
     @property
     def run_id(self) -> str:
@@ -78,6 +79,11 @@ class Publishing:
                         "local commit, or it was removed): nothing to record", folder, p.step)  # fmt: skip
             return
         path = f"{ARTIFACT_PREFIX}/{p.name}"
+        if p.upload_only and p.name in self.dropped:
+            log.info("step %d: this node's share is not uploaded: rank 0 no longer keeps the checkpoint (retention, "
+                     "or a backlog it skipped)", p.step)  # fmt: skip
+            self.local.remove(self.run_id, p.name)
+            return
         if p.upload_only:
             self._upload_held(folder, path, manifest)
             self._forget(p.seq)

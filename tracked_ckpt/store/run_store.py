@@ -5,7 +5,9 @@ active run or tracking URI). Paths are artifact paths relative to the run, as ``
 tracked_ckpt's own HTTP budget (``_http.bounded``), never MLflow's minutes of retries. A store can be made
 without asking the server anything (``connect=False``): it connects on first use, so a job whose server is down
 can start from its local copies and record later. Tests inject faults by subclassing it and passing the class as
-``CheckpointManager(store_factory=...)``: this is the only place that talks to MLflow for a run.
+``store_factory=`` (``CheckpointManager``, ``load``, ``list_checkpoints``, ``promote``...). It extends
+``TrackingStore`` (tracking.py: experiments, run search, logged models, the registry, the one ``_call``): with it,
+the only place that talks to MLflow.
 """
 
 from __future__ import annotations
@@ -14,17 +16,15 @@ import contextlib
 import io
 import logging
 import os
-import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from mlflow.entities import Metric, RunTag
-from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
@@ -34,6 +34,9 @@ from ..errors import CheckpointCorruptError, RunNotFoundError, StoreError
 from ..manifest import MANIFEST_NAME, check_checkpoint_path, check_relpath
 from . import http as _http
 from . import transfer
+from .tracking import TrackingStore, describe_mlflow_error, redact
+
+__all__ = ["Entry", "Fetched", "RunStore", "StoreFactory", "describe_mlflow_error", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -52,73 +55,12 @@ class Fetched(NamedTuple):
     blake3: str | None
 
 
-_HTTP_STATUS = re.compile(r"(?:error code|status code|status)\D{0,4}(4\d\d)\b|\b(4\d\d) Client Error")
-_PERMANENT_CODES = {"PERMISSION_DENIED", "UNAUTHENTICATED", "INVALID_PARAMETER_VALUE", "BAD_REQUEST"}
-
-
-def describe_mlflow_error(e: Exception, action: str, server: str) -> StoreError:
-    """Turn an MLflow/HTTP failure into a StoreError naming the server, the action and what to do.
-
-    ``transient`` tells the outbox whether retrying can help: refused, timed out and 5xx can; permission,
-    authentication and validation errors cannot.
-    """
-    code = str(getattr(e, "error_code", "") or "")
-    text = _short(str(e).splitlines()[0] if str(e) else type(e).__name__)
-    status = _HTTP_STATUS.search(text)
-    http = (status.group(1) or status.group(2)) if status else ""
-    if code == "PERMISSION_DENIED" or http == "403" or "Permission denied" in text:
-        hint = "the MLflow user lacks permission; ask for EDIT (MANAGE to delete) on the experiment"
-    elif code == "UNAUTHENTICATED" or http == "401":
-        hint = "check MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
-    else:
-        hint = "check that the tracking server is up and reachable"
-    err = StoreError(f"MLflow at {server} failed to {action}: {text} ({hint})")
-    denied = "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text
-    err.transient = not (
-        code in _PERMANENT_CODES or http in ("400", "401", "403") or "Permission denied" in text or denied
-    )
-    return err
-
-
-_NETWORK = (
-    (re.compile(r"Read timed out|timed out|Timeout", re.I), "no answer in time"),
-    (re.compile(r"too many (\d{3}) error responses", re.I), "HTTP {0} (the server is failing)"),
-    (re.compile(r"Connection refused|NewConnectionError|Failed to establish", re.I), "connection refused"),
-    (re.compile(r"RemoteDisconnected|Connection aborted|Connection reset|ConnectionResetError", re.I),
-     "connection dropped"),
-)
-
-
-def _short(text: str) -> str:
-    """One short clause for a network failure (MLflow's own text runs to hundreds of characters), else the text."""
-    if "Max retries exceeded" in text or "failed with exception" in text or "timed out" in text:
-        for pattern, said in _NETWORK:
-            m = pattern.search(text)
-            if m:
-                return said.format(*m.groups())
-    return text if len(text) <= 300 else text[:297].rsplit(" ", 1)[0] + " ..."
-
-
-def _from_object_store(e: Exception) -> bool:
-    """An error of the S3 client (boto3/botocore/s3transfer), which MLflow's S3 repository lets through as is."""
-    return type(e).__module__.split(".")[0] in ("botocore", "boto3", "s3transfer")
-
-
-def redact(uri: str) -> str:
-    """A tracking URI with any user:password@ part removed, safe for logs and errors."""
-    if "@" in uri and "://" in uri:
-        scheme, rest = uri.split("://", 1)
-        return f"{scheme}://{rest.split('@', 1)[1]}"
-    return uri
-
-
-class RunStore:
-    """Artifacts, metrics and tags of one MLflow run."""
+class RunStore(TrackingStore):
+    """Artifacts, metrics and tags of one MLflow run (and, inherited, the tracking server's other calls)."""
 
     def __init__(self, client: MlflowClient, run_id: str, *, connect: bool = True) -> None:
-        self.client = client
+        super().__init__(client)
         self.run_id = run_id
-        self.server = redact(str(client.tracking_uri))
         self.tags_at_open: dict[str, str] = {}  # saves a get_run for callers that just opened it
         self._repo: Any = None
         self._experiment_id: str | None = None
@@ -128,7 +70,7 @@ class RunStore:
 
     def connect(self) -> None:
         """Read the run (its tags, experiment and artifact location); RunNotFoundError if it is gone."""
-        run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
+        run = self.get_run(self.run_id)
         if run.info.lifecycle_stage == "deleted":
             raise RunNotFoundError(
                 f"run {self.run_id} at {self.server} is deleted; restore it in the MLflow UI or `mlflow gc` it"
@@ -163,29 +105,11 @@ class RunStore:
     def probe(self) -> None:
         """One short call ("is the server back?"): StoreError unless the tracking server answers at once."""
         with _http.bounded(_http.PROBE):
-            run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
+            run = self.get_run(self.run_id)
         if self._repo is None:
             self._experiment_id, self._artifact_uri = run.info.experiment_id, run.info.artifact_uri
             self._repo = get_artifact_repository(run.info.artifact_uri, tracking_uri=self.client.tracking_uri)
             self.tags_at_open = dict(run.data.tags)
-
-    def _call(self, fn: Any, action: str) -> Any:
-        try:
-            with _http.bounded():  # inside an explicit PROBE block, that stricter policy stays (see probe)
-                return fn()
-        except MlflowException as e:
-            if e.error_code == "RESOURCE_DOES_NOT_EXIST" and "get run" in action:
-                raise RunNotFoundError(
-                    f"run {self.run_id!r} does not exist at tracking URI {self.server}; check the run ID "
-                    "and MLFLOW_TRACKING_URI (`tracked-ckpt runs` lists runs)"
-                ) from None
-            raise describe_mlflow_error(e, action, self.server) from e
-        except OSError as e:
-            raise describe_mlflow_error(e, action, self.server) from e
-        except Exception as e:
-            if not _from_object_store(e):
-                raise
-            raise describe_mlflow_error(e, action, self.server) from e
 
     @property
     def local_dir(self) -> Path | None:
@@ -299,9 +223,16 @@ class RunStore:
             f"log metrics and tags of step {step}",
         )
 
+    def run(self) -> Any:
+        """The MLflow run (info, tags, metrics, outputs), read now."""
+        return self.get_run(self.run_id)
+
     def tags(self) -> dict[str, str]:
-        run = self._call(lambda: self.client.get_run(self.run_id), f"get run {self.run_id}")
-        return dict(run.data.tags)
+        return dict(self.run().data.tags)
+
+    def history(self, key: str) -> Sequence[Any]:
+        """Every logged value of run metric ``key`` (mlflow Metric entities)."""
+        return self.metric_history(self.run_id, key)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         self._call(
@@ -321,6 +252,9 @@ class RunStore:
         quiet = contextlib.redirect_stdout(io.StringIO()) if "@" in str(self.client.tracking_uri) else None
         with quiet or contextlib.nullcontext():
             self._call(lambda: self.client.set_terminated(self.run_id, status=status), f"mark run {status}")
+
+
+StoreFactory = Callable[..., RunStore]  # (client, run_id, *, connect=True) -> RunStore: the seam's type
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
