@@ -116,7 +116,8 @@ def bytes_moved(url: str, run_id: str, saves: int) -> dict[bool, float]:
 
 def layout_cost(work: Path, nbytes: int, repeats: int) -> dict[str, float]:
     """Median seconds of save() on a local store: model.pt + state.pt (now) vs everything in state.pt (before)."""
-    from tracked_ckpt import CheckpointManager, local
+    from tracked_ckpt import CheckpointManager
+    from tracked_ckpt.formats import torch_file
     from tracked_ckpt.state import STATE_FILE, split_files
 
     model, opt = make_state(nbytes)
@@ -126,11 +127,11 @@ def layout_cost(work: Path, nbytes: int, repeats: int) -> dict[str, float]:
         for i in range(2 * repeats):
             name = "split" if i % 2 else "one file"  # alternated: the machine's drift hits both alike
             one_file = lambda p: [(STATE_FILE, dict(p))]  # noqa: E731 - what 0.2 wrote
-            local.split_files = split_files if name == "split" else one_file  # type: ignore[assignment]
+            torch_file.split_files = split_files if name == "split" else one_file  # type: ignore[assignment]
             t0 = time.perf_counter()
             mgr.save(model, opt, {"step": i})
             times[name].append(time.perf_counter() - t0)
-    local.split_files = split_files  # type: ignore[assignment]
+    torch_file.split_files = split_files  # type: ignore[assignment]
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -30,7 +30,7 @@ import torch
 os.environ.pop("TRACKED_CKPT_FAULT", None)
 
 from tracked_ckpt import CheckpointManager, KeepLast
-from tracked_ckpt.loading import read_payload
+from tracked_ckpt.formats.torch_file import read_payload
 from tracked_ckpt.local import STAGING
 from tracked_ckpt.manifest import ARTIFACT_PREFIX, MANIFEST_NAME
 from tracked_ckpt.runtags import TAG_LATEST

@@ -226,10 +226,10 @@ def test_checkpoints_of_the_old_layout_still_load(
     tmp_path: Path, experiment: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before model.pt, everything lay in state.pt: such checkpoints load, follow and export as before."""
-    from tracked_ckpt import local
+    from tracked_ckpt.formats import torch_file
     from tracked_ckpt.state import STATE_FILE
 
-    monkeypatch.setattr(local, "split_files", lambda payload: [(STATE_FILE, dict(payload))])  # what 0.2 wrote
+    monkeypatch.setattr(torch_file, "split_files", lambda payload: [(STATE_FILE, dict(payload))])  # what 0.2 wrote
     run_id, model = _trained_run(tmp_path, experiment, saves=1)
     monkeypatch.undo()
     (ckpt,) = tracked_ckpt.follow(run_id, weights_only=True)  # no model.pt: the whole state.pt is fetched

@@ -5,8 +5,9 @@ fixture plays the whole story once, because each launch costs ~30-50 s on 2 busy
 saw; each test then asserts its part of it from the outside (the job's printed events, each node's disk, each
 proxy's byte counts, the run in MLflow):
 
-1. two nodes train (FSDP2, gloo), a checkpoint every 6 steps; both proxies refuse for 20 s (the server gone, as
-   the clients see it), then pass; then the node without rank 0 is cut off for 8 s, then reconnected;
+1. two nodes train (FSDP2, gloo), a checkpoint every 6 steps; both proxies answer 503 for 10 s, then refuse for
+   10 s (the server gone, as the clients see it), then pass; then the node without rank 0 is cut off for 8 s,
+   then reconnected;
 2. every node is SIGKILLed right after a save is recorded;
 3. the job is relaunched at once on two fresh nodes (new directories, new host names; MLFLOW_RUN_ID, as a
    scheduler passes it) with ``lease_timeout=30``: the lease is the point there, 30 s keeps the wait short while
@@ -113,10 +114,11 @@ def drained(story: Story, nodes: list[Node], steps: list[int], timeout: float) -
 def server_outage(story: Story, job: Launch) -> None:
     nodes = story.first_nodes
     job.wait_for(lambda e: e["event"] == "save" and e["step"] >= 4 and e["rank"] == 0, 180, "two saves")
-    for n in nodes:
-        n.proxy.set_mode("refuse")
     t_down = job.of("save", rank=0)[-1]["step"]
-    time.sleep(OUTAGE_S)
+    for mode in ("503", "refuse"):  # a server answering 503 (an overloaded proxy in front of it), then gone
+        for n in nodes:
+            n.proxy.set_mode(mode)
+        time.sleep(OUTAGE_S / 2)
     for n in nodes:
         n.proxy.set_mode("pass")
     during = [e for e in job.of("save", rank=0) if e["step"] > t_down]

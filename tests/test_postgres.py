@@ -25,7 +25,7 @@ from test_distributed import assert_same, launch, run_id_of
 from tracked_ckpt import CheckpointManager
 from tracked_ckpt.catalog import RunCatalog
 from tracked_ckpt.fsdp_demo import build
-from tracked_ckpt.loading import torch_load_safe
+from tracked_ckpt.safe_load import torch_load_safe
 from tracked_ckpt.store.run_store import RunStore
 
 # Fail fast against a dead server instead of MLflow's default ~4 minutes of retries.

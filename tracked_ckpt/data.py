@@ -23,6 +23,7 @@ import torch
 
 from .errors import CheckpointMismatchError, DataPositionMismatchError
 from .manifest import Manifest
+from .safe_load import torch_load_safe
 from .state import Stateful, TrainingState, settle_loaders
 
 
@@ -67,8 +68,6 @@ def encode(state: TrainingState) -> bytes | None:
 
 def read_rank_file(folder: Path, manifest: Manifest, state: TrainingState, rank: int, world: int, where: str) -> Any:
     """This rank's saved positions from a verified DCP folder, checked against ``state``; None when none asked."""
-    from .loading import torch_load_safe
-
     names = set(state.positions())
     if not names:
         return None

@@ -23,11 +23,11 @@ from typing import Any, Literal
 import torch
 
 from .catalog import Resolved, RunCatalog
-from .errors import CheckpointCorruptError, CheckpointMismatchError, ConfigError
+from .errors import CheckpointMismatchError, ConfigError
+from .formats import format_of
 from .progress import human_bytes
 from .refs import ref_for
 from .resolver import resolve
-from .state import STATE_FILE
 from .store.run_store import RunStore, StoreFactory
 
 log = logging.getLogger(__name__)
@@ -38,45 +38,15 @@ Format = Literal["safetensors", "torch"]
 
 def model_state(catalog: RunCatalog, r: Resolved, cache_dir: Path | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's model state dict on CPU, verified, consolidated from DCP shards when needed."""
-    from .loading import read_payload, weight_files
-
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
-    only = weight_files(r.manifest)  # model.pt alone where the layout has it: no optimizer bytes move
+    fmt = format_of(r.manifest)
+    # model.pt alone where the layout has it (no optimizer bytes move); a library's folder raises before any download
+    only = fmt.restore_files(r.manifest, where, weights_only=True)
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
         folder = catalog.fetch_verified(r, Path(tmp), cache_dir, only)
-        if r.manifest.format == "dcp":
-            sd = _dcp_model_state(folder, r, where)
-        else:
-            payload = read_payload(folder, only or {STATE_FILE}, where)
-            if not isinstance(payload.get("model"), Mapping):
-                raise CheckpointCorruptError(f"{where} holds no model state (saved without a model?); nothing to read")
-            sd = dict(payload["model"])
+        sd = fmt.model_weights(folder, r.manifest, where)
     # mmap=True loads map the file, which the temporary folder's removal would pull away: own the memory.
     return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
-
-
-def _dcp_model_state(folder: Path, r: Resolved, where: str) -> dict[str, torch.Tensor]:
-    """Read the ``model.*`` tensors of a DCP folder into fresh CPU tensors (any saved world size)."""
-    import warnings
-
-    from torch.distributed.checkpoint import metadata as dcp_md
-    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
-
-    from .formats.dcp import METADATA_NAME, SafeLoadPlanner, SafeReader, load_metadata
-
-    md = load_metadata((folder / METADATA_NAME).read_bytes(), where)
-    template: dict[str, torch.Tensor] = {}
-    for fqn, entry in md.state_dict_metadata.items():
-        if fqn.startswith("model.") and isinstance(entry, dcp_md.TensorStorageMetadata):
-            template[fqn[len("model.") :]] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    if not template:
-        raise CheckpointCorruptError(f"{where} holds no model tensors (saved without a model?); nothing to read")
-    data_files = {f.name for f in r.manifest.files if f.name.endswith(".distcp")}
-    reader = SafeReader(folder, data_files, where)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process: intended
-        dcp_load({"model": template}, storage_reader=reader, planner=SafeLoadPlanner(where))
-    return template
 
 
 # ----------------------------------------------------------------------------------------------- warm start

@@ -299,9 +299,9 @@ class _Follower:
                                   folder, time.time(), self, r)  # fmt: skip
 
     def only(self, m: Manifest) -> set[str] | None:
-        from .loading import weight_files
+        from .formats import format_of
 
-        return weight_files(m) if self.weights_only and m.format == "torch" else None
+        return format_of(m).weight_files(m) if self.weights_only else None
 
     def _fetch(self, r: Resolved) -> Path:
         """A verified local folder of ``r``: the artifact folder itself for a local store, else in the cache."""

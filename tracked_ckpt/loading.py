@@ -1,69 +1,28 @@
-"""Load a resolved checkpoint into live objects: verify, deserialize safely, check fit, restore.
+"""Load a resolved checkpoint into live objects: fetch what its format reads, verify, let the format restore it.
 
 Order matters: every file is checked against the manifest before anything is unpickled; the payload is
 unpickled only with ``weights_only=True`` (passed explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``
-cannot flip it); the live objects are touched only after the whole payload was checked to fit them.
+cannot flip it); the live objects are touched only after the whole payload was checked to fit them
+(``tracked_ckpt.formats``: each format keeps these rules for its own files).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import pickle
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .catalog import Resolved, RunCatalog
-from .data import check_world_size
-from .errors import CheckpointCorruptError, CheckpointMismatchError, CheckpointNotFoundError, UnsafeCheckpointError
-from .manifest import FOREIGN_FORMATS, Manifest
+from .errors import CheckpointCorruptError, CheckpointNotFoundError
+from .formats import Job, format_of
 from .progress import human_bytes
 from .refs import ref_for
-from .state import MODEL_FILE, RNG_FILE, STATE_FILE, TrainingState, check_fits, restore
+from .state import TrainingState
 
 log = logging.getLogger(__name__)
-
-
-def unsafe_pickle_error(e: pickle.UnpicklingError, where: str, what: str) -> UnsafeCheckpointError:
-    """The weights_only unpickler refused a global: name it, and ``what`` asked for it."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(e)) or re.search(r"global ([\w.]+)", str(e))
-    culprit = found.group(1) if found else "an unsupported object"
-    return UnsafeCheckpointError(
-        f"{where}: {what} asks to unpickle {culprit}, which weights_only loading refuses; "
-        "it was not written by tracked_ckpt (or was tampered with). Nothing was loaded"
-    )
-
-
-def torch_load_safe(path: Path, where: str) -> dict[str, Any]:
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        raise unsafe_pickle_error(e, where, f"file {path.name!r}") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointCorruptError(f"{where}: file {path.name!r} is not a readable torch file: {e}") from e
-    if not isinstance(payload, dict):
-        raise CheckpointCorruptError(f"{where}: {path.name!r} holds a {type(payload).__name__}, not a dict")
-    return payload
-
-
-def weight_files(m: Manifest) -> set[str] | None:
-    """The files that hold the model's weights alone ({model.pt}), or None when they are mixed in with the rest."""
-    return {MODEL_FILE} if any(f.name == MODEL_FILE for f in m.files) else None
-
-
-def read_payload(folder: Path, names: set[str], where: str) -> dict[str, Any]:
-    """The tensor payload of the torch files among ``names`` (state.pt, and model.pt where the layout has it)."""
-    payload: dict[str, Any] = {}
-    for name in (STATE_FILE, MODEL_FILE):
-        if name in names:
-            payload.update(torch_load_safe(folder / name, where))
-    return payload
 
 
 def load_resolved(
@@ -77,32 +36,15 @@ def load_resolved(
     """Verify, deserialize, check fit, restore (RNG last); return the checkpoint's metadata.
 
     ``weights_only``: fetch and read only the model's file where the layout allows (``state`` holds a model alone).
+    A DCP checkpoint (saved under torchrun) is restored here in one process, whatever its world size.
     """
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
-    if r.manifest.format == "dcp":  # saved under torchrun; restored here in one process, whatever its world size
-        from .distributed.sharded import load_resolved_dcp
-
-        load_resolved_dcp(catalog, r, state, cache_dir)
-        return dict(r.manifest.metadata)
-    if r.manifest.format in FOREIGN_FORMATS:
-        raise CheckpointMismatchError(
-            f"{where} is a {r.manifest.format!r} folder that its own library wrote, not a tracked_ckpt state; fetch "
-            f"it with tracked_ckpt.frameworks.fetch_folder({catalog.run_id!r}, dest) and resume it with that library "
-            "(docs/lightning.md, docs/huggingface.md, docs/accelerate.md)"
-        )
+    fmt = format_of(r.manifest)
+    only = fmt.restore_files(r.manifest, where, weights_only)  # raises, before any download, if it cannot restore
     with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-        names = {f.name for f in r.manifest.files}
-        if STATE_FILE not in names:
-            raise CheckpointCorruptError(f"{where}: the manifest lists no {STATE_FILE}")
-        only = weight_files(r.manifest) if weights_only else None
         folder = catalog.fetch_verified(r, Path(tmp), cache_dir, only)
-        payload = read_payload(folder, only or names, where)
-        rng_json = json.loads((folder / RNG_FILE).read_text()) if RNG_FILE in names and not only else {}
-        saved_positions = [name for name in state.positions() if name in payload]
-        check_world_size(r.manifest.world_size, world_size, saved_positions, where)  # a torchrun job, one state.pt
-        check_fits(payload, state, where)
-        restore(payload, rng_json, state)
+        fmt.restore(folder, r.manifest, state, where, only, Job(world_size))
     log.info(
         "restored step %d from %s (%s) in %.2f s",
         r.manifest.step,

@@ -12,7 +12,7 @@ import os
 import re
 import stat
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -149,6 +149,28 @@ class Manifest:
             raise CheckpointCorruptError(
                 f"manifest {source} is unparsable ({type(e).__name__}: {e}); the checkpoint is not usable"
             ) from e
+
+
+def build_manifest(
+    run_id: str, files: Iterable[FileEntry], fields: Mapping[str, Any], *, format: str = "torch", world_size: int = 1
+) -> Manifest:
+    """The manifest of a checkpoint whose ``files`` are staged: the one place a manifest is made.
+
+    ``fields``: what the recorder planned (step, seq, created, metrics, metadata, epoch, resumed_from).
+    """
+    import torch  # loaded already by whoever staged the files; a manifest read alone does not need it
+
+    from ._version import __version__
+
+    return Manifest(
+        run_id=run_id,
+        files=tuple(files),
+        library_version=__version__,
+        torch_version=torch.__version__,
+        format=_checked_format(format, f"of run {run_id}"),
+        world_size=world_size,
+        **fields,
+    )
 
 
 def _checked_format(value: Any, source: str) -> str:

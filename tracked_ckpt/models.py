@@ -46,14 +46,9 @@ MODEL_TYPE = "tracked_ckpt checkpoint"
 
 def checkpoint_digest(m: Manifest) -> str:
     """One digest for a checkpoint: its state.pt's BLAKE3, or for a folder of files the BLAKE3 of their digests."""
-    files = m.files
-    if len(files) == 1 or m.format == "torch":
-        main = next((f for f in files if f.name == "state.pt"), files[0])
-        return f"blake3:{main.blake3}"
-    import blake3
+    from .formats import format_of
 
-    joined = "\n".join(f"{f.name} {f.blake3}" for f in sorted(files, key=lambda f: f.name))
-    return f"blake3-files:{blake3.blake3(joined.encode()).hexdigest()}"
+    return format_of(m).digest(m)
 
 
 def model_tags(run_id: str, path: str, m: Manifest) -> dict[str, str]:

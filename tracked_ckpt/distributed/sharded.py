@@ -20,7 +20,6 @@ against the manifest on every rank, then restores through ``dcp.load`` with a re
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -30,20 +29,17 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict_saver import async_save as dcp_async_save
 from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
-from .._faults import fault_point
-from .._version import __version__
 from ..catalog import Resolved, RunCatalog
-from ..data import data_file
 from ..data import encode as data_position
 from ..errors import SaveError
-from ..formats.dcp import METADATA_NAME, dcp_state, load_dcp_folder, rng_file, rng_json
+from ..formats import Job, format_of
+from ..formats.dcp import DCP_FOLDER, dcp_state, rng_json, stage_rank
 from ..local import STAGING
-from ..manifest import FileEntry, Manifest, hash_file, write_file
+from ..manifest import FileEntry, Manifest
 from ..recording import RunRecorder
 from ..refs import ref_for
 from ..session import RunSession
@@ -52,14 +48,6 @@ from .node_copy import node_view
 from .ranks import TorchRun, portable
 
 log = logging.getLogger(__name__)
-
-
-def load_resolved_dcp(catalog: RunCatalog, r: Resolved, state: TrainingState, cache_dir: Path | None) -> None:
-    """Single-process load of a DCP checkpoint (any saved world size): verify, then restore."""
-    where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
-    with tempfile.TemporaryDirectory(prefix="tracked_ckpt-") as tmp:
-        folder = catalog.fetch_verified(r, Path(tmp), cache_dir)
-        load_dcp_folder(folder, r.manifest, state, where)
 
 
 # ------------------------------------------------------------------------------------------- saving
@@ -112,17 +100,7 @@ class ShardedWriter:
         mine: list[FileEntry] = []
         err: BaseException | None = None
         try:
-            if rng is not None:
-                mine.append(write_file(staging / rng_file(rank), json.dumps(rng).encode()))
-            if position is not None:
-                mine.append(write_file(staging / data_file(rank), position))
-            names = [p.name for p in staging.glob(f"__{rank}_*.distcp")]
-            if rank == 0:
-                names.append(METADATA_NAME)
-            for n in sorted(names):
-                size, digest = hash_file(staging / n)
-                mine.append(FileEntry(n, size, digest))
-            fault_point(f"dcp_written:{rank}")  # tests: a rank dies with its shard written, nothing committed
+            mine = stage_rank(staging, rank, rng, position)
         except OSError as e:
             err = SaveError(f"rank {rank} could not write its shard of step {step}: {e}")
         everyone = self.ranks.gather((mine, None if err is None else portable(err, rank)), "io")
@@ -151,15 +129,7 @@ class ShardedWriter:
 
     def _manifest(self, fields: dict[str, Any], everyone: list[Any]) -> Manifest:
         files = tuple(sorted((f for entries, _ in everyone for f in entries), key=lambda f: f.name))
-        return Manifest(
-            run_id=self.recorder.run_id,
-            files=files,
-            library_version=__version__,
-            torch_version=torch.__version__,
-            format="dcp",
-            world_size=self.ranks.world_size,
-            **fields,
-        )
+        return DCP_FOLDER.describe(self.recorder.run_id, files, fields, world_size=self.ranks.world_size)
 
 
 def join_ranks(ranks: TorchRun, session: RunSession, run_id: str, node: list[int], save_rng: bool) -> ShardedWriter:
@@ -205,7 +175,8 @@ def load_on_ranks(ranks: TorchRun, catalog: RunCatalog, r: Resolved, state: Trai
     """
     where = f"checkpoint {ref_for(catalog.run_id, r.path)} (step {r.manifest.step})"
     t0 = time.perf_counter()
-    if r.manifest.format != "dcp":
+    fmt = format_of(r.manifest)
+    if not fmt.sharded:  # a single-process checkpoint: every rank restores the whole of it
         from ..loading import load_resolved
 
         err: BaseException | None = None
@@ -229,6 +200,6 @@ def load_on_ranks(ranks: TorchRun, catalog: RunCatalog, r: Resolved, state: Trai
         except Exception as e:  # likewise: a download that fails on one rank only
             err = e
         ranks.agree(err)  # every rank verified its copy before any rank enters dcp.load
-        load_dcp_folder(folder, r.manifest, state, where, ranks.ctl_group, ranks.rank)
+        fmt.restore(folder, r.manifest, state, where, None, Job(ranks.world_size, ranks.rank, ranks.ctl_group))
     log.info("rank %d restored %s in %.2f s (%d bytes downloaded)", ranks.rank, where, time.perf_counter() - t0,
              fetched)  # fmt: skip

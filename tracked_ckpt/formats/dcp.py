@@ -1,4 +1,8 @@
-"""DCP (torch.distributed.checkpoint) folders: the state dict saved under torchrun, restored without running code.
+"""The DCP format ("dcp"): the torch.distributed.checkpoint folder saved under torchrun, restored without running code.
+
+Each rank writes its shard with ``dcp.save``, then ``stage_rank`` (its RNG, its data position, the hashes of its
+files); rank 0 gathers every rank's entries into one manifest (``DCP_FOLDER.describe``). ``DCP_FOLDER`` restores
+it at any world size, collectively under torchrun or in one process, and reads the model's tensors alone.
 
 Stock DCP unpickles ``.metadata`` with plain ``pickle`` and non-tensor values with ``weights_only=False``:
 a planted ``.metadata`` runs code inside ``dcp.load``. Here ``.metadata`` goes through an Unpickler that
@@ -16,6 +20,7 @@ import pathlib
 import pickle
 import warnings
 from collections.abc import Collection, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,10 +36,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
 from .. import data
+from .._faults import fault_point
 from ..errors import CheckpointCorruptError, CheckpointMismatchError, TrackedCkptError, UnsafeCheckpointError
-from ..loading import unsafe_pickle_error
-from ..manifest import Manifest
+from ..manifest import FileEntry, Manifest, hash_file, write_file
+from ..safe_load import unsafe_pickle_error
 from ..state import TrainingState, cuda_rng_states, host_rng_json, restore
+from ._base import ONE, FormatBase, Job
 
 log = logging.getLogger(__name__)
 
@@ -224,17 +231,8 @@ def _dcp_error(e: CheckpointException, where: str) -> TrackedCkptError:
     return CheckpointCorruptError(f"{where}: DCP failed ({text})")
 
 
-def load_dcp_folder(
-    folder: pathlib.Path, manifest: Manifest, state: TrainingState, where: str, group: Any = None, rank: int = 0
-) -> None:
-    """Restore a verified DCP checkpoint folder into ``state`` (collective when ``group`` is given)."""
-    data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
-    if METADATA_NAME not in {f.name for f in manifest.files}:
-        raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
-    world = dist.get_world_size(group) if group is not None else 1
-    positions = data.read_rank_file(folder, manifest, state, rank, world, where)  # before anything is changed
-    template = dcp_state(state)
-    reader = SafeReader(folder, data_files, where)
+def _safe_load(template: dict[str, Any], reader: SafeReader, where: str, group: Any = None) -> None:
+    """``dcp.load`` into ``template`` through ``reader``; its refusal (else DCP's error) raised as ours."""
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)  # one process: intended
@@ -245,9 +243,77 @@ def load_dcp_folder(
         if reader.refused is not None:
             raise reader.refused from None
         raise CheckpointMismatchError(f"{where} does not fit the objects passed to load(): {e}") from e
+
+
+def load_dcp_folder(
+    folder: pathlib.Path, manifest: Manifest, state: TrainingState, where: str, group: Any = None, rank: int = 0
+) -> None:
+    """Restore a verified DCP checkpoint folder into ``state`` (collective when ``group`` is given)."""
+    data_files = {f.name for f in manifest.files if f.name.endswith(".distcp")}
+    if METADATA_NAME not in {f.name for f in manifest.files}:
+        raise CheckpointCorruptError(f"{where}: the manifest lists no {METADATA_NAME}")
+    world = dist.get_world_size(group) if group is not None else 1
+    positions = data.read_rank_file(folder, manifest, state, rank, world, where)  # before anything is changed
+    template = dcp_state(state)
+    _safe_load(template, SafeReader(folder, data_files, where), where, group)
     _apply(template, state)
     data.restore(positions, state)
     if rng_file(rank) in {f.name for f in manifest.files}:
         restore_rng(json.loads((folder / rng_file(rank)).read_text()))  # RNG last
     elif any(f.name.startswith("rng-") for f in manifest.files):
         log.warning("%s was saved by %d ranks; rank %d keeps its current RNG state", where, manifest.world_size, rank)
+
+
+def model_weights(folder: Path, m: Manifest, where: str) -> dict[str, torch.Tensor]:
+    """Read the ``model.*`` tensors of a verified DCP folder into fresh CPU tensors (any saved world size)."""
+    md = load_metadata((folder / METADATA_NAME).read_bytes(), where)
+    template: dict[str, torch.Tensor] = {}
+    for fqn, entry in md.state_dict_metadata.items():
+        if fqn.startswith("model.") and isinstance(entry, dcp_md.TensorStorageMetadata):
+            template[fqn[len("model.") :]] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    if not template:
+        raise CheckpointCorruptError(f"{where} holds no model tensors (saved without a model?); nothing to read")
+    data_files = {f.name for f in m.files if f.name.endswith(".distcp")}
+    _safe_load({"model": template}, SafeReader(folder, data_files, where), where)
+    return template
+
+
+def stage_rank(staging: Path, rank: int, rng: Mapping[str, Any] | None, position: bytes | None) -> list[FileEntry]:
+    """After ``dcp.save`` into ``staging``: write this rank's RNG and data position, hash its files; their entries.
+
+    Rank 0 also answers for DCP's ``.metadata``. Each rank's entries are gathered by rank 0 into one manifest.
+    """
+    mine: list[FileEntry] = []
+    if rng is not None:
+        mine.append(write_file(staging / rng_file(rank), json.dumps(rng).encode()))
+    if position is not None:
+        mine.append(write_file(staging / data.data_file(rank), position))
+    names = [p.name for p in staging.glob(f"__{rank}_*.distcp")]
+    if rank == 0:
+        names.append(METADATA_NAME)
+    for n in sorted(names):
+        mine.append(FileEntry(n, *hash_file(staging / n)))
+    fault_point(f"dcp_written:{rank}")  # tests: a rank dies with its shard written, nothing committed
+    return mine
+
+
+class DcpFolder(FormatBase):
+    """A torch.distributed.checkpoint folder (see the module doc): restored at any world size, or in one process."""
+
+    name = "dcp"
+    sharded = True
+
+    def restore_files(self, m: Manifest, where: str, weights_only: bool = False) -> set[str] | None:
+        return None  # the model's tensors lie in every rank's shard
+
+    def restore(
+        self, folder: Path, m: Manifest, state: TrainingState, where: str, only: set[str] | None = None, job: Job = ONE
+    ) -> None:
+        """Collective when ``job.group`` is given (every rank of it calls this); its world size is the group's."""
+        load_dcp_folder(folder, m, state, where, job.group, job.rank)
+
+    def model_weights(self, folder: Path, m: Manifest, where: str) -> dict[str, Any]:
+        return dict(model_weights(folder, m, where))
+
+
+DCP_FOLDER = DcpFolder()

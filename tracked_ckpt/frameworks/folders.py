@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..catalog import Resolved, RunCatalog
 from ..errors import CheckpointCorruptError, CheckpointNotFoundError
-from ..manifest import FOREIGN_FORMATS, Manifest, verify_file
+from ..formats import format_of
+from ..manifest import Manifest, verify_file
 from ..progress import human_bytes
 from ..refs import Which, ref_for
 from ..resolver import open_catalog
@@ -147,7 +148,7 @@ def fetch_checkpoint(
 
 def _fetch_one(catalog: RunCatalog, r: Resolved, dest: Path) -> Path:
     m = r.manifest
-    if m.format not in FOREIGN_FORMATS:
+    if format_of(m).own:
         raise CheckpointNotFoundError(
             f"{ref_for(catalog.run_id, r.path)} is a tracked_ckpt {m.format!r} checkpoint, not a library's folder; "
             "restore it with tracked_ckpt.load(run_id, model, optimizer)"

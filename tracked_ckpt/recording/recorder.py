@@ -24,6 +24,7 @@ from typing import Any
 
 from ..catalog import Resolved, RunCatalog
 from ..errors import StoreError
+from ..formats import format_of
 from ..local import LocalDir
 from ..manifest import ARTIFACT_PREFIX, Manifest
 from ..models import CheckpointModels
@@ -183,7 +184,7 @@ class RunRecorder:
             log.info("committed this node's share of step %d (%s) in %.2f s; %s", m.step, ref, elapsed,
                      "uploaded" if recorded else "queued for upload (see outbox)")  # fmt: skip
             return
-        ranks = f", {m.world_size} ranks" if m.format == "dcp" else ""
+        ranks = f", {m.world_size} ranks" if format_of(m).sharded else ""
         queued = "" if recorded else "; queued for MLflow (see outbox)"
         log.info("saved step %d to %s (%s%s) in %.2f s%s", m.step, ref, human_bytes(m.size), ranks, elapsed,
                  queued)  # fmt: skip
