@@ -42,7 +42,8 @@ LEASE_S = 30.0
 PUBLISH_S = 10.0
 OUTAGE_S = 20.0
 CUT_S = 8.0
-JOB = ("--width", "512", "--save-every", "6", "--step-sleep", "0.3", "--hash-saves",
+SAVE_EVERY = 6  # steps: a save every ~2-3 s on 2 busy cores
+JOB = ("--width", "512", "--save-every", str(SAVE_EVERY), "--step-sleep", "0.3", "--hash-saves",
        "--publish-timeout", str(PUBLISH_S), "--lease-timeout", str(LEASE_S))  # fmt: skip
 
 
@@ -113,7 +114,8 @@ def drained(story: Story, nodes: list[Node], steps: list[int], timeout: float) -
 
 def server_outage(story: Story, job: Launch) -> None:
     nodes = story.first_nodes
-    job.wait_for(lambda e: e["event"] == "save" and e["step"] >= 4 and e["rank"] == 0, 180, "two saves")
+    job.wait_for(lambda e: e["event"] == "save" and e["step"] >= 2 * SAVE_EVERY and e["rank"] == 0, 180,
+                 "two saves")  # fmt: skip
     t_down = job.of("save", rank=0)[-1]["step"]
     for mode in ("503", "refuse"):  # a server answering 503 (an overloaded proxy in front of it), then gone
         for n in nodes:
@@ -332,12 +334,14 @@ def test_b_a_hung_server_costs_the_first_save_its_budget_then_nothing(mlflow_ser
     nodes = make_nodes(tmp_path, mlflow_server, ["node-a", "node-b"])
     job = launch(nodes, *JOB, "--experiment", f"nodes-hang-{tmp_path.name}")
     try:
-        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 4, 180, "two saves")
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 2 * SAVE_EVERY, 180,
+                     "two saves")  # fmt: skip
         up = max(e["blocked"] for e in job.of("save", rank=0))
         last = job.of("save", rank=0)[-1]["step"]
         for n in nodes:
             n.proxy.set_mode("hang")
-        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= last + 6, 3 * PUBLISH_S + 90,
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= last + 3 * SAVE_EVERY,
+                     3 * PUBLISH_S + 90,
                      "three saves while the server hangs")  # fmt: skip
         for n in nodes:
             n.proxy.set_mode("pass")
@@ -391,7 +395,8 @@ def test_a_the_server_process_sigkilled_and_started_again_20_s_later(tmp_path: P
     nodes = make_nodes(tmp_path, server.url, ["node-a", "node-b"])
     job = launch(nodes, *JOB, "--experiment", "nodes-server-kill")
     try:
-        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 4, 180, "two saves")
+        job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] >= 2 * SAVE_EVERY, 180,
+                     "two saves")  # fmt: skip
         run_id = job.of("start", rank=0)[0]["run_id"]
         last = job.of("save", rank=0)[-1]["step"]
         server.kill()

@@ -132,3 +132,29 @@ def test_held_files_must_be_in_staging_and_in_the_manifest(nodes: list[RunRecord
         node0.commit(staging, name, manifest, time.perf_counter(), held=["a.bin", "b.bin"])
     assert not staging.exists() and node0.outbox.pending(run_id) == []
     assert not node0.local.folder(run_id, name).exists()
+
+
+def test_another_node_drops_what_rank_0_no_longer_keeps(nodes: list[RunRecorder], run_id: str) -> None:
+    """Rank 0 skipped a backlogged checkpoint (or retention deleted it): node 1 neither uploads its queued share nor
+    keeps its copy; a share rank 0 still keeps stays queued and on disk (distributed/sharded.prune_node)."""
+    from tracked_ckpt.distributed.sharded import kept_names, prune_node
+
+    zero, one = nodes
+    kept_name, kept_manifest = plan(zero)
+    zero.commit(stage(zero, ["a.bin"]), kept_name, kept_manifest, time.perf_counter(), held=["a.bin"], wait=False)
+    one.commit(stage(one, ["b.bin"]), kept_name, kept_manifest, time.perf_counter(), held=["b.bin"], record=False,
+               wait=False)  # fmt: skip
+    dropped_name, dropped_manifest = plan(zero)
+    one.commit(stage(one, ["b.bin"]), dropped_name, dropped_manifest, time.perf_counter(), held=["b.bin"],
+               record=False, wait=False)  # fmt: skip  # rank 0 never queued this one: it skipped or lost it
+    stale = one.local.folder(run_id, "step-00000001")
+    stale.mkdir(parents=True)  # a copy from an earlier launch that retention dropped since
+    kept = kept_names(zero)
+    assert kept == {kept_name}
+    prune_node(one, kept)
+    assert not stale.exists()
+    one.publisher.drain_once()
+    assert [p.name for p in one.outbox.pending(run_id)] == []  # both entries done: one uploaded, one dropped
+    assert listed(one.store, kept_name) == {"b.bin": len(SHARES["b.bin"])}
+    assert listed(one.store, dropped_name) == {}  # nothing uploaded for the dropped share
+    assert not one.local.folder(run_id, dropped_name).exists() and one.local.folder(run_id, kept_name).exists()
