@@ -436,6 +436,7 @@ while True:  # train until preempted: SIGTERM makes every rank save once more an
 """
 
 
+@pytest.mark.slow  # the default run has the two-node story (tests/test_nodes.py): an outage on every rank, SIGTERM
 def test_torchrun_outage_blocks_no_rank_and_sigterm_on_every_rank_saves_once(
     mlflow_server: str, tmp_path: Path, experiment: str
 ) -> None:
