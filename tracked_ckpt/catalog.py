@@ -75,11 +75,12 @@ class RunCatalog:
         try:
             text = self._read(f"{path}/{MANIFEST_NAME}")
         except (FileNotFoundError, StoreError) as e:
-            if isinstance(e, StoreError) and self.store.exists(path + "/" + MANIFEST_NAME):
-                raise
-            raise CheckpointNotFoundError(
-                f"{ref_for(self.run_id, path)} has no manifest: it is not a committed checkpoint"
-            ) from e
+            if not (isinstance(e, StoreError) and self.store.exists(path + "/" + MANIFEST_NAME)):
+                raise CheckpointNotFoundError(
+                    f"{ref_for(self.run_id, path)} has no manifest: it is not a committed checkpoint"
+                ) from e
+            # Listed now: it landed between the two calls (a record in progress), or the server failed the read.
+            text = self._read(f"{path}/{MANIFEST_NAME}")
         m = Manifest.from_json(text, where)
         if m.run_id != self.run_id:
             raise CheckpointCorruptError(
