@@ -96,7 +96,10 @@ def _ensure_whole(catalog: RunCatalog, r: Resolved, folder: Path, files: list[Fi
                     raise CheckpointCorruptError(f"{where}: file {f.name!r} cannot be read: {e}") from e
                 verify_file(got.path, f, where, digest=got.blake3)
                 part = folder / f".{f.name}.part"
-                shutil.copyfile(got.path, part) if got.path.parent != Path(tmp) else os.replace(got.path, part)
+                if got.path.is_relative_to(tmp):  # downloaded: move it; a local store's own file: copy it
+                    os.replace(got.path, part)
+                else:
+                    shutil.copyfile(got.path, part)
                 os.replace(part, folder / f.name)
                 fetched += f.size
     return fetched
