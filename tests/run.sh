@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command from the README: installs what the suite needs, then runs it.
-#   bash tests/run.sh            # the default suite (~20 minutes on 2 cores, most of it pytest)
+#   bash tests/run.sh            # the default suite (~22 minutes on 2 cores, most of it pytest)
 #   bash tests/run.sh -k resume  # extra arguments go to pytest
 # As root with apt-get, it installs Debian's chromium and postgresql if missing (a few minutes, once).
 set -euo pipefail
@@ -32,6 +32,6 @@ step "ruff"
 python3 -m ruff check tracked_ckpt tests benchmarks
 step "mypy --strict"
 python3 -m mypy
-step "pytest (real sqlite stores, mlflow server subprocesses, PostgreSQL, a headless browser; ~18 minutes on 2 cores)"
+step "pytest (real sqlite stores, mlflow server subprocesses, PostgreSQL, a headless browser; ~20 minutes on 2 cores)"
 python3 -m pytest "$@"
 step "done"

@@ -106,10 +106,16 @@ class Story:
             pytest.fail(f"phase {name!r} failed: {self.failed[name]}", pytrace=False)
 
 
-def drained(story: Story, nodes: list[Node], steps: list[int], timeout: float) -> float:
-    """Seconds until every node's outbox is empty and every one of ``steps`` is recorded in the run."""
-    return wait_until(lambda: all(n.pending(story.run_id) == 0 for n in nodes)
-                      and set(steps) <= set(recorded_steps(story.url, story.run_id)), timeout, step=0.5)  # fmt: skip
+def drained(story: Story, nodes: list[Node], job: Launch, timeout: float) -> float:
+    """Seconds until the backlog is recorded: no node holds a checkpoint saved so far, and each is in the run.
+
+    Training goes on saving meanwhile, so the queue as a whole may hold the newest save at any instant: the
+    promise is about what was queued when the server came back.
+    """
+    backlog = saved_steps(job)
+    up_to = max(backlog)
+    return wait_until(lambda: all(n.pending(story.run_id, up_to=up_to) == 0 for n in nodes)
+                      and set(backlog) <= set(recorded_steps(story.url, story.run_id)), timeout, step=0.2)  # fmt: skip
 
 
 def server_outage(story: Story, job: Launch) -> None:
@@ -130,7 +136,7 @@ def server_outage(story: Story, job: Launch) -> None:
     errors = save_errors(job)
     assert not errors, errors
     assert during, "no save returned during the outage"
-    story.seen["outage_drain_s"] = drained(story, nodes, saved_steps(job), 60)
+    story.seen["outage_drain_s"] = drained(story, nodes, job, 60)
 
 
 def node_cut_off(story: Story, job: Launch) -> None:
@@ -146,7 +152,7 @@ def node_cut_off(story: Story, job: Launch) -> None:
     errors = save_errors(job)
     assert not errors, errors
     assert steps, "no save returned while the node was cut off"
-    drained(story, story.first_nodes, saved_steps(job), 60)  # its outbox (and rank 0's) empty, every step recorded
+    drained(story, story.first_nodes, job, 60)  # its backlog (and rank 0's) uploaded, every step recorded
     story.seen["cut_drain_s"] = time.monotonic() - back
     story.seen["cut_uploaded"] = cut.proxy.up - up_before
 
@@ -159,7 +165,7 @@ def kill_after_a_recorded_save(story: Story, job: Launch) -> None:
         job.wait_for(lambda e: e["event"] == "loaded" and e["rank"] == 0, LEASE_S + 120, "loaded")
     last = job.of("save", rank=0)[-1]["step"] if job.of("save", rank=0) else 0
     job.wait_for(lambda e: e["event"] == "save" and e["rank"] == 0 and e["step"] > last, 60, "one more save")
-    drained(story, story.first_nodes, saved_steps(job), 30)
+    drained(story, story.first_nodes, job, 30)
     for i in range(len(job.procs)):
         job.kill_node(i)
     job.wait(30)
