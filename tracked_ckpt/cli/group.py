@@ -80,6 +80,12 @@ def _uri_option(*, group: bool) -> Callable[[F], F]:
     )
 
 
+def _experiment_option(help: str) -> Callable[[F], F]:
+    """``-e/--experiment NAME`` (``MLFLOW_EXPERIMENT_NAME``), as ``ls`` and ``runs`` take it."""
+    return click.option("-e", "--experiment", metavar="NAME", envvar="MLFLOW_EXPERIMENT_NAME", show_envvar=True,
+                        help=help)  # fmt: skip
+
+
 def _common(f: F) -> F:
     f = click.option(
         "-v", "--verbose", count=True, expose_value=False, callback=_set_verbosity, help="More log lines (-vv: debug)."

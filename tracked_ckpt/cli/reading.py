@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .errors import EXIT_CODES_HELP, EXIT_CORRUPT
-from .group import FORMAT, REF_HELP, _common, _mode_options, _reads, cli, open_run, store_factory
+from .group import FORMAT, REF_HELP, _common, _experiment_option, _mode_options, _reads, cli, open_run, store_factory
 from .output import (
     _checkpoints_table,
     _emit_frame,
@@ -32,14 +32,7 @@ if TYPE_CHECKING:
 
 @cli.command("ls", epilog=EXIT_CODES_HELP)
 @click.argument("run_id", required=False)
-@click.option(
-    "-e",
-    "--experiment",
-    metavar="NAME",
-    envvar="MLFLOW_EXPERIMENT_NAME",
-    show_envvar=True,
-    help="Only runs of this experiment (default: every experiment).",
-)
+@_experiment_option("Only runs of this experiment (default: every experiment).")
 @FORMAT
 @_mode_options
 @_common
@@ -80,14 +73,7 @@ def ls_cmd(
 
 
 @cli.command("runs", epilog=EXIT_CODES_HELP)
-@click.option(
-    "-e",
-    "--experiment",
-    metavar="NAME",
-    envvar="MLFLOW_EXPERIMENT_NAME",
-    show_envvar=True,
-    help="Only this experiment (default: every experiment).",
-)
+@_experiment_option("Only this experiment (default: every experiment).")
 @click.option("--tree", is_flag=True, help="Show forks under the run they were forked from (table format).")
 @FORMAT
 @_common
